@@ -1,0 +1,95 @@
+"""load_model: untrusted ONNX bytes in, a verified-ready differentiable torch representation out."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx2torch import convert
+
+from converters import ops as _ops  # noqa: F401  (registers our extra onnx2torch converters)
+from converters.errors import ModelError, UnknownTap
+from converters.inputs import detect_input, fixed_shape_copy, resolve_preprocessing
+from converters.loading import LoadLimits, load_untrusted
+from converters.normalize import normalize
+from converters.representation import Preprocess, Representation
+from converters.spec import Preprocessing
+from converters.taps import TapInfo, compute_taps
+from converters.truncate import extract_subgraph
+
+# When the input's height/width are dynamic, taps (shapes, strides) are described at this size.
+NOMINAL_SIZE = 224
+
+
+class ConvertedModel:
+    """A normalized ONNX model plus the torch representations of its taps (built lazily, cached)."""
+
+    def __init__(self, onnx_model: onnx.ModelProto, preprocessing: Preprocessing, input_name: str,
+                 taps: list[TapInfo], preprocessing_source: str):
+        self.onnx = onnx_model
+        self.preprocessing = preprocessing
+        self.preprocessing_source = preprocessing_source  # "uploader" | "metadata" | "default"
+        self.input_name = input_name
+        self.taps = taps
+        self._by_name = {t.name: t for t in taps}
+        self._by_alias = {t.alias: t for t in taps}
+        self._cache: dict[str, Representation] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def output_tap(self) -> TapInfo:
+        """The tap of the model's first output (the last layer)."""
+        out = self.onnx.graph.output[0].name
+        return self._by_name.get(out, self.taps[-1])
+
+    def tap(self, name_or_alias: str | TapInfo) -> TapInfo:
+        if isinstance(name_or_alias, TapInfo):
+            return self._by_name[name_or_alias.name]
+        tap = self._by_name.get(name_or_alias) or self._by_alias.get(name_or_alias)
+        if tap is None:
+            raise UnknownTap(name_or_alias, [t.alias for t in self.taps] + [t.name for t in self.taps])
+        return tap
+
+    def representation(self, tap: str | TapInfo) -> Representation:
+        """Energy-space x → the tap's tensor; runs only the subgraph the tap depends on."""
+        info = self.tap(tap)
+        with self._lock:
+            rep = self._cache.get(info.name)
+            if rep is None:
+                sub = extract_subgraph(self.onnx, self.input_name, [info.name])
+                try:
+                    graph = convert(sub)
+                except Exception as exc:  # onnx2torch raises NotImplementedError, KeyError, ...
+                    raise ModelError(f"cannot convert the graph up to tap {info.alias!r}: {exc}") from exc
+                rep = Representation(self.preprocessing, graph, info.name)
+                rep.eval()
+                self._cache[info.name] = rep
+            return rep
+
+    @torch.no_grad()
+    def to_model_input(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
+        """What onnxruntime gets for the energy-space image ``x`` (same arithmetic as the representation)."""
+        x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).detach().float().cpu()
+        return Preprocess(self.preprocessing)(x).numpy()
+
+
+def load_model(
+    data: bytes | str | Path,
+    preprocessing: Preprocessing | None = None,
+    limits: LoadLimits | None = None,
+) -> ConvertedModel:
+    """Load untrusted ONNX (bytes, or a path on disk that the caller trusts), normalize it, find its image
+    input and preprocessing, and list its taps. Raises ModelError with an actionable message."""
+    model = load_untrusted(data, limits or LoadLimits())
+    model = normalize(model)
+    input_name, spec = detect_input(model)
+    pre, source = resolve_preprocessing(model, spec, preprocessing)
+    hw = (pre.height or NOMINAL_SIZE, pre.width or NOMINAL_SIZE)
+    shaped = fixed_shape_copy(model, input_name, pre, hw)
+    taps = compute_taps(shaped, input_name, pre.layout, hw)
+    if not taps:
+        raise ModelError("the model has no floating-point tensors that depend on its image input")
+    return ConvertedModel(model, pre, input_name, taps, source)

@@ -1,0 +1,63 @@
+"""The torch module the energy minimizer differentiates: preprocessing + a truncated converted graph."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from converters.spec import GRAY_WEIGHTS, Preprocessing
+
+
+class Preprocess(nn.Module):
+    """Energy-space x (B×3×H×W, RGB, mean-subtracted, 0–255) → the model's input tensor.
+
+    Kept as a module (with buffers) so ``.to(device)`` moves it with the graph, and so the same code
+    produces what onnxruntime gets (``ConvertedModel.to_model_input``).
+    """
+
+    def __init__(self, pre: Preprocessing):
+        super().__init__()
+        self.channel_order = pre.channel_order
+        self.layout = pre.layout
+        self.half = pre.dtype == "float16"
+        self.scale = float(pre.scale)
+        mean_rgb255 = torch.tensor(pre.mean_rgb255, dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("mean_rgb255", mean_rgb255)
+        n = pre.channels
+        self.register_buffer("mean", torch.tensor(pre.mean, dtype=torch.float32).view(1, n, 1, 1))
+        self.register_buffer("inv_std", 1.0 / torch.tensor(pre.std, dtype=torch.float32).view(1, n, 1, 1))
+        self.register_buffer("gray", torch.tensor(GRAY_WEIGHTS, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected an energy-space image B×3×H×W, got shape {tuple(x.shape)}")
+        pixels = x + self.mean_rgb255
+        if self.channel_order == "GRAY":
+            pixels = (pixels * self.gray).sum(dim=1, keepdim=True)
+        elif self.channel_order == "BGR":
+            pixels = pixels.flip(1)
+        y = (pixels * self.scale - self.mean) * self.inv_std
+        if self.layout == "NHWC":
+            y = y.permute(0, 2, 3, 1)
+        if self.half:
+            # The round trip through float16 is what the deployed model sees; autograd passes the
+            # gradient straight through the casts.
+            y = y.half()
+        return y
+
+
+class Representation(nn.Module):
+    """Φ_L(x): energy-space image → the tap's tensor (float32), with frozen parameters."""
+
+    def __init__(self, pre: Preprocessing, graph: nn.Module, tap_name: str):
+        super().__init__()
+        self.preprocess = Preprocess(pre)
+        self.graph = graph
+        self.tap_name = tap_name
+        self.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.graph(self.preprocess(x))
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return out.float()
