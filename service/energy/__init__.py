@@ -1,0 +1,51 @@
+"""The natural pre-image energy minimizer (SPEC.md), pure torch: no gRPC, no ONNX.
+
+Public API::
+
+    from service.energy import EnergyParams, Objective, Problem, Minimizer, minimize, Result
+    from service.energy import channel_weights, neuron_weights, direction_weights, channel_statistics
+
+    phi = converted.representation(tap)                       # x (B×3×H×W energy space) → features
+    obj = Objective.invert(phi0) | Objective.maximize(w) | Objective.caricature(phi0)
+    results = minimize(phi, [Problem(obj, EnergyParams(), seed=0)], height=H, width=W,
+                       stride=tap.stride, mean_rgb255=pre.mean_rgb255, on_step=print)
+
+Images are mean-subtracted RGB on the 0–255 scale ("energy space"); ``to_uint8`` and
+``from_uint8`` convert to and from PNG-ready arrays.
+"""
+
+from service.energy.minimize import (
+    TERMS,
+    Minimizer,
+    Problem,
+    Result,
+    StepEvent,
+    from_uint8,
+    minimize,
+    noise_start,
+    to_uint8,
+)
+from service.energy.objectives import Objective, feature_error
+from service.energy.params import B_NORM, DEFAULT_LOSS_WEIGHT, EnergyParams
+from service.energy.targets import channel_statistics, channel_weights, direction_weights, neuron_weights
+
+__all__ = [
+    "B_NORM",
+    "DEFAULT_LOSS_WEIGHT",
+    "TERMS",
+    "EnergyParams",
+    "Minimizer",
+    "Objective",
+    "Problem",
+    "Result",
+    "StepEvent",
+    "channel_statistics",
+    "channel_weights",
+    "direction_weights",
+    "feature_error",
+    "from_uint8",
+    "minimize",
+    "neuron_weights",
+    "noise_start",
+    "to_uint8",
+]
