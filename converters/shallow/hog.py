@@ -1,0 +1,195 @@
+"""HOG as differentiable torch modules: the UoCTTI variant of VLFeat's ``vl_hog`` (hard and bilinear
+orientation assignment, i.e. the paper's "HOG" and "HOGb") and the Dalal-Triggs variant as
+``skimage.feature.hog`` computes it.
+
+Inputs are grey images ``B×1×H×W``. Both variants are invariant to adding a constant to the image and
+nearly invariant to scaling it (only the small normalisation constants see the scale); the exported
+models take grey levels on the 0-255 scale (see ``converters/shallow/export.py``).
+
+Orientation *choices* (which bin a pixel votes for under hard assignment) are piecewise constant and
+carry no gradient; the vote *magnitudes*, the bilinear weights and the normalisation do. This is the
+same situation the paper's HOG inversion was in.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from converters.shallow.common import bin_cells_bilinear, magnitude, triangle_cell_kernel
+
+
+def _channel_table(values: np.ndarray) -> torch.Tensor:
+    """Per-channel constants (computed in double, stored as float32 like VLFeat's tables): 1×K×1×1."""
+    return torch.tensor(np.asarray(values).astype(np.float32)).view(1, -1, 1, 1)
+
+
+class HogUoctti(torch.nn.Module):
+    """UoCTTI HOG (Felzenszwalb et al., DPM v5) as ``vl_hog`` computes it on a grey image.
+
+    Output ``B×D×h×w`` with ``h = (H + c//2) // c`` (same for ``w``) and, per cell, ``D = 3n`` (``n``
+    = ``num_orientations``): ``2n`` directed then ``n`` undirected orientation channels, plus 4 texture
+    channels when ``texture`` is true (``D = 3n + 4``), in VLFeat's order.
+
+    Conventions shared with vl_hog (and tested against it):
+    - the gradient is the central difference ``I(x+1) - I(x-1)`` (no 1/2); the one-pixel image border
+      has no gradient and votes for nothing;
+    - orientation ``k`` of ``2n`` points at angle ``k·π/n``, clockwise from +x (y points down);
+    - hard assignment picks the directed bin whose unit vector has the largest dot product with the
+      normalised gradient, ties going to the earlier axis, computed in float32 exactly as vl_hog does,
+      so integer-valued images (where pure vertical gradients sit exactly between two bins) agree;
+    - votes are spread bilinearly over the four nearest cell centres;
+    - each cell is divided by the L2 norms (+1e-4 inside the root) of the four 2×2 blocks of
+      undirected histograms around it, with replicated histograms past the border, clamped at 0.2,
+      and the four copies are summed and halved.
+
+    ``bilinear=True`` ("HOGb") splits each vote between the two directed bins whose directions bracket
+    the gradient, linearly in angle. vl_hog derives that angle from ``acos`` of a float32 dot product,
+    which loses precision near a bin centre; this module measures it with ``atan`` of the sine/cosine
+    ratio instead (same value in exact arithmetic, smooth derivative), so HOGb agrees with vl_hog's
+    bilinear mode to about 1e-4 rather than to float rounding.
+    """
+
+    def __init__(self, cell_size: int = 8, num_orientations: int = 9, bilinear: bool = False,
+                 texture: bool = False) -> None:
+        super().__init__()
+        if cell_size < 1 or num_orientations < 1:
+            raise ValueError("cell_size and num_orientations must be positive")
+        self.cell_size = int(cell_size)
+        self.num_orientations = n = int(num_orientations)
+        self.bilinear = bool(bilinear)
+        self.texture = bool(texture)
+        # vl_hog's direction table: angles k·π/n evaluated in double, stored as float32.
+        angles = np.arange(n, dtype=np.float64) * math.pi / n
+        self.register_buffer("axis_cos", _channel_table(np.cos(angles)))
+        self.register_buffer("axis_sin", _channel_table(np.sin(angles)))
+        # Interleaved candidates [+axis0, -axis0, +axis1, -axis1, ...] reproduce vl_hog's scan order (axis
+        # by axis, strict ">" keeps the earlier one), so a first-occurrence argmax breaks ties the same way.
+        interleaved_to_bin = [2 * k for k in range(n)] + [2 * k + 1 for k in range(n)]
+        self.register_buffer("bin_order", torch.tensor(interleaved_to_bin, dtype=torch.int64))
+        self.register_buffer("candidates", torch.arange(2 * n, dtype=torch.int64).view(1, 2 * n, 1, 1))
+        dir_angles = np.arange(2 * n, dtype=np.float64) * math.pi / n
+        self.register_buffer("dir_cos", _channel_table(np.cos(dir_angles)))
+        self.register_buffer("dir_sin", _channel_table(np.sin(dir_angles)))
+        k1 = torch.tensor(triangle_cell_kernel(self.cell_size))
+        self.register_buffer("cell_kernel", torch.outer(k1, k1).expand(2 * n, 1, -1, -1).contiguous())
+
+    @property
+    def dimension(self) -> int:
+        return 3 * self.num_orientations + (4 if self.texture else 0)
+
+    def _orientation_weights(self, gx: torch.Tensor, gy: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+        """B×2n×h×w weights of each pixel's vote over the directed bins."""
+        n = self.num_orientations
+        if not self.bilinear:
+            norm = torch.clamp(torch.sqrt(g2), min=1e-10)
+            ux, uy = (gx / norm).detach(), (gy / norm).detach()
+            score = ux * self.axis_cos + uy * self.axis_sin  # B×n×h×w, one score per undirected axis
+            both = torch.stack((score, -score), dim=2).reshape(score.shape[0], 2 * n, *score.shape[2:])
+            best = torch.argmax(both, dim=1, keepdim=True)
+            onehot = (best == self.candidates).to(gx.dtype)
+            return torch.index_select(onehot, 1, self.bin_order)
+        # Angle between the gradient and each directed bin direction, for directions within 90°:
+        # atan(|sin| / cos). Only the two bracketing directions are closer than π/n.
+        cos_part = gx * self.dir_cos + gy * self.dir_sin
+        sin_part = torch.abs(gy * self.dir_cos - gx * self.dir_sin)
+        ahead = cos_part > 0
+        safe_cos = torch.where(ahead, cos_part, torch.ones_like(cos_part))
+        angle = torch.atan(sin_part / safe_cos)
+        weight = torch.relu(1.0 - angle * (n / math.pi))
+        return torch.where(ahead, weight, torch.zeros_like(weight))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        n = self.num_orientations
+        gx = image[:, :, 1:-1, 2:] - image[:, :, 1:-1, :-2]
+        gy = image[:, :, 2:, 1:-1] - image[:, :, :-2, 1:-1]
+        g2 = gx * gx + gy * gy
+        votes = magnitude(g2) * self._orientation_weights(gx, gy, g2)
+        hist = bin_cells_bilinear(votes, self.cell_size, self.cell_kernel, border=1, channels=2 * n)
+
+        undirected = hist[:, :n] + hist[:, n:]
+        energy = torch.sum(undirected * undirected, dim=1, keepdim=True)
+        # Sums over the 2×2 blocks of cells around every cell corner; blocks that stick out of the
+        # grid reuse the border cells (vl_hog clamps indices), hence edge padding.
+        padded = F.pad(energy, (1, 1, 1, 1), mode="replicate")
+        blocks = padded[:, :, :-1, :-1] + padded[:, :, :-1, 1:] + padded[:, :, 1:, :-1] + padded[:, :, 1:, 1:]
+        factors = [1.0 / torch.sqrt(b + 1e-4) for b in self._corners(blocks)]
+        directed = 0.5 * sum(torch.clamp(f * hist, max=0.2) for f in factors)
+        clamped_und = [torch.clamp(f * undirected, max=0.2) for f in factors]
+        parts = [directed, 0.5 * sum(clamped_und)]
+        if self.texture:
+            scale = 1.0 / math.sqrt(18.0)  # vl_hog's constant, whatever the number of orientations
+            parts.append(torch.cat([scale * torch.sum(c, dim=1, keepdim=True) for c in clamped_und], dim=1))
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def _corners(blocks: torch.Tensor) -> list[torch.Tensor]:
+        """The four blocks containing each cell: up-left, up-right, down-left, down-right (vl_hog order)."""
+        return [blocks[:, :, :-1, :-1], blocks[:, :, :-1, 1:], blocks[:, :, 1:, :-1], blocks[:, :, 1:, 1:]]
+
+
+class HogDalalTriggs(torch.nn.Module):
+    """Dalal-Triggs HOG as ``skimage.feature.hog`` computes it on a grey image (L2-Hys blocks).
+
+    Output ``B×(b·b·n)×rows×cols``: one channel per (block row offset, block column offset,
+    orientation), one position per block, i.e. skimage's ``feature_vector=False`` array
+    ``(rows, cols, b, b, n)`` moved channels-first. With ``H//c`` cells, ``rows = H//c - b + 1``.
+
+    Conventions shared with skimage (and tested against it), which differ from vl_hog's:
+    - gradients are ``I(x+1) - I(x-1)`` along each axis separately and 0 on that axis's first and last
+      line, so border pixels still vote with their other component;
+    - undirected orientation ``θ = atan2(gy, gx) mod 180°``; bin ``i`` holds ``[i, i+1)·180°/n``;
+      hard assignment, decided here by signs of cross products with the bin edges (the same
+      comparison, without atan2, which ONNX lacks);
+    - each cell sums the magnitudes of its own ``c×c`` pixels (no spatial interpolation); pixels past
+      the last whole cell are ignored;
+    - blocks of ``b×b`` cells, stride one cell, L2-Hys: ``v/√(‖v‖²+ε²)``, clamp 0.2, again, ε = 1e-5.
+    """
+
+    def __init__(self, cell_size: int = 8, num_orientations: int = 9, block_size: int = 2) -> None:
+        super().__init__()
+        self.cell_size = int(cell_size)
+        self.num_orientations = n = int(num_orientations)
+        self.block_size = int(block_size)
+        # Bin edges i·180/n degrees (skimage compares with float32 edges).
+        edges = np.deg2rad(np.float32(180.0 / n) * np.arange(1, n, dtype=np.float32).astype(np.float64))
+        self.register_buffer("edge_cos", _channel_table(np.cos(edges)))
+        self.register_buffer("edge_sin", _channel_table(np.sin(edges)))
+        c = self.cell_size
+        self.register_buffer("box", torch.ones(n, 1, c, c))
+
+    @property
+    def dimension(self) -> int:
+        return self.block_size * self.block_size * self.num_orientations
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        n, b = self.num_orientations, self.block_size
+        gy = F.pad(image[:, :, 2:, :] - image[:, :, :-2, :], (0, 0, 1, 1))
+        gx = F.pad(image[:, :, :, 2:] - image[:, :, :, :-2], (1, 1, 0, 0))
+        mag = magnitude(gx * gx + gy * gy)
+        # Fold directed gradients onto [0°, 180°): a gradient pointing up (gy < 0, or along -x) is flipped.
+        flip = (gy < 0) | ((gy == 0) & (gx < 0))
+        fx = torch.where(flip, -gx, gx).detach()
+        fy = torch.where(flip, -gy, gy).detach()
+        # θ ≥ edge  ⇔  sin(θ - edge) ≥ 0 for θ, edge in [0°, 180°).
+        past = (fy * self.edge_cos - fx * self.edge_sin >= 0).to(image.dtype)  # B×(n-1)×H×W
+        ones = torch.ones_like(mag)
+        zeros = torch.zeros_like(mag)
+        at_least = torch.cat([ones, past], dim=1)
+        beyond = torch.cat([past, zeros], dim=1)
+        votes = mag * (at_least - beyond)  # one-hot over the n bins
+        hist = F.conv2d(votes, self.box, stride=self.cell_size, groups=n)  # B×n×(H//c)×(W//c)
+
+        rows, cols = hist.shape[2], hist.shape[3]
+        pieces = []
+        for dy in range(b):
+            for dx in range(b):
+                pieces.append(hist[:, :, dy:rows - (b - 1) + dy, dx:cols - (b - 1) + dx])
+        blocks = torch.cat(pieces, dim=1)
+        eps2 = 1e-10
+        blocks = blocks / torch.sqrt(torch.sum(blocks * blocks, dim=1, keepdim=True) + eps2)
+        blocks = torch.clamp(blocks, max=0.2)
+        return blocks / torch.sqrt(torch.sum(blocks * blocks, dim=1, keepdim=True) + eps2)
