@@ -1,0 +1,1 @@
+"""Generated package (python -m service.api.generate); do not edit."""
