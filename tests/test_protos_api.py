@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_checked_in_stubs_match_protos() -> None:
     # Fails when someone edits a .proto without running `python -m service.api.generate`.
-    proc = subprocess.run([sys.executable, "-m", "service.api.generate", "--check"], cwd=ROOT,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.api.generate", "--check"], cwd=ROOT, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -36,7 +37,8 @@ def test_drift_is_detected(tmp_path: Path) -> None:
 def test_generated_imports_resolve() -> None:
     from service.api.preimage.v1 import preimage_pb2, preimage_pb2_grpc
 
-    assert preimage_pb2.DESCRIPTOR.name == "preimage/v1/preimage.proto"  # canonical, as other languages see it
+    # The canonical file name, as other languages and reflection clients see it.
+    assert preimage_pb2.DESCRIPTOR.name == "preimage/v1/preimage.proto"
     assert preimage_pb2.DESCRIPTOR.package == "preimage.v1"
     assert hasattr(preimage_pb2_grpc, "PreimageServiceStub")
 
@@ -58,10 +60,14 @@ def _descriptor_with_comments(tmp_path: Path) -> descriptor_pb2.FileDescriptorSe
     from grpc_tools import protoc
 
     out = tmp_path / "set.pb"
-    args = ["protoc", f"-I{generate.PROTO_ROOT}",
-            f"-I{Path(__import__('grpc_tools').__file__).parent / '_proto'}",
-            "--include_source_info", f"--descriptor_set_out={out}",
-            *[str(p.relative_to(generate.PROTO_ROOT)) for p in generate.proto_files()]]
+    args = [
+        "protoc",
+        f"-I{generate.PROTO_ROOT}",
+        f"-I{Path(__import__('grpc_tools').__file__).parent / '_proto'}",
+        "--include_source_info",
+        f"--descriptor_set_out={out}",
+        *[str(p.relative_to(generate.PROTO_ROOT)) for p in generate.proto_files()],
+    ]
     assert protoc.main(args) == 0
     return descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
 
@@ -71,9 +77,9 @@ def test_every_element_is_documented(tmp_path: Path) -> None:
     for fd in _descriptor_with_comments(tmp_path).file:
         comments = {tuple(loc.path): loc.leading_comments.strip() for loc in fd.source_code_info.location}
 
-        def need(path: tuple[int, ...], what: str) -> None:
+        def need(path: tuple[int, ...], what: str, comments: dict = comments, file: str = fd.name) -> None:
             if not comments.get(path):
-                undocumented.append(f"{fd.name}: {what}")
+                undocumented.append(f"{file}: {what}")
 
         # Field numbers of FileDescriptorProto/DescriptorProto in descriptor.proto.
         for i, msg in enumerate(fd.message_type):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import os
 import re
 import shutil
 import sys
@@ -34,7 +35,9 @@ def proto_files() -> list[Path]:
 
 def _rewrite_imports(text: str, packages: set[str]) -> str:
     for pkg in sorted(packages):
-        text = re.sub(rf"^(from|import) {re.escape(pkg)}(\.| )", rf"\1 {PACKAGE_PREFIX}{pkg}\2", text, flags=re.M)
+        text = re.sub(
+            rf"^(from|import) {re.escape(pkg)}(\.| )", rf"\1 {PACKAGE_PREFIX}{pkg}\2", text, flags=re.M
+        )
     return text
 
 
@@ -56,8 +59,6 @@ def generate(out_root: Path) -> list[Path]:
         *protos,
     ]
     # protoc-gen-mypy lives next to the interpreter in a venv; make sure protoc finds it.
-    import os
-
     env_path = os.environ.get("PATH", "")
     bin_dir = str(Path(sys.executable).parent)
     if bin_dir not in env_path.split(os.pathsep):
@@ -70,7 +71,10 @@ def generate(out_root: Path) -> list[Path]:
         if path.suffix in (".py", ".pyi"):
             path.write_text(_rewrite_imports(path.read_text(), packages))
             written.append(path)
-    for directory in [out_root / GENERATED_DIR, *sorted(p for p in (out_root / GENERATED_DIR).rglob("*") if p.is_dir())]:
+    for directory in [
+        out_root / GENERATED_DIR,
+        *sorted(p for p in (out_root / GENERATED_DIR).rglob("*") if p.is_dir()),
+    ]:
         init = directory / "__init__.py"
         init.write_text(INIT_TEXT)
         written.append(init)
@@ -79,21 +83,30 @@ def generate(out_root: Path) -> list[Path]:
 
 def diff(expected_root: Path, actual_root: Path) -> list[str]:
     """Relative paths that differ between two generated trees (missing, extra or changed)."""
+
     def files(root: Path) -> set[str]:
         base = root / GENERATED_DIR
         if not base.exists():
             return set()
-        return {str(p.relative_to(root)) for p in base.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+        return {
+            str(p.relative_to(root)) for p in base.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+        }
 
     want, have = files(expected_root), files(actual_root)
     out = sorted(want ^ have)
-    out += sorted(f for f in want & have if not filecmp.cmp(expected_root / f, actual_root / f, shallow=False))
+    out += sorted(
+        f for f in want & have if not filecmp.cmp(expected_root / f, actual_root / f, shallow=False)
+    )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="only check that the checked-in stubs are current")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="only check that the checked-in stubs are current"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         fresh = Path(tmp)
@@ -107,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         shutil.rmtree(OUT_ROOT / GENERATED_DIR, ignore_errors=True)
         shutil.copytree(fresh / GENERATED_DIR, OUT_ROOT / GENERATED_DIR)
-        print(f"wrote {len(list((OUT_ROOT / GENERATED_DIR).rglob('*.py*')))} files under {OUT_ROOT / GENERATED_DIR}")
+        written = len(list((OUT_ROOT / GENERATED_DIR).rglob("*.py*")))
+        print(f"wrote {written} files under {OUT_ROOT / GENERATED_DIR}")
     return 0
 
 
