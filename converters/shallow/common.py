@@ -22,7 +22,21 @@ def magnitude(g2: torch.Tensor) -> torch.Tensor:
     ``torch.sqrt`` has an infinite derivative at 0, and 0·inf gives NaN in the backward pass of every
     flat pixel; dividing by the clamped root keeps the forward value and the gradient finite.
     """
-    return g2 / torch.sqrt(torch.clamp(g2, min=_TINY))
+    return g2 / torch.sqrt(floor(g2, _TINY))
+
+
+def cap(x: torch.Tensor, limit: float) -> torch.Tensor:
+    """min(x, limit), the clamp of HOG/SIFT normalisation.
+
+    Spelled as an elementwise minimum (ONNX ``Min``) rather than ``clamp(max=)``: a one-sided clamp
+    exports as ``Clip`` with an empty optional input, which onnx2torch 1.5.15 cannot convert.
+    """
+    return torch.minimum(x, torch.tensor(limit, dtype=x.dtype))
+
+
+def floor(x: torch.Tensor, limit: float) -> torch.Tensor:
+    """max(x, limit), exported as ONNX ``Max`` (see ``cap``)."""
+    return torch.maximum(x, torch.tensor(limit, dtype=x.dtype))
 
 
 def triangle_cell_kernel(cell_size: int) -> np.ndarray:

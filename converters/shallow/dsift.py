@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from converters.shallow.common import magnitude
+from converters.shallow.common import cap, magnitude
 
 _EPS_F = float(np.finfo(np.float32).eps)  # VL_EPSILON_F, added to each descriptor norm
 _TWO_PI_F = float(np.float32(2 * math.pi))
@@ -22,7 +22,7 @@ def vl_fast_atan2(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     ``y = 0`` seams, where it stays continuous.
     """
     abs_y = torch.abs(y) + _EPS_F
-    right = x >= 0
+    right = ~(x < 0)  # x >= 0, spelled without GreaterOrEqual-16 (missing in onnx2torch 1.5.15)
     r = torch.where(right, (x - abs_y) / (x + abs_y), (x + abs_y) / (abs_y - x))
     base = torch.where(right, torch.full_like(x, math.pi / 4), torch.full_like(x, 3 * math.pi / 4))
     angle = base + (0.1821 * r * r - 0.9675) * r
@@ -115,7 +115,7 @@ class DenseSift(torch.nn.Module):
         pooled = F.conv2d(pooled, self.cols_kernel, stride=(1, self.step), groups=t * nb)
         descr = torch.index_select(pooled, 1, self.order)
         descr = descr / (_vl_sqrt(torch.sum(descr * descr, dim=1, keepdim=True)) + _EPS_F)
-        descr = torch.clamp(descr, max=0.2)
+        descr = cap(descr, 0.2)
         return descr / (_vl_sqrt(torch.sum(descr * descr, dim=1, keepdim=True)) + _EPS_F)
 
 

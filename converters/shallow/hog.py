@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from converters.shallow.common import bin_cells_bilinear, magnitude, triangle_cell_kernel
+from converters.shallow.common import bin_cells_bilinear, cap, floor, magnitude, triangle_cell_kernel
 
 
 def _channel_table(values: np.ndarray) -> torch.Tensor:
@@ -85,7 +85,7 @@ class HogUoctti(torch.nn.Module):
         """B×2n×h×w weights of each pixel's vote over the directed bins."""
         n = self.num_orientations
         if not self.bilinear:
-            norm = torch.clamp(torch.sqrt(g2), min=1e-10)
+            norm = floor(torch.sqrt(g2), 1e-10)
             ux, uy = (gx / norm).detach(), (gy / norm).detach()
             score = ux * self.axis_cos + uy * self.axis_sin  # B×n×h×w, one score per undirected axis
             both = torch.stack((score, -score), dim=2).reshape(score.shape[0], 2 * n, *score.shape[2:])
@@ -117,8 +117,8 @@ class HogUoctti(torch.nn.Module):
         padded = F.pad(energy, (1, 1, 1, 1), mode="replicate")
         blocks = padded[:, :, :-1, :-1] + padded[:, :, :-1, 1:] + padded[:, :, 1:, :-1] + padded[:, :, 1:, 1:]
         factors = [1.0 / torch.sqrt(b + 1e-4) for b in self._corners(blocks)]
-        directed = 0.5 * sum(torch.clamp(f * hist, max=0.2) for f in factors)
-        clamped_und = [torch.clamp(f * undirected, max=0.2) for f in factors]
+        directed = 0.5 * sum(cap(f * hist, 0.2) for f in factors)
+        clamped_und = [cap(f * undirected, 0.2) for f in factors]
         parts = [directed, 0.5 * sum(clamped_und)]
         if self.texture:
             scale = 1.0 / math.sqrt(18.0)  # vl_hog's constant, whatever the number of orientations
@@ -175,7 +175,8 @@ class HogDalalTriggs(torch.nn.Module):
         fx = torch.where(flip, -gx, gx).detach()
         fy = torch.where(flip, -gy, gy).detach()
         # θ ≥ edge  ⇔  sin(θ - edge) ≥ 0 for θ, edge in [0°, 180°).
-        past = (fy * self.edge_cos - fx * self.edge_sin >= 0).to(image.dtype)  # B×(n-1)×H×W
+        # (``~(a < 0)`` rather than ``a >= 0``: onnx2torch 1.5.15 lacks GreaterOrEqual-16.)
+        past = (~(fy * self.edge_cos - fx * self.edge_sin < 0)).to(image.dtype)  # B×(n-1)×H×W
         ones = torch.ones_like(mag)
         zeros = torch.zeros_like(mag)
         at_least = torch.cat([ones, past], dim=1)
@@ -191,5 +192,5 @@ class HogDalalTriggs(torch.nn.Module):
         blocks = torch.cat(pieces, dim=1)
         eps2 = 1e-10
         blocks = blocks / torch.sqrt(torch.sum(blocks * blocks, dim=1, keepdim=True) + eps2)
-        blocks = torch.clamp(blocks, max=0.2)
+        blocks = cap(blocks, 0.2)
         return blocks / torch.sqrt(torch.sum(blocks * blocks, dim=1, keepdim=True) + eps2)
