@@ -1,0 +1,326 @@
+"""The model store: ONNX files on disk, content-addressed by sha256, with JSON metadata beside them.
+
+Layout under the store root::
+
+    blobs/<sha256>.onnx   the model bytes, exactly as uploaded
+    meta/<sha256>.json    a ModelRecord; a model exists (is listed) iff this file exists
+    staging/              uploads being received; emptied at start-up
+
+Every file is written to a temporary name, fsynced and renamed into place, then the directory is
+fsynced, so a crash leaves either the old state or the new one. The metadata is written last
+(and removed first on delete), so a listed model always has its bytes; blobs without metadata
+are orphans of an interrupted write and are removed when the store opens.
+
+``ConvertedCache`` keeps the most recently used converted models in memory (LRU): converting a
+model takes seconds, a visualization request should not pay that every time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+MIN_PREFIX = 8
+
+
+class StoreError(Exception):
+    """Base of the store's errors; messages are meant for the person calling the service."""
+
+
+class ModelNotFound(StoreError, KeyError):
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class AmbiguousModel(StoreError, ValueError):
+    pass
+
+
+class ModelProtected(StoreError, PermissionError):
+    """Bundled models cannot be deleted."""
+
+
+@dataclass
+class ModelRecord:
+    """What the store knows about one model (serialized as the JSON metadata file)."""
+
+    id: str  # sha256 hex of the bytes
+    name: str
+    size_bytes: int
+    # What the uploader asked for (None: from the model's metadata/defaults); passed again to
+    # load_model on every (re)load so a model converts the same way after a restart.
+    requested_preprocessing: dict[str, Any] | None = None
+    preprocessing: dict[str, Any] = field(default_factory=dict)  # resolved, for display
+    preprocessing_source: str = ""
+    labels: list[str] = field(default_factory=list)
+    tap_count: int = 0
+    output_tap: str = ""
+    output_parity: float | None = None  # torch vs onnxruntime at the output, measured at upload
+    bundled: bool = False
+    description: str = ""
+    created_at: float = field(default_factory=time.time)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelRecord:
+        raw = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        # Unknown keys are ignored so an older server can read a newer store.
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+class StagedUpload:
+    """A file being received chunk by chunk; hashes as it goes. Use as a context manager."""
+
+    def __init__(self, directory: Path, max_bytes: int):
+        self.max_bytes = max_bytes
+        fd, name = tempfile.mkstemp(dir=directory, prefix="upload-", suffix=".onnx")
+        self.path = Path(name)
+        self._file: BinaryIO = os.fdopen(fd, "wb")
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        if self.size + len(chunk) > self.max_bytes:
+            raise UploadTooLarge(self.max_bytes)
+        self._file.write(chunk)
+        self._hash.update(chunk)
+        self.size += len(chunk)
+
+    def finish(self) -> str:
+        """Flush to disk; return the sha256 hex of everything written."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        return self._hash.hexdigest()
+
+    def discard(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def __enter__(self) -> StagedUpload:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()  # after a successful put the file has been moved away: nothing to do
+
+
+class UploadTooLarge(StoreError):
+    def __init__(self, limit: int):
+        super().__init__(
+            f"the model is larger than this server's limit of {limit} bytes ({limit / 2**20:.0f} MiB)"
+        )
+        self.limit = limit
+
+
+class ModelStore:
+    """Persistent, content-addressed model files plus metadata. Thread-safe."""
+
+    def __init__(self, root: str | Path, max_model_bytes: int = 1 << 30):
+        self.root = Path(root)
+        self.max_model_bytes = max_model_bytes
+        self.blobs = self.root / "blobs"
+        self.meta = self.root / "meta"
+        self.staging = self.root / "staging"
+        for d in (self.blobs, self.meta, self.staging):
+            d.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._recover()
+
+    def _recover(self) -> None:
+        """Drop what an interrupted write left behind: staged uploads, temp files, orphan blobs."""
+        for leftover in self.staging.iterdir():
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+        for directory in (self.blobs, self.meta):
+            for tmp in directory.glob(".*.tmp"):
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+        listed = {p.stem for p in self.meta.glob("*.json")}
+        for blob in self.blobs.glob("*.onnx"):
+            if blob.stem not in listed:
+                with contextlib.suppress(OSError):
+                    blob.unlink()
+
+    # -- writing --------------------------------------------------------------------------------
+    def stage(self) -> StagedUpload:
+        return StagedUpload(self.staging, self.max_model_bytes)
+
+    def blob_path(self, model_id: str) -> Path:
+        return self.blobs / f"{model_id}.onnx"
+
+    def _meta_path(self, model_id: str) -> Path:
+        return self.meta / f"{model_id}.json"
+
+    def commit(self, staged_path: Path, record: ModelRecord) -> tuple[ModelRecord, bool]:
+        """Make a staged (already fsynced) file a stored model. Returns (record, already_existed)."""
+        if not SHA256_RE.match(record.id):
+            raise ValueError(f"not a sha256 id: {record.id!r}")
+        with self._lock:
+            existing = self._read(record.id)
+            if existing is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    staged_path.unlink()
+                return existing, True
+            os.replace(staged_path, self.blob_path(record.id))
+            _fsync_dir(self.blobs)
+            atomic_write(self._meta_path(record.id), record.to_json().encode())
+            return record, False
+
+    def add_file(self, path: Path, record_for: Callable[[str, int], ModelRecord]) -> tuple[ModelRecord, bool]:
+        """Store a copy of a local file (bundled models); ``record_for(sha256, size)`` builds its record."""
+        with self.stage() as staged:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    staged.write(block)
+            sha = staged.finish()
+            existing = self._read(sha)
+            if existing is not None:
+                return existing, True
+            return self.commit(staged.path, record_for(sha, staged.size))
+
+    def update(self, record: ModelRecord) -> None:
+        with self._lock:
+            if self._read(record.id) is None:
+                raise ModelNotFound(f"model {record.id} is not in the store")
+            atomic_write(self._meta_path(record.id), record.to_json().encode())
+
+    def delete(self, ref: str, allow_bundled: bool = False) -> ModelRecord:
+        with self._lock:
+            record = self.get(ref)
+            if record.bundled and not allow_bundled:
+                raise ModelProtected(
+                    f"model {record.name!r} ({record.id[:12]}) ships with the server and cannot be deleted"
+                )
+            # Metadata first: once it is gone the model is invisible, whatever happens next.
+            self._meta_path(record.id).unlink()
+            _fsync_dir(self.meta)
+            with contextlib.suppress(FileNotFoundError):
+                self.blob_path(record.id).unlink()
+            return record
+
+    # -- reading --------------------------------------------------------------------------------
+    def _read(self, model_id: str) -> ModelRecord | None:
+        try:
+            return ModelRecord.from_json(self._meta_path(model_id).read_text())
+        except FileNotFoundError:
+            return None
+
+    def list(self) -> list[ModelRecord]:
+        records = []
+        for path in self.meta.glob("*.json"):
+            with contextlib.suppress(FileNotFoundError, ValueError, TypeError):
+                records.append(ModelRecord.from_json(path.read_text()))
+        return sorted(records, key=lambda r: (not r.bundled, r.name, r.id))
+
+    def get(self, ref: str) -> ModelRecord:
+        """A model by id, unique id prefix (≥ 8 hex characters) or unique name."""
+        ref = ref.strip()
+        if not ref:
+            raise ModelNotFound("no model given: pass a model id or name (see ListModels)")
+        if SHA256_RE.match(ref):
+            record = self._read(ref)
+            if record is not None:
+                return record
+        records = self.list()
+        by_name = [r for r in records if r.name == ref]
+        if len(by_name) == 1:
+            return by_name[0]
+        if len(by_name) > 1:
+            ids = ", ".join(r.id[:12] for r in by_name)
+            raise AmbiguousModel(f"{len(by_name)} models are named {ref!r} ({ids}): use the id instead")
+        if len(ref) >= MIN_PREFIX and re.fullmatch(r"[0-9a-f]+", ref):
+            by_prefix = [r for r in records if r.id.startswith(ref)]
+            if len(by_prefix) == 1:
+                return by_prefix[0]
+            if len(by_prefix) > 1:
+                raise AmbiguousModel(
+                    f"id prefix {ref!r} matches {len(by_prefix)} models: give more characters"
+                )
+        names = sorted({r.name for r in records})
+        hint = f"; stored models: {', '.join(names[:20])}" if names else "; the store is empty"
+        raise ModelNotFound(f"no model {ref!r} in the store{hint}")
+
+
+class ConvertedCache:
+    """LRU cache of converted models, keyed by model id; converts each model once even under load."""
+
+    def __init__(self, loader: Callable[[ModelRecord], Any], capacity: int = 4):
+        self.loader = loader
+        self.capacity = capacity
+        self._items: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+
+    def get(self, record: ModelRecord) -> Any:
+        with self._lock:
+            if record.id in self._items:
+                self._items.move_to_end(record.id)
+                return self._items[record.id]
+            per_model = self._loading.setdefault(record.id, threading.Lock())
+        with per_model:  # a second request for the same model waits for the first conversion
+            with self._lock:
+                if record.id in self._items:
+                    self._items.move_to_end(record.id)
+                    return self._items[record.id]
+            value = self.loader(record)
+            with self._lock:
+                self._items[record.id] = value
+                self._items.move_to_end(record.id)
+                while len(self._items) > self.capacity:
+                    self._items.popitem(last=False)
+                self._loading.pop(record.id, None)
+            return value
+
+    def evict(self, model_id: str) -> None:
+        with self._lock:
+            self._items.pop(model_id, None)
+
+    def __contains__(self, model_id: str) -> bool:
+        with self._lock:
+            return model_id in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        with self._lock:
+            return iter(list(self._items))
