@@ -1,0 +1,171 @@
+"""Vet an uploaded model in a separate, resource-limited process before the server trusts it.
+
+DESIGN.md: onnx's checker, shape inference and onnx2torch's conversion are not hardened against
+denial of service, so parsing, checking, converting and building the onnxruntime session of an
+upload happen in a child process with caps on address space, CPU time and wall-clock time. A
+model that crashes, hangs or balloons there costs the child, never the server.
+
+The child is forked from a ``forkserver`` that has already imported torch/onnx/onnxruntime (a
+fresh interpreter would spend several seconds importing them per upload) and that, unlike the
+server, runs no gRPC threads. The answer comes back as JSON bytes over a pipe: nothing the child
+produced is ever unpickled by the server.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import multiprocessing.connection
+import resource
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+PRELOAD = ["torch", "onnx", "onnxruntime", "onnx2torch", "converters.model", "service.parity"]
+MAX_ANSWER_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class WorkerLimits:
+    """Caps for vetting one upload."""
+
+    extra_address_space: int = 6 << 30  # bytes above what the preloaded interpreter already maps
+    cpu_seconds: int = 300
+    wall_seconds: float = 600.0
+
+
+class VetError(Exception):
+    """The upload was refused. ``kind`` is "invalid" (the model's fault) or "resources" (a cap)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _vm_size() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _child(
+    conn: multiprocessing.connection.Connection, path: str, preprocessing: dict | None, limits: WorkerLimits
+) -> None:
+    # Limits first, before touching the untrusted bytes.
+    address_space = _vm_size() + limits.extra_address_space
+    resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+        answer = _vet(path, preprocessing)
+    except MemoryError:
+        answer = {
+            "ok": False,
+            "kind": "resources",
+            "error": "converting the model needs more memory than allowed",
+        }
+    except Exception as exc:  # every failure becomes an answer; the type decides who is to blame
+        from converters.errors import ModelError
+
+        # Whatever went wrong with an upload (ours or the converter's exception), it is this
+        # model that cannot be served: INVALID_ARGUMENT with the reason.
+        kind = "invalid"
+        message = (
+            str(exc)
+            if isinstance(exc, ModelError)
+            else f"the model cannot be converted: {type(exc).__name__}: {exc}"
+        )
+        answer = {"ok": False, "kind": kind, "error": message[:2000]}
+    conn.send_bytes(json.dumps(answer).encode())
+    conn.close()
+
+
+def _vet(path: str, preprocessing: dict | None) -> dict[str, Any]:
+    import dataclasses
+
+    from converters.model import load_model
+    from converters.spec import Preprocessing
+    from service.parity import tap_parity
+
+    pre = Preprocessing(**_as_tuples(preprocessing)) if preprocessing is not None else None
+    converted = load_model(path, pre)
+    out = converted.output_tap
+    # Building the representation and the onnxruntime session of the whole model is the part
+    # that can blow up; doing it here means the server's own conversion later is known to work.
+    parity = tap_parity(converted, out)
+    return {
+        "ok": True,
+        "preprocessing": dataclasses.asdict(converted.preprocessing),
+        "preprocessing_source": converted.preprocessing_source,
+        "tap_count": len(converted.taps),
+        "output_tap": out.name,
+        "output_parity": parity,
+    }
+
+
+def _as_tuples(pre: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in pre.items()}
+
+
+_context_lock = threading.Lock()
+_context: Any = None
+
+
+def _get_context() -> Any:
+    global _context
+    with _context_lock:
+        if _context is None:
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(PRELOAD)
+            _context = ctx
+        return _context
+
+
+def warm_up() -> None:
+    """Start the fork server now (it imports torch once), so the first upload does not wait for it."""
+    from multiprocessing import forkserver
+
+    _get_context()
+    forkserver.ensure_running()
+
+
+def vet_model(path: str, preprocessing: dict | None, limits: WorkerLimits | None = None) -> dict[str, Any]:
+    """Parse, check and convert the model at ``path`` in a limited child; return what it learned.
+
+    Raises VetError when the model is refused or a limit was hit.
+    """
+    limits = limits or WorkerLimits()
+    ctx = _get_context()
+    receiver, sender = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(sender, path, preprocessing, limits), daemon=True)
+    start = time.monotonic()
+    proc.start()
+    sender.close()
+    try:
+        if not receiver.poll(limits.wall_seconds):
+            raise VetError("resources", f"converting the model took longer than {limits.wall_seconds:.0f} s")
+        try:
+            raw = receiver.recv_bytes(MAX_ANSWER_BYTES)
+        except EOFError:
+            proc.join(5)
+            raise VetError(
+                "resources",
+                f"the conversion process died (exit code {proc.exitcode}) after "
+                f"{time.monotonic() - start:.1f} s: the model needs more memory or CPU time than "
+                "this server allows, or it crashed the converter",
+            ) from None
+    finally:
+        receiver.close()
+        if proc.is_alive():
+            proc.kill()
+        proc.join(5)
+    answer = json.loads(raw)
+    if not answer.get("ok"):
+        raise VetError(answer.get("kind", "invalid"), answer.get("error", "the model was refused"))
+    return answer
