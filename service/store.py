@@ -247,6 +247,10 @@ class ModelStore:
         except FileNotFoundError:
             return None
 
+    def find(self, model_id: str) -> ModelRecord | None:
+        """The model with exactly this id, or None."""
+        return self._read(model_id) if SHA256_RE.match(model_id) else None
+
     def list(self) -> list[ModelRecord]:
         records = []
         for path in self.meta.glob("*.json"):

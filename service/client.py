@@ -1,0 +1,282 @@
+"""A small Python client for the preimage service.
+
+    from service.client import PreimageClient
+    with PreimageClient("localhost:50051") as client:
+        model = client.upload("model.onnx", name="my-net")
+        print([t.alias for t in client.taps(model.id)])
+        run = client.invert(model.id, "relu2", ["cat.png"], steps=100)
+        for event in run:            # progress, results, summary as they arrive (optional)
+            ...
+        run.results[0].png           # bytes of the PNG
+
+Every keyword of ``EnergyParams`` in SPEC.md (``loss_weight``, ``alpha``, ``steps``, ...) can be
+passed to invert/maximize/caricature; unset ones take the paper's defaults on the server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from service.api.preimage.v1 import preimage_pb2 as pb
+from service.api.preimage.v1 import preimage_pb2_grpc as pb_grpc
+
+CHUNK_BYTES = 1 << 20
+MAX_MESSAGE_BYTES = 64 << 20
+ENERGY_FIELDS = {f.name for f in pb.EnergyParams.DESCRIPTOR.fields}
+OPTIONS_FIELDS = {f.name for f in pb.RunOptions.DESCRIPTOR.fields}
+_OPTIMIZERS = {"paper": pb.OPTIMIZER_PAPER, "adam": pb.OPTIMIZER_ADAM}
+_ORDERS = {"RGB": pb.CHANNEL_ORDER_RGB, "BGR": pb.CHANNEL_ORDER_BGR, "GRAY": pb.CHANNEL_ORDER_GRAY}
+
+ImageLike = bytes | str | Path | Any  # encoded bytes, a file path, or an H×W×3 uint8 array
+
+
+def energy_params(**values: Any) -> pb.EnergyParams:
+    """EnergyParams from keywords; None values are left unset (server default)."""
+    msg = pb.EnergyParams()
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name not in ENERGY_FIELDS:
+            raise TypeError(f"unknown energy parameter {name!r}; known: {', '.join(sorted(ENERGY_FIELDS))}")
+        if name == "optimizer":
+            value = _OPTIMIZERS[value] if isinstance(value, str) else value
+        setattr(msg, name, value)
+    return msg
+
+
+def run_options(**values: Any) -> pb.RunOptions:
+    msg = pb.RunOptions()
+    for name, value in values.items():
+        if value is not None:
+            setattr(msg, name, value)
+    return msg
+
+
+def preprocessing(**values: Any) -> pb.Preprocessing:
+    """Preprocessing from keywords (mean, std, scale, channel_order="RGB"|"BGR"|"GRAY", height, width)."""
+    msg = pb.Preprocessing()
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name in ("mean", "std"):
+            getattr(msg, name).extend(float(v) for v in value)
+        elif name == "channel_order":
+            msg.channel_order = _ORDERS[value.upper()] if isinstance(value, str) else value
+        else:
+            setattr(msg, name, value)
+    return msg
+
+
+def encode_image(image: ImageLike) -> bytes:
+    """Bytes of an encoded image: passed through, read from a path, or a uint8 array as PNG."""
+    if isinstance(image, bytes):
+        return image
+    if isinstance(image, (str, Path)):
+        return Path(image).read_bytes()
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def target(spec: int | tuple[int, int, int] | Sequence[float] | pb.MaximizeTarget) -> pb.MaximizeTarget:
+    """A maximization target: an int is a channel (or class), (c, y, x) a neuron, floats a direction."""
+    if isinstance(spec, pb.MaximizeTarget):
+        return spec
+    if isinstance(spec, int):
+        return pb.MaximizeTarget(channel=pb.ChannelTarget(channel=spec))
+    values = list(spec)
+    if len(values) == 3 and all(isinstance(v, int) for v in values):
+        return pb.MaximizeTarget(neuron=pb.NeuronTarget(channel=values[0], y=values[1], x=values[2]))
+    return pb.MaximizeTarget(direction=pb.DirectionTarget(weights=[float(v) for v in values]))
+
+
+@dataclass
+class Run:
+    """A running visualization: iterate for events; ``results``/``summary`` fill in as they arrive."""
+
+    call: Any  # the grpc streaming call
+    results: list[pb.VisualizationResult] = field(default_factory=list)
+    summary: pb.RunSummary | None = None
+    on_progress: Callable[[pb.ProgressEvent], None] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        for response in self.call:
+            kind = response.WhichOneof("event")
+            event = getattr(response, kind)
+            if kind == "result":
+                self.results.append(event)
+            elif kind == "summary":
+                self.summary = event
+            elif kind == "progress" and self.on_progress is not None:
+                self.on_progress(event)
+            yield event
+
+    def wait(self) -> Run:
+        """Consume the stream to the end; returns self with results (in target order) and summary."""
+        for _ in self:
+            pass
+        self.results.sort(key=lambda r: r.target_index)
+        return self
+
+    def cancel(self) -> None:
+        self.call.cancel()
+
+
+class PreimageClient:
+    """Calls a preimage server. ``timeout`` (seconds) applies to every call unless given per call."""
+
+    def __init__(self, address: str, timeout: float | None = None, channel: grpc.Channel | None = None):
+        self.address = address
+        self.timeout = timeout
+        self.channel = channel or grpc.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        self.stub = pb_grpc.PreimageServiceStub(self.channel)
+
+    def __enter__(self) -> PreimageClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    # -- models ---------------------------------------------------------------------------------
+    def upload(
+        self,
+        model: bytes | str | Path,
+        name: str | None = None,
+        *,
+        preprocessing: pb.Preprocessing | dict | None = None,
+        labels: Iterable[str] = (),
+        description: str = "",
+        chunk_bytes: int = CHUNK_BYTES,
+        on_chunk: Callable[[int, int], None] | None = None,
+        timeout: float | None = None,
+    ) -> pb.UploadModelResponse:
+        """Upload an ONNX file (path or bytes) in chunks; ``on_chunk(sent, total)`` reports progress."""
+        data = model if isinstance(model, bytes) else Path(model).read_bytes()
+        if name is None:
+            name = Path(model).stem if not isinstance(model, bytes) else "model"
+        pre = preprocessing if isinstance(preprocessing, pb.Preprocessing) else _pre(preprocessing)
+
+        def messages() -> Iterator[pb.UploadModelRequest]:
+            meta = pb.UploadModelMetadata(
+                name=name,
+                preprocessing=pre,
+                labels=list(labels),
+                size_bytes=len(data),
+                description=description,
+            )
+            yield pb.UploadModelRequest(metadata=meta)
+            for start in range(0, len(data), chunk_bytes):
+                yield pb.UploadModelRequest(chunk=data[start : start + chunk_bytes])
+                if on_chunk is not None:
+                    on_chunk(min(start + chunk_bytes, len(data)), len(data))
+            yield pb.UploadModelRequest(finish=pb.UploadModelFinish(sha256=hashlib.sha256(data).hexdigest()))
+
+        return self.stub.UploadModel(messages(), timeout=self._timeout(timeout))
+
+    def get(self, model: str, timeout: float | None = None) -> pb.Model:
+        return self.stub.GetModel(pb.GetModelRequest(model=model), timeout=self._timeout(timeout)).model
+
+    def models(self, name_prefix: str = "", timeout: float | None = None) -> list[pb.Model]:
+        request = pb.ListModelsRequest(name_prefix=name_prefix)
+        return list(self.stub.ListModels(request, timeout=self._timeout(timeout)).models)
+
+    def delete(self, model: str, timeout: float | None = None) -> pb.Model:
+        return self.stub.DeleteModel(pb.DeleteModelRequest(model=model), timeout=self._timeout(timeout)).model
+
+    def taps(self, model: str, timeout: float | None = None) -> pb.ListTapsResponse:
+        return self.stub.ListTaps(pb.ListTapsRequest(model=model), timeout=self._timeout(timeout))
+
+    # -- visualizations -------------------------------------------------------------------------
+    def invert(
+        self,
+        model: str,
+        tap: str,
+        images: Sequence[ImageLike],
+        *,
+        mask_center: int = 0,
+        timeout: float | None = None,
+        on_progress: Callable | None = None,
+        **kwargs: Any,
+    ) -> Run:
+        """Start an inversion of each image at ``tap``. Keywords: EnergyParams and RunOptions fields."""
+        params, options = _split(kwargs)
+        request = pb.InvertRequest(
+            model=model, tap=tap, images=[pb.Image(data=encode_image(i)) for i in images],
+            mask=pb.FeatureMask(center_size=mask_center), params=params, options=options,
+        )  # fmt: skip
+        return Run(self.stub.Invert(request, timeout=self._timeout(timeout)), on_progress=on_progress)
+
+    def maximize(
+        self,
+        model: str,
+        tap: str,
+        targets: Sequence[Any],
+        *,
+        channel_max: float | None = None,
+        timeout: float | None = None,
+        on_progress: Callable | None = None,
+        **kwargs: Any,
+    ) -> Run:
+        """Start a maximization of each target (see ``target``). Keywords as for invert."""
+        params, options = _split(kwargs)
+        request = pb.MaximizeRequest(
+            model=model, tap=tap, targets=[target(t) for t in targets], params=params, options=options
+        )
+        if channel_max is not None:
+            request.channel_max = channel_max
+        return Run(self.stub.Maximize(request, timeout=self._timeout(timeout)), on_progress=on_progress)
+
+    def caricature(
+        self,
+        model: str,
+        tap: str,
+        images: Sequence[ImageLike],
+        *,
+        timeout: float | None = None,
+        on_progress: Callable | None = None,
+        **kwargs: Any,
+    ) -> Run:
+        """Start a caricature of each image at ``tap``. Keywords as for invert."""
+        params, options = _split(kwargs)
+        request = pb.CaricatureRequest(
+            model=model, tap=tap, images=[pb.Image(data=encode_image(i)) for i in images],
+            params=params, options=options,
+        )  # fmt: skip
+        return Run(self.stub.Caricature(request, timeout=self._timeout(timeout)), on_progress=on_progress)
+
+
+def _pre(values: dict | None) -> pb.Preprocessing:
+    return preprocessing(**values) if values else pb.Preprocessing()
+
+
+def _split(kwargs: dict[str, Any]) -> tuple[pb.EnergyParams, pb.RunOptions]:
+    energy = {k: v for k, v in kwargs.items() if k in ENERGY_FIELDS}
+    options = {k: v for k, v in kwargs.items() if k in OPTIONS_FIELDS}
+    unknown = set(kwargs) - set(energy) - set(options)
+    if unknown:
+        raise TypeError(
+            f"unknown keyword(s) {sorted(unknown)}; energy: {sorted(ENERGY_FIELDS)}, "
+            f"options: {sorted(OPTIONS_FIELDS)}"
+        )
+    return energy_params(**energy), run_options(**options)

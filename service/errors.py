@@ -1,0 +1,150 @@
+"""Exceptions → gRPC status codes (DESIGN.md "Conventions"), and the per-RPC wrapper that applies them.
+
+Every handler of the server runs inside ``rpc_handler``: whatever it raises becomes a status with
+a message a person can act on, the RPC is logged as one JSON line, and the server keeps serving.
+Unexpected exceptions become INTERNAL with a reference to the log line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from service.convert_worker import VetError
+from service.store import AmbiguousModel, ModelNotFound, ModelProtected, UploadTooLarge
+
+log = logging.getLogger("preimage.server")
+
+
+class ServiceError(Exception):
+    """An error with its status code already decided."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def invalid(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def exhausted(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """The status for an exception we know how to explain; None for a bug (→ INTERNAL)."""
+    from converters.errors import ModelError  # converters import torch: keep errors.py light to import
+
+    if isinstance(exc, ServiceError):
+        return exc.code, exc.message
+    if isinstance(exc, ModelNotFound):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, ModelProtected):
+        return grpc.StatusCode.PERMISSION_DENIED, str(exc)
+    if isinstance(exc, UploadTooLarge):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, VetError):
+        code = (
+            grpc.StatusCode.RESOURCE_EXHAUSTED
+            if exc.kind == "resources"
+            else grpc.StatusCode.INVALID_ARGUMENT
+        )
+        return code, f"model refused: {exc}"
+    if isinstance(exc, (ModelError, AmbiguousModel)):  # includes UnknownTap (lists close names)
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "out of memory: try a smaller image, fewer targets or an earlier tap",
+        )
+    if isinstance(exc, ValueError):  # the energy's own validation (hyperparameters, targets)
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    return None
+
+
+def _fail(context: grpc.ServicerContext, exc: BaseException, fields: dict[str, Any]) -> None:
+    known = status_for(exc)
+    if known is None:
+        ref = uuid.uuid4().hex[:12]
+        log.exception("internal error", extra={"fields": {**fields, "error_ref": ref}})
+        code, message = grpc.StatusCode.INTERNAL, f"internal error (reference {ref} in the server log)"
+    else:
+        code, message = known
+    fields.update(code=code.name, message=message)
+    context.abort(code, message)
+
+
+def rpc_handler(method: Callable) -> Callable:
+    """Wrap a servicer method (unary or server-streaming) with error mapping and a JSON log line."""
+    name = method.__name__
+
+    def log_end(context: grpc.ServicerContext, start: float, fields: dict[str, Any]) -> None:
+        fields.setdefault("code", "OK" if context.is_active() else "CANCELLED")
+        fields["seconds"] = round(time.monotonic() - start, 4)
+        log.info("rpc", extra={"fields": {"method": name, "peer": context.peer(), **fields}})
+
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def stream(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            start, fields = time.monotonic(), {}
+            try:
+                yield from method(self, request, context, fields)
+            except Exception as exc:
+                if not context.is_active():  # the client is gone: nothing to tell it
+                    fields.setdefault("code", "CANCELLED")
+                    return
+                _fail(context, exc, fields)
+            finally:
+                log_end(context, start, fields)
+
+        return stream
+
+    @functools.wraps(method)
+    def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        start, fields = time.monotonic(), {}
+        try:
+            return method(self, request, context, fields)
+        except Exception as exc:
+            _fail(context, exc, fields)
+        finally:
+            log_end(context, start, fields)
+
+    return unary
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the record's ``fields``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        out: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        out.update(getattr(record, "fields", {}) or {})
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Send the service's logs to stderr as JSON lines (idempotent)."""
+    root = logging.getLogger("preimage")
+    if not any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter())
+        root.addHandler(handler)
+    root.setLevel(level)

@@ -1,0 +1,526 @@
+"""Visualization jobs: from a validated request to a stream of progress events and results.
+
+``build_job`` turns an Invert/Maximize/Caricature request into a ``Job`` (every check that can fail
+happens here, before any optimization starts); ``JobRunner`` runs jobs with admission control and
+hands their events to the RPC through a queue.
+
+Why a queue between the job and the RPC thread: the job's loop is the only place that knows the
+optimizer's step, and the RPC only relays. Continuous batching (issue 6) replaces the runner's
+one-thread-per-job loop with a scheduler that steps many jobs' rows in one ``Minimizer``; the
+``submit → JobHandle(events, cancel)`` contract stays the same.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from service.api.preimage.v1 import preimage_pb2 as pb
+from service.energy import (
+    EnergyParams,
+    Minimizer,
+    Objective,
+    Problem,
+    Result,
+    channel_weights,
+    direction_weights,
+    from_uint8,
+    neuron_weights,
+    to_uint8,
+)
+from service.errors import ServiceError, exhausted, invalid
+
+DEFAULT_SIZE = 224
+DEFAULT_REPORT_EVERY = 10
+_OPTIMIZERS = {pb.OPTIMIZER_UNSPECIFIED: "paper", pb.OPTIMIZER_PAPER: "paper", pb.OPTIMIZER_ADAM: "adam"}
+_FLOAT_PARAMS = (
+    "loss_weight", "alpha", "lambda_alpha", "beta", "lambda_tv", "b_norm", "tv_norm", "bound",
+    "refine_lr_scale", "learning_rate", "momentum", "decay",
+)  # fmt: skip
+_INT_PARAMS = ("jitter", "steps", "refine_steps")
+
+
+@dataclass(frozen=True)
+class JobLimits:
+    """What one request may ask for (issue 7 turns these into per-tenant quotas)."""
+
+    max_pixels: int = 1024 * 1024  # per output image
+    max_image_bytes: int = 32 << 20  # per encoded input image
+    max_input_pixels: int = 6000 * 6000  # decoded input image, checked before decoding
+    max_targets: int = 64
+    max_steps: int = 10_000  # both stages together
+
+
+# -- request → energy ---------------------------------------------------------------------------
+def energy_params(msg: pb.EnergyParams) -> EnergyParams:
+    """The request's hyperparameters; unset fields keep EnergyParams' (the paper's) defaults."""
+    given: dict[str, Any] = {}
+    for name in _FLOAT_PARAMS:
+        if msg.HasField(name):
+            value = getattr(msg, name)
+            if not math.isfinite(value):
+                raise invalid(f"params.{name} must be a finite number, got {value}")
+            given[name] = float(value)
+    for name in _INT_PARAMS:
+        if msg.HasField(name):
+            given[name] = int(getattr(msg, name))
+    if msg.optimizer not in _OPTIMIZERS:
+        raise invalid(f"params.optimizer {msg.optimizer} is not a known Optimizer value")
+    given["optimizer"] = _OPTIMIZERS[msg.optimizer]
+    try:
+        params = EnergyParams(**given)
+        params.validate()
+    except ValueError as exc:
+        raise invalid(f"params: {exc}") from exc
+    return params
+
+
+def params_message(p: EnergyParams) -> pb.EnergyParams:
+    """EnergyParams (resolved) → proto, every field set."""
+    msg = pb.EnergyParams(optimizer=pb.OPTIMIZER_ADAM if p.optimizer == "adam" else pb.OPTIMIZER_PAPER)
+    for name in _FLOAT_PARAMS + _INT_PARAMS:
+        value = getattr(p, name)
+        if value is not None:
+            setattr(msg, name, value)
+    return msg
+
+
+def decode_image(data: bytes, index: int, limits: JobLimits) -> np.ndarray:
+    """Encoded bytes → H×W×3 uint8 RGB, refusing non-images and oversized ones before decoding."""
+    if not data:
+        raise invalid(f"images[{index}] is empty: send the bytes of a PNG or JPEG file")
+    if len(data) > limits.max_image_bytes:
+        raise exhausted(
+            f"images[{index}] is {len(data)} bytes; this server accepts at most {limits.max_image_bytes}"
+        )
+    try:
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size  # from the header: nothing decoded yet
+        if w * h > limits.max_input_pixels:
+            raise exhausted(
+                f"images[{index}] is {w}×{h} pixels; this server decodes at most {limits.max_input_pixels} pixels"
+            )
+        img.load()
+        rgb = img.convert("RGB")
+    except ServiceError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise invalid(
+            f"images[{index}] is not an image Pillow can read (send PNG or JPEG bytes): {exc}"
+        ) from exc
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    if image.shape[:2] == (height, width):
+        return image
+    return np.asarray(
+        Image.fromarray(image).resize((width, height), Image.Resampling.BICUBIC), dtype=np.uint8
+    )
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def contact_sheet(images: Sequence[np.ndarray], gap: int = 2) -> np.ndarray:
+    """All images on a near-square grid, white gaps between them."""
+    n = len(images)
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    h, w = images[0].shape[:2]
+    sheet = np.full((rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap, 3), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        sheet[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = img
+    return sheet
+
+
+def tensor_message(x: torch.Tensor) -> pb.FloatTensor:
+    arr = np.ascontiguousarray(x.detach().cpu().numpy().astype("<f4"))
+    return pb.FloatTensor(shape=list(arr.shape), data=arr.tobytes())
+
+
+# -- jobs ---------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    """A validated visualization request, ready to run."""
+
+    task: str  # "invert" | "maximize" | "caricature"
+    model_id: str
+    tap_name: str
+    phi: torch.nn.Module
+    problems: list[Problem]
+    descriptions: list[str]
+    height: int
+    width: int
+    stride: int
+    mean_rgb255: tuple[float, float, float]
+    device: torch.device
+    report_every: int
+    preview_every: int
+    return_tensor: bool
+    contact_sheet: bool
+    parity: Callable[[], float | None] = lambda: None
+    seeds: list[int] = field(default_factory=list)
+
+
+def _size(options: pb.RunOptions, pre: Any, first: np.ndarray | None, limits: JobLimits) -> tuple[int, int]:
+    fixed = (pre.height, pre.width) if pre.height and pre.width else None
+    h = options.height if options.HasField("height") else None
+    w = options.width if options.HasField("width") else None
+    if fixed is not None:
+        if (h is not None and h != fixed[0]) or (w is not None and w != fixed[1]):
+            raise invalid(
+                f"this model's input is fixed at {fixed[0]}×{fixed[1]}; leave options.height/width unset "
+                f"or set them to {fixed[0]} and {fixed[1]}"
+            )
+        h, w = fixed
+    elif first is not None:
+        h = h or (first.shape[0] if w is None else round(first.shape[0] * w / first.shape[1]))
+        w = w or round(first.shape[1] * h / first.shape[0])
+    h, w = h or DEFAULT_SIZE, w or DEFAULT_SIZE
+    if h < 1 or w < 1:
+        raise invalid(f"options.height and options.width must be ≥ 1, got {h}×{w}")
+    if h * w > limits.max_pixels:
+        raise exhausted(
+            f"an output of {h}×{w} pixels is larger than this server's limit of {limits.max_pixels} pixels"
+        )
+    return int(h), int(w)
+
+
+def build_job(
+    task: str,
+    request: Any,
+    converted: Any,
+    model_id: str,
+    device: torch.device,
+    limits: JobLimits,
+    parity: Callable[[str], float | None] | None = None,
+) -> Job:
+    """Validate ``request`` (InvertRequest, MaximizeRequest or CaricatureRequest) into a Job."""
+    tap = converted.tap(request.tap)  # UnknownTap → INVALID_ARGUMENT with close names
+    options = request.options
+    params = energy_params(request.params)
+    images: list[np.ndarray] = []
+    if task in ("invert", "caricature"):
+        if not request.images:
+            raise invalid(f"{task} needs at least one image in `images`")
+        if len(request.images) > limits.max_targets:
+            raise exhausted(f"{len(request.images)} images in one request; the limit is {limits.max_targets}")
+        images = [decode_image(img.data, i, limits) for i, img in enumerate(request.images)]
+    else:
+        if not request.targets:
+            raise invalid("maximize needs at least one target in `targets` (a channel, neuron or direction)")
+        if len(request.targets) > limits.max_targets:
+            raise exhausted(
+                f"{len(request.targets)} targets in one request; the limit is {limits.max_targets}"
+            )
+    height, width = _size(options, converted.preprocessing, images[0] if images else None, limits)
+    resolved = params.resolved(task, height, width, tap.stride)  # type: ignore[arg-type]
+    if resolved.steps + int(resolved.refine_steps or 0) > limits.max_steps:
+        raise exhausted(
+            f"{resolved.steps} + {resolved.refine_steps} steps is more than this server's limit of {limits.max_steps}"
+        )
+    mean = converted.preprocessing.mean_rgb255
+    mean_t = torch.tensor(mean, dtype=torch.float32)
+    phi = converted.representation(tap).to(device)
+    seed0 = options.seed if options.HasField("seed") else 0
+
+    problems: list[Problem] = []
+    descriptions: list[str] = []
+    if images:
+        starts = torch.stack([from_uint8(resize(img, height, width), mean_t) for img in images])
+        with torch.no_grad():
+            phi0 = phi(starts.to(device)).float().cpu()
+        mask = _mask(request.mask, phi0.shape[1:]) if task == "invert" else None
+        for i in range(len(images)):
+            try:
+                obj = Objective.invert(phi0[i], mask) if task == "invert" else Objective.caricature(phi0[i])
+            except ValueError as exc:
+                raise invalid(f"images[{i}]: {exc}") from exc
+            start = starts[i] if task == "caricature" else None
+            problems.append(Problem(obj, params, seed=seed0 + i, start=start))
+            descriptions.append(f"image {i}")
+    else:
+        with torch.no_grad():
+            shape = tuple(phi(torch.zeros(1, 3, height, width, device=device)).shape[1:])
+        channel_max = (
+            request.channel_max if request.HasField("channel_max") and request.channel_max > 0 else 1.0
+        )
+        rf = tap.receptive_field
+        for i, target in enumerate(request.targets):
+            kind = target.WhichOneof("kind")
+            try:
+                if kind == "channel":
+                    w = channel_weights(
+                        shape, target.channel.channel, receptive_field=rf, channel_max=channel_max
+                    )
+                    desc = f"channel {target.channel.channel}"
+                elif kind == "neuron":
+                    n = target.neuron
+                    w = neuron_weights(
+                        shape, n.channel, (n.y, n.x), receptive_field=rf, channel_max=channel_max
+                    )
+                    desc = f"neuron {n.channel} at ({n.y}, {n.x})"
+                elif kind == "direction":
+                    d = torch.tensor(list(target.direction.weights), dtype=torch.float32)
+                    if d.numel() == math.prod(shape):
+                        d = d.view(shape)
+                    w = direction_weights(shape, d, receptive_field=rf, scale=channel_max)
+                    desc = f"direction ({d.numel()} weights)"
+                else:
+                    raise ValueError("set one of channel, neuron or direction")
+            except ValueError as exc:
+                raise invalid(f"targets[{i}] on tap {tap.alias!r} (shape {list(shape)}): {exc}") from exc
+            problems.append(Problem(Objective.maximize(w), params, seed=seed0 + i))
+            descriptions.append(desc)
+
+    report_every = options.report_every if options.HasField("report_every") else DEFAULT_REPORT_EVERY
+    return Job(
+        task=task,
+        model_id=model_id,
+        tap_name=tap.name,
+        phi=phi,
+        problems=problems,
+        descriptions=descriptions,
+        height=height,
+        width=width,
+        stride=tap.stride,
+        mean_rgb255=mean,
+        device=device,
+        report_every=report_every,
+        preview_every=options.preview_every,
+        return_tensor=options.return_tensor,
+        contact_sheet=options.contact_sheet if options.HasField("contact_sheet") else True,
+        parity=(lambda: parity(tap.name)) if parity is not None else (lambda: None),
+        seeds=[p.seed for p in problems],
+    )
+
+
+def _mask(msg: pb.FeatureMask, feature_shape: Sequence[int]) -> torch.Tensor | None:
+    k = msg.center_size
+    if k == 0:
+        return None
+    if len(feature_shape) < 3:
+        raise invalid(
+            f"mask.center_size needs a spatial tap (C×H×W); this tap's shape is {list(feature_shape)}"
+        )
+    h, w = feature_shape[-2:]
+    if k > min(h, w):
+        raise invalid(f"mask.center_size {k} is larger than the feature map ({h}×{w})")
+    m = torch.zeros(tuple(feature_shape))
+    top, left = (h - k) // 2, (w - k) // 2
+    m[..., top : top + k, left : left + k] = 1.0
+    return m
+
+
+# -- running ------------------------------------------------------------------------------------
+@dataclass
+class JobStats:
+    """How a job ended; kept for tests and logs (cancel latency is measured from these)."""
+
+    steps: int = 0  # steps of the batch run (the largest over targets)
+    cancelled: bool = False
+    cancel_time: float | None = None  # monotonic time cancel() was called
+    step_at_cancel: int | None = None
+    end_time: float | None = None  # monotonic time the optimization loop exited
+    seconds: float = 0.0
+
+    @property
+    def steps_after_cancel(self) -> int | None:
+        return None if self.step_at_cancel is None else self.steps - self.step_at_cancel
+
+    @property
+    def cancel_latency(self) -> float | None:
+        if self.cancel_time is None or self.end_time is None:
+            return None
+        return self.end_time - self.cancel_time
+
+
+_DONE = object()
+
+
+class JobHandle:
+    """A submitted job: iterate ``events()`` for (kind, message) pairs; ``cancel()`` stops it."""
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.stats = JobStats()
+        self._events: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._step = 0
+
+    def cancel(self) -> None:
+        if not self._stop.is_set():
+            self.stats.cancel_time = time.monotonic()
+            self.stats.step_at_cancel = self._step
+            self._stop.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._stop.is_set()
+
+    def emit(self, kind: str, message: Any) -> None:
+        self._events.put((kind, message))
+
+    def events(self, alive: Callable[[], bool] = lambda: True) -> Iterator[tuple[str, Any]]:
+        """Events until the job ends; re-raises the job's error. Stops early once ``alive()`` is false."""
+        while True:
+            try:
+                item = self._events.get(timeout=0.5)
+            except queue.Empty:
+                if not alive():
+                    self.cancel()
+                    return
+                continue
+            if item is _DONE:
+                return
+            kind, message = item
+            if kind == "error":
+                raise message
+            yield kind, message
+
+
+class JobRunner:
+    """Runs jobs on a fixed number of worker threads, refusing work beyond a bounded queue."""
+
+    def __init__(
+        self, max_running: int = 1, max_queued: int = 8, on_end: Callable[[JobHandle], None] | None = None
+    ):
+        self.max_running = max_running
+        self.max_queued = max_queued
+        self._pool = ThreadPoolExecutor(max_workers=max_running, thread_name_prefix="job")
+        self._lock = threading.Lock()
+        self._pending = 0  # running + queued
+        self.on_end = on_end
+
+    def submit(self, job: Job) -> JobHandle:
+        with self._lock:
+            if self._pending >= self.max_running + self.max_queued:
+                raise exhausted(
+                    f"server busy: {self._pending} jobs running or queued (limit {self.max_running + self.max_queued});"
+                    " retry in a few seconds"
+                )
+            self._pending += 1
+        handle = JobHandle(job)
+        self._pool.submit(self._run, handle)
+        return handle
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _run(self, handle: JobHandle) -> None:
+        try:
+            if not handle.cancelled:  # cancelled while queued: never start
+                run_job(handle)
+        except BaseException as exc:  # delivered to the RPC, which maps it to a status
+            handle.emit("error", exc)
+        finally:
+            handle.stats.end_time = handle.stats.end_time or time.monotonic()
+            with self._lock:
+                self._pending -= 1
+            handle._events.put(_DONE)
+            if self.on_end is not None:
+                self.on_end(handle)
+
+
+def _current_image(mini: Minimizer, handle: int) -> np.ndarray:
+    """The row's current image as uint8, for previews."""
+    public = getattr(mini, "current_image", None)
+    if public is not None:
+        return public(handle)
+    # TODO(lead): Minimizer.current_image(handle) -> np.ndarray; until then read its state.
+    index = next(i for i, row in enumerate(mini.rows) if row.handle == handle)
+    lo = mini.pad // 2
+    x = mini._state["x"][index, :, lo : lo + mini.height, lo : lo + mini.width]
+    return to_uint8(x, mini.mean_rgb255)
+
+
+def run_job(handle: JobHandle) -> None:
+    """Optimize every problem of the job as one batch, emitting progress and results as they come."""
+    job = handle.job
+    start = time.monotonic()
+    jitters = [
+        p.params.resolved(job.task, job.height, job.width, job.stride).jitter or 1 for p in job.problems
+    ]
+    mini = Minimizer(
+        job.phi,
+        height=job.height,
+        width=job.width,
+        stride=job.stride,
+        mean_rgb255=job.mean_rgb255,
+        device=job.device,
+        max_jitter=max(jitters),
+    )
+    handles = [mini.add(p) for p in job.problems]
+    index_of = {h: i for i, h in enumerate(handles)}
+    results: dict[int, Result] = {}
+    parity = job.parity()
+    while mini.rows:
+        if handle.cancelled:  # checked before every step: a cancel costs at most the step in flight
+            break
+        finished = mini.step()
+        handle._step += 1
+        for h, result in finished:
+            results[index_of[h]] = result
+            handle.emit("result", _result_message(job, index_of[h], result, parity))
+        if job.report_every:
+            for row in mini.rows:
+                if row.step % job.report_every == 0:
+                    ev = mini.progress(row.handle)
+                    msg = pb.ProgressEvent(
+                        target_index=index_of[row.handle], step=ev.step, total_steps=ev.total, terms=ev.terms
+                    )
+                    if job.preview_every and row.step % job.preview_every == 0:
+                        msg.preview_png = png_bytes(_current_image(mini, row.handle))
+                    handle.emit("progress", msg)
+    handle.stats.end_time = time.monotonic()
+    handle.stats.steps = handle._step
+    handle.stats.cancelled = handle.cancelled
+    handle.stats.seconds = handle.stats.end_time - start
+    if handle.cancelled:
+        return
+    summary = pb.RunSummary(
+        model_id=job.model_id, tap=job.tap_name, seconds=handle.stats.seconds, device=str(job.device)
+    )
+    if job.contact_sheet and len(results) > 1:
+        summary.contact_sheet_png = png_bytes(
+            contact_sheet([results[i].image_uint8 for i in sorted(results)])
+        )
+    handle.emit("summary", summary)
+
+
+def _result_message(job: Job, index: int, result: Result, parity: float | None) -> pb.VisualizationResult:
+    msg = pb.VisualizationResult(
+        target_index=index,
+        png=png_bytes(result.image_uint8),
+        terms=result.terms,
+        objective_value=result.objective_value,
+        steps_run=result.steps_run,
+        stopped=result.stopped,
+        description=job.descriptions[index],
+        resolved=pb.ResolvedParams(
+            params=params_message(result.params), seed=job.seeds[index], height=job.height, width=job.width
+        ),
+    )
+    if result.feature_error is not None:
+        msg.feature_error = result.feature_error
+    if parity is not None:
+        msg.tap_parity = parity
+    if job.return_tensor:
+        msg.tensor.CopyFrom(tensor_message(result.image))
+    return msg

@@ -1,0 +1,486 @@
+"""The gRPC server: PreimageService plus grpc.health.v1 and server reflection.
+
+A sync ``grpc.server`` with a thread pool: RPC threads only validate and relay, the optimizations
+run on the JobRunner's threads (service/jobs.py), so a slow job never blocks health checks or
+model management. Cancellation and deadlines reach a job through ``context.add_callback`` (called
+by gRPC when the RPC ends for any reason) and stop it before its next step.
+
+``start_server`` returns a running server (tests, embedding); ``serve`` is what ``preimage serve``
+calls: it seeds the store with the bundled models and blocks until SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import string
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service.api.preimage.v1 import preimage_pb2 as pb
+from service.api.preimage.v1 import preimage_pb2_grpc as pb_grpc
+from service.convert_worker import WorkerLimits, vet_model, warm_up
+from service.errors import configure_logging, exhausted, invalid, rpc_handler
+from service.jobs import JobHandle, JobLimits, JobRunner, build_job
+from service.store import ConvertedCache, ModelRecord, ModelStore
+
+log = logging.getLogger("preimage.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PreimageService"].full_name
+MAX_MESSAGE_BYTES = 64 << 20  # one message; uploads stream in chunks, so this bounds images/results
+MAX_NAME = 200
+MAX_LABELS = 100_000
+
+_CHANNEL_ORDERS = {pb.CHANNEL_ORDER_RGB: "RGB", pb.CHANNEL_ORDER_BGR: "BGR", pb.CHANNEL_ORDER_GRAY: "GRAY"}
+_LAYOUTS = {"NCHW": pb.LAYOUT_NCHW, "NHWC": pb.LAYOUT_NHWC}
+_DTYPES = {"float32": pb.INPUT_D_TYPE_FLOAT32, "float16": pb.INPUT_D_TYPE_FLOAT16}
+
+
+@dataclass
+class ServerConfig:
+    """Everything a deployment may tune; defaults suit one CPU box."""
+
+    store_dir: Path
+    device: str | None = None  # None: cuda when available, else cpu
+    rpc_threads: int = 16
+    max_running_jobs: int = 1
+    max_queued_jobs: int = 8
+    converted_cache_size: int = 4
+    max_model_bytes: int = 1 << 30
+    job_limits: JobLimits = field(default_factory=JobLimits)
+    worker_limits: WorkerLimits = field(default_factory=WorkerLimits)
+    seed_bundled: bool = True
+
+
+def _load_converted(store: ModelStore, record: ModelRecord) -> Any:
+    from converters.model import load_model
+    from converters.spec import Preprocessing
+
+    req = record.requested_preprocessing
+    pre = (
+        Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in req.items()}) if req else None
+    )
+    return load_model(store.blob_path(record.id), pre)
+
+
+def _requested_preprocessing(msg: pb.Preprocessing) -> dict[str, Any] | None:
+    """The uploader's preprocessing as Preprocessing kwargs, or None when nothing was given."""
+    given: dict[str, Any] = {}
+    for name in ("mean", "std"):
+        values = list(getattr(msg, name))
+        if values:
+            if not all(math.isfinite(v) for v in values):
+                raise invalid(f"preprocessing.{name} must be finite numbers, got {values}")
+            given[name] = values
+    if msg.HasField("scale"):
+        if not (math.isfinite(msg.scale) and msg.scale > 0):
+            raise invalid(f"preprocessing.scale must be a positive finite number, got {msg.scale}")
+        given["scale"] = msg.scale
+    if msg.channel_order:
+        if msg.channel_order not in _CHANNEL_ORDERS:
+            raise invalid(f"preprocessing.channel_order {msg.channel_order} is not a ChannelOrder value")
+        given["channel_order"] = _CHANNEL_ORDERS[msg.channel_order]
+    if not given:
+        return None  # layout, size and dtype alone come from the graph anyway
+    for name in ("height", "width"):
+        if msg.HasField(name):
+            given[name] = getattr(msg, name)
+    return given
+
+
+def _preprocessing_message(pre: dict[str, Any]) -> pb.Preprocessing:
+    order = {v: k for k, v in _CHANNEL_ORDERS.items()}
+    msg = pb.Preprocessing(
+        mean=pre.get("mean", []),
+        std=pre.get("std", []),
+        channel_order=order.get(pre.get("channel_order", ""), pb.CHANNEL_ORDER_UNSPECIFIED),
+        layout=_LAYOUTS.get(pre.get("layout", ""), pb.LAYOUT_UNSPECIFIED),
+        dtype=_DTYPES.get(pre.get("dtype", ""), pb.INPUT_D_TYPE_UNSPECIFIED),
+    )
+    if pre.get("scale") is not None:
+        msg.scale = pre["scale"]
+    if pre.get("height"):
+        msg.height = pre["height"]
+    if pre.get("width"):
+        msg.width = pre["width"]
+    return msg
+
+
+def model_message(r: ModelRecord) -> pb.Model:
+    created = Timestamp()
+    created.FromNanoseconds(int(r.created_at * 1e9))
+    return pb.Model(
+        id=r.id,
+        name=r.name,
+        size_bytes=r.size_bytes,
+        preprocessing=_preprocessing_message(r.preprocessing),
+        preprocessing_source=r.preprocessing_source,
+        labels=r.labels,
+        tap_count=r.tap_count,
+        output_tap=r.output_tap,
+        bundled=r.bundled,
+        created_at=created,
+        description=r.description,
+    )
+
+
+def _check_name(name: str) -> str:
+    name = name.strip()
+    if (
+        not name
+        or len(name) > MAX_NAME
+        or any(c not in string.printable or c in "\t\n\r\x0b\x0c" for c in name)
+    ):
+        raise invalid(f"metadata.name must be 1–{MAX_NAME} printable ASCII characters, got {name[:40]!r}")
+    return name
+
+
+class PreimageServicer(pb_grpc.PreimageServiceServicer):
+    """The RPCs. Each handler gets ``fields``: what it adds there goes into the RPC's log line."""
+
+    def __init__(self, config: ServerConfig, store: ModelStore):
+        self.config = config
+        self.store = store
+        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.cache = ConvertedCache(lambda r: _load_converted(store, r), capacity=config.converted_cache_size)
+        self.runner = JobRunner(config.max_running_jobs, config.max_queued_jobs, on_end=self._job_ended)
+        self._parity: dict[tuple[str, str], float] = {}
+        self._parity_lock = threading.Lock()
+        self._vet_slots = threading.Semaphore(1)  # one conversion child at a time: each can use GBs
+        self.finished_jobs: list[JobHandle] = []  # the last few, for tests and debugging
+
+    # -- model management ---------------------------------------------------------------------
+    @rpc_handler
+    def UploadModel(
+        self, request_iterator: Iterator[pb.UploadModelRequest], context: grpc.ServicerContext, fields
+    ):
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "metadata":
+            raise invalid("the first message of an upload must be `metadata` (name, preprocessing, labels)")
+        meta = first.metadata
+        name = _check_name(meta.name)
+        fields["name"] = name
+        if meta.size_bytes > self.store.max_model_bytes:
+            raise exhausted(
+                f"the model is {meta.size_bytes} bytes; this server stores models up to {self.store.max_model_bytes}"
+            )
+        if len(meta.labels) > MAX_LABELS:
+            raise invalid(f"{len(meta.labels)} labels; at most {MAX_LABELS}")
+        requested = _requested_preprocessing(meta.preprocessing)
+        with self.store.stage() as staged:
+            claimed = None
+            for msg in request_iterator:
+                part = msg.WhichOneof("part")
+                if part == "chunk":
+                    if claimed is not None:
+                        raise invalid("a chunk arrived after `finish`: finish must be the last message")
+                    staged.write(msg.chunk)
+                elif part == "finish":
+                    claimed = msg.finish.sha256.strip().lower()
+                else:
+                    raise invalid(
+                        f"unexpected `{part}` in the middle of an upload: metadata comes only first"
+                    )
+            if claimed is None:
+                raise invalid("the upload ended without a `finish` message carrying the sha256 of the bytes")
+            actual = staged.finish()
+            fields.update(size=staged.size, id=actual)
+            if claimed != actual:
+                raise invalid(
+                    f"checksum mismatch: the server received {staged.size} bytes with sha256 {actual}, "
+                    f"the client said {claimed}; the upload was corrupted or incomplete, send it again"
+                )
+            if staged.size == 0:
+                raise invalid("the upload has no bytes: send the ONNX file in `chunk` messages")
+            existing = self.store.find(actual)
+            if existing is not None:
+                return pb.UploadModelResponse(model=model_message(existing), already_existed=True)
+            with self._vet_slots:
+                answer = vet_model(str(staged.path), requested, self.config.worker_limits)
+            record = ModelRecord(
+                id=actual,
+                name=name,
+                size_bytes=staged.size,
+                requested_preprocessing=requested,
+                preprocessing=answer["preprocessing"],
+                preprocessing_source=answer["preprocessing_source"],
+                labels=list(meta.labels),
+                tap_count=answer["tap_count"],
+                output_tap=answer["output_tap"],
+                output_parity=answer["output_parity"],
+                description=meta.description[:2000],
+            )
+            record, existed = self.store.commit(staged.path, record)
+        return pb.UploadModelResponse(model=model_message(record), already_existed=existed)
+
+    @rpc_handler
+    def GetModel(
+        self, request: pb.GetModelRequest, context: grpc.ServicerContext, fields
+    ) -> pb.GetModelResponse:
+        fields["model"] = request.model
+        return pb.GetModelResponse(model=model_message(self.store.get(request.model)))
+
+    @rpc_handler
+    def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext, fields):
+        records = [r for r in self.store.list() if r.name.startswith(request.name_prefix)]
+        return pb.ListModelsResponse(models=[model_message(r) for r in records])
+
+    @rpc_handler
+    def DeleteModel(self, request: pb.DeleteModelRequest, context: grpc.ServicerContext, fields):
+        fields["model"] = request.model
+        record = self.store.delete(request.model)
+        self.cache.evict(record.id)
+        return pb.DeleteModelResponse(model=model_message(record))
+
+    @rpc_handler
+    def ListTaps(
+        self, request: pb.ListTapsRequest, context: grpc.ServicerContext, fields
+    ) -> pb.ListTapsResponse:
+        fields["model"] = request.model
+        record = self.store.get(request.model)
+        converted = self.cache.get(record)
+        pre = converted.preprocessing
+        taps = [
+            pb.Tap(
+                name=t.name,
+                alias=t.alias,
+                op_type=t.op_type,
+                shape=[-1 if d is None else d for d in t.shape],
+                stride=t.stride,
+                receptive_field=t.receptive_field,
+                index=t.index,
+                **{"global": t.is_global},
+            )
+            for t in converted.taps
+        ]
+        from converters.model import NOMINAL_SIZE
+
+        return pb.ListTapsResponse(
+            model_id=record.id,
+            taps=taps,
+            nominal_height=pre.height or NOMINAL_SIZE,
+            nominal_width=pre.width or NOMINAL_SIZE,
+        )
+
+    # -- visualizations -------------------------------------------------------------------------
+    def _visualize(
+        self, task: str, request: Any, context: grpc.ServicerContext, fields, response_cls
+    ) -> Iterator:
+        fields.update(model=request.model, tap=request.tap, task=task)
+        record = self.store.get(request.model)
+        converted = self.cache.get(record)
+        job = build_job(
+            task,
+            request,
+            converted,
+            record.id,
+            self.device,
+            self.config.job_limits,
+            parity=lambda tap: self._tap_parity(record.id, converted, tap),
+        )
+        fields.update(targets=len(job.problems), size=f"{job.height}x{job.width}")
+        handle = self.runner.submit(job)
+        # Runs when the RPC ends for any reason (client cancel, deadline, completion); cancelling a
+        # finished job is a no-op. If the RPC already ended, add_callback returns False.
+        if not context.add_callback(handle.cancel):
+            handle.cancel()
+        for kind, message in handle.events(alive=context.is_active):
+            yield response_cls(**{kind: message})
+        fields.update(steps=handle.stats.steps)
+
+    @rpc_handler
+    def Invert(
+        self, request: pb.InvertRequest, context: grpc.ServicerContext, fields
+    ) -> Iterator[pb.InvertResponse]:
+        yield from self._visualize("invert", request, context, fields, pb.InvertResponse)
+
+    @rpc_handler
+    def Maximize(self, request: pb.MaximizeRequest, context: grpc.ServicerContext, fields):
+        yield from self._visualize("maximize", request, context, fields, pb.MaximizeResponse)
+
+    @rpc_handler
+    def Caricature(self, request: pb.CaricatureRequest, context: grpc.ServicerContext, fields):
+        yield from self._visualize("caricature", request, context, fields, pb.CaricatureResponse)
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _tap_parity(self, model_id: str, converted: Any, tap: str) -> float | None:
+        key = (model_id, tap)
+        with self._parity_lock:
+            if key in self._parity:
+                return self._parity[key]
+        from service.parity import tap_parity
+
+        try:
+            value = tap_parity(converted, tap)
+        except Exception:  # a parity figure is informative; never fail a visualization over it
+            log.warning("parity failed", exc_info=True, extra={"fields": {"model": model_id, "tap": tap}})
+            return None
+        with self._parity_lock:
+            self._parity[key] = value
+        return value
+
+    def _job_ended(self, handle: JobHandle) -> None:
+        s = handle.stats
+        fields = {
+            "task": handle.job.task,
+            "model": handle.job.model_id,
+            "tap": handle.job.tap_name,
+            **asdict(s),
+        }
+        if s.cancel_latency is not None:
+            fields["cancel_latency_s"] = round(s.cancel_latency, 4)
+            fields["steps_after_cancel"] = s.steps_after_cancel
+        log.info("job", extra={"fields": fields})
+        self.finished_jobs = [*self.finished_jobs[-31:], handle]
+
+
+def seed_bundled(store: ModelStore, worker_limits: WorkerLimits | None = None) -> list[ModelRecord]:
+    """Put the bundled models into the store (a no-op for those already there)."""
+    try:
+        from converters.bundled import bundled_models
+    except ImportError:
+        log.warning("no bundled models available (converters.bundled missing)")
+        return []
+    records = []
+    for bundled in bundled_models():
+
+        def record_for(sha: str, size: int, b=bundled) -> ModelRecord:
+            # Vetted like an upload: same conversion, same figures in the record.
+            answer = vet_model(str(b.path), None, worker_limits)
+            return ModelRecord(
+                id=sha,
+                name=b.name,
+                size_bytes=size,
+                preprocessing=answer["preprocessing"],
+                preprocessing_source=answer["preprocessing_source"],
+                tap_count=answer["tap_count"],
+                output_tap=answer["output_tap"],
+                output_parity=answer["output_parity"],
+                bundled=True,
+                description=b.description,
+            )
+
+        record, existed = store.add_file(Path(bundled.path), record_for)
+        log.info(
+            "bundled model", extra={"fields": {"name": record.name, "id": record.id, "new": not existed}}
+        )
+        records.append(record)
+    return records
+
+
+@dataclass
+class RunningServer:
+    """A started server: ``port``, ``servicer``, ``stop()``."""
+
+    server: grpc.Server
+    port: int
+    servicer: PreimageServicer
+    health: health.HealthServicer
+
+    def stop(self, grace: float | None = 2.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self.servicer.runner.shutdown()
+        self.server.stop(grace).wait()
+
+
+def server_options() -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
+
+
+def start_server(address: str, config: ServerConfig) -> RunningServer:
+    """Start serving on ``address`` ("host:port"; port 0 picks a free one) and return at once."""
+    store = ModelStore(config.store_dir, max_model_bytes=config.max_model_bytes)
+    warm_up()  # the conversion fork server imports torch in the background while we start
+    if config.seed_bundled:
+        seed_bundled(store, config.worker_limits)
+    servicer = PreimageServicer(config, store)
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=config.rpc_threads, thread_name_prefix="rpc"), options=server_options()
+    )
+    pb_grpc.add_PreimageServiceServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {address}")
+    server.start()
+    log.info(
+        "serving",
+        extra={
+            "fields": {
+                "address": address,
+                "port": port,
+                "store": str(config.store_dir),
+                "device": str(servicer.device),
+            }
+        },
+    )
+    return RunningServer(server, port, servicer, health_servicer)
+
+
+def serve(address: str = "localhost:50051", store_dir: str | Path | None = None, **options: Any) -> None:
+    """Run the server until SIGINT/SIGTERM: what ``preimage serve`` calls.
+
+    ``store_dir`` defaults to $PREIMAGE_STORE, else ~/.local/share/preimage/store. ``options`` are
+    ServerConfig fields (device, max_running_jobs, seed_bundled, ...).
+    """
+    import os
+
+    configure_logging()
+    if store_dir is None:
+        store_dir = (
+            os.environ.get("PREIMAGE_STORE") or Path.home() / ".local" / "share" / "preimage" / "store"
+        )
+    config = ServerConfig(store_dir=Path(store_dir), **options)
+    if not address.startswith(("localhost:", "127.0.0.1:", "[::1]:")):
+        log.warning(
+            "serving without authentication or TLS on a non-local address",
+            extra={"fields": {"address": address}},
+        )
+    running = start_server(address, config)
+    stopped = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopped.set())
+    print(
+        f"preimage server listening on {address.rsplit(':', 1)[0]}:{running.port} (store: {config.store_dir})",
+        flush=True,
+    )
+    while not stopped.wait(1.0):
+        pass
+    running.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Run the preimage gRPC server.")
+    parser.add_argument("--address", default="localhost:50051")
+    parser.add_argument("--store", default=None, help="store directory")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--no-bundled", action="store_true", help="do not seed the bundled models")
+    args = parser.parse_args(argv)
+    serve(args.address, args.store, device=args.device, seed_bundled=not args.no_bundled)
+
+
+if __name__ == "__main__":
+    main()
