@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,13 +96,16 @@ def export_onnx(name: str, path: str | Path, example_size: tuple[int, int] = (64
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     example = torch.zeros(1, 1, *example_size)
     try:
-        torch.onnx.export(
-            module, (example,), str(tmp),
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
-                          OUTPUT_NAME: {0: "batch", 2: "rows", 3: "cols"}},
-            opset_version=OPSET, do_constant_folding=True, dynamo=False,
-        )
+        with warnings.catch_warnings():
+            # cap()/floor() make scalar constants with torch.tensor; the tracer flags them needlessly.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.onnx.export(
+                module, (example,), str(tmp),
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
+                              OUTPUT_NAME: {0: "batch", 2: "rows", 3: "cols"}},
+                opset_version=OPSET, do_constant_folding=True, dynamo=False,
+            )
         proto = onnx.load(str(tmp))
         meta = dict(preprocessing_metadata())
         meta["preimage.shallow"] = json.dumps({"name": spec.name, "class": spec.cls, "params": spec.params,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from converters.shallow.common import bin_cells_bilinear, cap, floor, magnitude, triangle_cell_kernel
+from converters.shallow.common import bin_cells_bilinear, cap, magnitude, triangle_cell_kernel
 
 
 def _channel_table(values: np.ndarray) -> torch.Tensor:
@@ -39,7 +39,7 @@ class HogUoctti(torch.nn.Module):
       has no gradient and votes for nothing;
     - orientation ``k`` of ``2n`` points at angle ``k·π/n``, clockwise from +x (y points down);
     - hard assignment picks the directed bin whose unit vector has the largest dot product with the
-      normalised gradient, ties going to the earlier axis, computed in float32 exactly as vl_hog does,
+      gradient, ties going to the earlier axis, computed in float32 exactly as vl_hog does,
       so integer-valued images (where pure vertical gradients sit exactly between two bins) agree;
     - votes are spread bilinearly over the four nearest cell centres;
     - each cell is divided by the L2 norms (+1e-4 inside the root) of the four 2×2 blocks of
@@ -85,9 +85,10 @@ class HogUoctti(torch.nn.Module):
         """B×2n×h×w weights of each pixel's vote over the directed bins."""
         n = self.num_orientations
         if not self.bilinear:
-            norm = floor(torch.sqrt(g2), 1e-10)
-            ux, uy = (gx / norm).detach(), (gy / norm).detach()
-            score = ux * self.axis_cos + uy * self.axis_sin  # B×n×h×w, one score per undirected axis
+            # VLFeat 0.9.21 (as compiled in libvl.so) scores the raw gradient, not the unit vector; the
+            # two differ in the last float bit, which decides gradients lying on a bin boundary.
+            gx_, gy_ = gx.detach(), gy.detach()
+            score = gx_ * self.axis_cos + gy_ * self.axis_sin  # B×n×h×w, one score per undirected axis
             both = torch.stack((score, -score), dim=2).reshape(score.shape[0], 2 * n, *score.shape[2:])
             best = torch.argmax(both, dim=1, keepdim=True)
             onehot = (best == self.candidates).to(gx.dtype)
