@@ -1,0 +1,411 @@
+"""Integration tests: a real server on a loopback port, driven through the client library and raw stubs.
+
+Everything is small (a 32×32 conv net, tens of steps) so the file runs in about a minute on 2 cores.
+The server runs in this process so the tests can read what it measured (steps run after a cancel);
+the conversion of uploads still happens in the server's resource-limited child processes.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from google.protobuf import descriptor_pool, message_factory
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from PIL import Image
+
+from service.api.preimage.v1 import preimage_pb2 as pb
+from service.client import PreimageClient
+from service.jobs import JobLimits
+from service.server import ServerConfig, start_server
+from tests._service_models import SIZE, conv_net
+
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+FAST = {"steps": 12, "refine_steps": 3}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    config = ServerConfig(
+        store_dir=tmp_path_factory.mktemp("store"),
+        seed_bundled=False,
+        max_running_jobs=2,
+        job_limits=JobLimits(max_input_pixels=256 * 256, max_pixels=128 * 128, max_steps=100_000),
+    )
+    running = start_server("127.0.0.1:0", config)
+    yield running
+    running.stop(grace=None)
+
+
+@pytest.fixture(scope="module")
+def client(server) -> PreimageClient:
+    with PreimageClient(f"127.0.0.1:{server.port}", timeout=120) as c:
+        yield c
+
+
+TINY = conv_net(seed=1)
+
+
+@pytest.fixture(scope="module")
+def tiny(client: PreimageClient) -> pb.Model:
+    return client.upload(TINY, name="tiny", labels=[f"class {i}" for i in range(10)]).model
+
+
+def photo(seed: int = 0) -> np.ndarray:
+    """A smooth, photo-like 32×32 RGB image (noise alone makes a poor inversion target)."""
+    g = np.random.default_rng(seed)
+    coarse = g.random((4, 4, 3)) * 255
+    img = Image.fromarray(coarse.astype(np.uint8)).resize((SIZE, SIZE), Image.Resampling.BICUBIC)
+    return np.asarray(img)
+
+
+def decode(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def features(model_bytes: bytes, tap: str, pixels: np.ndarray) -> np.ndarray:
+    """The tap's tensor computed by onnxruntime (the independent judge) for an RGB uint8 image."""
+    model = onnx.load_from_string(model_bytes)
+    model.graph.output.append(onnx.helper.make_empty_tensor_value_info(tap))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = ((pixels.astype(np.float32) / 255.0 - MEAN) / STD).transpose(2, 0, 1)[None]
+    return session.run([tap], {"image": x})[0][0]
+
+
+def rel_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+# -- model management -----------------------------------------------------------------------------
+def test_upload_large_model_in_chunks_then_get_list_delete(client: PreimageClient) -> None:
+    big = conv_net(seed=7, dense_out=4096)
+    assert len(big) > 30_000_000  # far above gRPC's 4 MiB default message size
+    sent: list[int] = []
+    response = client.upload(
+        big, name="big", chunk_bytes=1 << 20, on_chunk=lambda done, total: sent.append(done)
+    )
+    assert len(sent) == -(-len(big) // (1 << 20)) and sent[-1] == len(big)
+    model = response.model
+    assert not response.already_existed and model.size_bytes == len(big) and model.tap_count == 6
+    assert model.output_tap == "logits" and model.preprocessing.height == SIZE
+
+    assert client.upload(big, name="big again").already_existed
+    assert client.get("big").id == model.id == client.get(model.id[:10]).id
+    assert "big" in [m.name for m in client.models()]
+    assert [m.name for m in client.models(name_prefix="bi")] == ["big"]
+    assert client.delete("big").id == model.id
+    with pytest.raises(grpc.RpcError) as err:
+        client.get(model.id)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_list_taps(client: PreimageClient, tiny: pb.Model) -> None:
+    taps = client.taps("tiny")
+    assert taps.model_id == tiny.id and (taps.nominal_height, taps.nominal_width) == (SIZE, SIZE)
+    by_alias = {t.alias: t for t in taps.taps}
+    assert list(by_alias) == ["conv1", "relu1", "conv2", "relu2", "flatten", "fc"]
+    assert list(by_alias["relu2"].shape) == [8, 16, 16]
+    assert (by_alias["conv1"].stride, by_alias["conv1"].receptive_field) == (2, 3)
+    assert (by_alias["conv2"].stride, by_alias["conv2"].receptive_field) == (2, 7)
+    assert by_alias["fc"].__getattribute__("global") and list(by_alias["fc"].shape) == [10]
+
+
+# -- the three visualizations: results checked against onnxruntime -----------------------------------
+def test_invert_feature_error_matches_onnxruntime(client: PreimageClient, tiny: pb.Model) -> None:
+    images = [photo(0), photo(1)]
+    run = client.invert("tiny", "relu2", images, seed=3, return_tensor=True, **FAST).wait()
+    assert [r.target_index for r in run.results] == [0, 1]
+    for image, result in zip(images, run.results, strict=True):
+        pixels = decode(result.png)
+        assert pixels.shape == (SIZE, SIZE, 3)
+        ours = rel_error(features(TINY, "r2", pixels), features(TINY, "r2", image))
+        assert result.HasField("feature_error")
+        assert ours == pytest.approx(result.feature_error, rel=1e-3, abs=1e-5)
+        assert result.tap_parity < 1e-4
+        assert result.steps_run == 15 and not result.stopped
+        assert result.resolved.params.loss_weight == 300 and result.resolved.params.alpha == 6
+        assert list(result.tensor.shape) == [3, SIZE, SIZE]
+        assert set(result.terms) >= {"energy", "loss", "alpha_norm", "tv"}
+    sheet = decode(run.summary.contact_sheet_png)
+    assert sheet.shape == (SIZE, 2 * SIZE + 2, 3)
+
+
+def test_caricature_feature_error_matches_onnxruntime(client: PreimageClient, tiny: pb.Model) -> None:
+    image = photo(2)
+    (result,) = client.caricature("tiny", "conv1", [image], **FAST).wait().results
+    ours = rel_error(features(TINY, "c1", decode(result.png)), features(TINY, "c1", image))
+    assert ours == pytest.approx(result.feature_error, rel=1e-3, abs=1e-5)
+
+
+def test_maximize_objective_matches_onnxruntime(client: PreimageClient, tiny: pb.Model) -> None:
+    # Maximization has no Φ0, so the figure to check is the objective ⟨Φ(x*), w⟩ with
+    # w = one-hot at the centre / ρ² (ρ = 7 for conv2).
+    run = client.maximize("tiny", "conv2", [3, (5, 2, 9)], **FAST).wait()
+    assert [r.description for r in run.results] == ["channel 3", "neuron 5 at (2, 9)"]
+    for (c, y, x), result in zip([(3, 8, 8), (5, 2, 9)], run.results, strict=True):
+        phi = features(TINY, "c2", decode(result.png))
+        assert phi[c, y, x] / 49 == pytest.approx(result.objective_value, rel=1e-3, abs=1e-6)
+        assert not result.HasField("feature_error")
+    # A class logit of the global output works the same way.
+    (logit,) = client.maximize("tiny", "fc", [4], **FAST).wait().results
+    assert logit.objective_value > 0
+
+
+def test_same_seed_same_image(client: PreimageClient, tiny: pb.Model) -> None:
+    first = client.maximize("tiny", "relu1", [1], seed=5, **FAST).wait().results[0].png
+    again = client.maximize("tiny", "relu1", [1], seed=5, **FAST).wait().results[0].png
+    other = client.maximize("tiny", "relu1", [1], seed=6, **FAST).wait().results[0].png
+    assert first == again and first != other
+
+
+def test_progress_events_arrive_in_order(client: PreimageClient, tiny: pb.Model) -> None:
+    run = client.invert("tiny", "conv2", [photo(0), photo(1)], report_every=4, preview_every=8, **FAST)
+    kinds, steps = [], {0: [], 1: []}
+    for event in run:
+        kinds.append(type(event).__name__)
+        if isinstance(event, pb.ProgressEvent):
+            steps[event.target_index].append(event.step)
+            assert event.total_steps == 15 and set(event.terms) >= {"energy", "loss"}
+            if event.step % 8 == 0:
+                assert decode(event.preview_png).shape == (SIZE, SIZE, 3)
+            else:
+                assert not event.preview_png
+    assert steps == {0: [4, 8, 12], 1: [4, 8, 12]}
+    assert kinds[-3:] == ["VisualizationResult", "VisualizationResult", "RunSummary"]
+    assert kinds[:-3] == ["ProgressEvent"] * 6
+
+
+# -- cancellation and deadlines -------------------------------------------------------------------
+def _wait_for_job(server, before: int, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(server.servicer.finished_jobs) > before:
+            return server.servicer.finished_jobs[-1]
+        time.sleep(0.01)
+    raise AssertionError("the server's job did not end")
+
+
+def test_cancel_stops_within_one_step(client: PreimageClient, server, tiny: pb.Model) -> None:
+    before = len(server.servicer.finished_jobs)
+    run = client.maximize("tiny", "relu2", list(range(8)), steps=50_000, report_every=5)
+    first_steps = []
+    for event in run:
+        first_steps.append(event.step)
+        if len(first_steps) >= 16:  # two reports per target: the loop is well under way
+            break
+    run.cancel()
+    job = _wait_for_job(server, before)
+    stats = job.stats
+    step_time = stats.seconds / max(stats.steps, 1)
+    print(
+        f"\ncancel: {stats.steps_after_cancel} step(s) after cancel, latency {stats.cancel_latency * 1e3:.1f} ms, "
+        f"step {step_time * 1e3:.1f} ms"
+    )
+    assert stats.cancelled and stats.steps < 1000
+    assert stats.steps_after_cancel <= 1
+    assert stats.cancel_latency < 2 * step_time + 0.05
+
+
+def test_deadline_gives_deadline_exceeded_and_stops_the_job(client: PreimageClient, server, tiny) -> None:
+    before = len(server.servicer.finished_jobs)
+    run = client.maximize("tiny", "relu2", [0], steps=50_000, timeout=1.5, report_every=0)
+    with pytest.raises(grpc.RpcError) as err:
+        run.wait()
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    job = _wait_for_job(server, before)
+    assert job.stats.cancelled and job.stats.steps_after_cancel <= 1
+
+
+# -- bad requests ---------------------------------------------------------------------------------
+BAD_REQUESTS = [
+    (
+        "unknown model",
+        lambda c: c.taps("no-such-model"),
+        grpc.StatusCode.NOT_FOUND,
+        "no model 'no-such-model'",
+    ),
+    (
+        "unknown model in a job",
+        lambda c: c.maximize("nope", "relu2", [0]).wait(),
+        grpc.StatusCode.NOT_FOUND,
+        "nope",
+    ),
+    (
+        "unknown tap",
+        lambda c: c.maximize("tiny", "relu3", [0]).wait(),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "relu2",
+    ),
+    (
+        "channel out of range",
+        lambda c: c.maximize("tiny", "relu2", [99]).wait(),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "out of range",
+    ),
+    (
+        "neuron outside the map",
+        lambda c: c.maximize("tiny", "relu2", [(0, 40, 0)]).wait(),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "outside the feature map",
+    ),
+    (
+        "not an image",
+        lambda c: c.invert("tiny", "relu2", [b"GIF89a not really"]).wait(),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "not an image",
+    ),
+    (
+        "no images",
+        lambda c: c.invert("tiny", "relu2", []).wait(),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "at least one",
+    ),
+    (
+        "too-large image",
+        lambda c: c.invert("tiny", "relu2", [np.zeros((300, 300, 3), np.uint8)]).wait(),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "at most 65536 pixels",
+    ),
+    (
+        "wrong size for a fixed model",
+        lambda c: c.maximize("tiny", "relu2", [0], height=64, width=64).wait(),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "fixed at 32×32",
+    ),
+    (
+        "negative steps",
+        lambda c: c.maximize("tiny", "relu2", [0], steps=-5).wait(),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "steps",
+    ),
+    (
+        "beta out of range",
+        lambda c: c.maximize("tiny", "relu2", [0], beta=3.0).wait(),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "beta",
+    ),
+    (
+        "NaN loss weight",
+        lambda c: c.maximize("tiny", "relu2", [0], loss_weight=float("nan")).wait(),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "finite",
+    ),
+    (
+        "too many steps",
+        lambda c: c.maximize("tiny", "relu2", [0], steps=200_000).wait(),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "limit",
+    ),
+    (
+        "mask on a global tap",
+        lambda c: c.invert("tiny", "fc", [photo()], mask_center=2).wait(),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "spatial tap",
+    ),
+    (
+        "not an ONNX model",
+        lambda c: c.upload(b"\x00garbage" * 100, name="junk"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "model refused",
+    ),
+    (
+        "bad model name",
+        lambda c: c.upload(TINY, name="line\nbreak"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "name",
+    ),
+    ("delete unknown", lambda c: c.delete("0" * 64), grpc.StatusCode.NOT_FOUND, "no model"),
+]
+
+
+@pytest.mark.parametrize(("case", "call", "code", "hint"), BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_request_status(client: PreimageClient, tiny: pb.Model, case, call, code, hint) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        call(client)
+    assert err.value.code() == code, err.value.details()
+    assert hint in err.value.details()
+
+
+def _raw_upload(server, messages: list[pb.UploadModelRequest]) -> grpc.RpcError:
+    from service.api.preimage.v1 import preimage_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.PreimageServiceStub(channel).UploadModel(iter(messages), timeout=30)
+    return err.value
+
+
+def test_bad_upload_streams(server) -> None:
+    meta = pb.UploadModelRequest(metadata=pb.UploadModelMetadata(name="x"))
+    chunk = pb.UploadModelRequest(chunk=TINY)
+    finish = pb.UploadModelRequest(finish=pb.UploadModelFinish(sha256="0" * 64))
+    cases = {
+        "must be `metadata`": [chunk],
+        "checksum mismatch": [meta, chunk, finish],
+        "without a `finish`": [meta, chunk],
+        "metadata comes only first": [meta, meta],
+    }
+    for hint, messages in cases.items():
+        err = _raw_upload(server, messages)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and hint in err.details()
+    assert not list(server.servicer.store.staging.iterdir())  # nothing half-written stays behind
+
+
+def test_server_still_serves_after_errors(server, client: PreimageClient, tiny) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "preimage.v1.PreimageService"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    assert client.maximize("tiny", "relu1", [0], **FAST).wait().results[0].png
+
+
+def test_reflection_is_enough_to_call_the_service(server, tiny) -> None:
+    # What a client in another language (or grpcurl) does: no generated code, only reflection.
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        db = ProtoReflectionDescriptorDatabase(channel)
+        assert "preimage.v1.PreimageService" in db.get_services()
+        pool = descriptor_pool.DescriptorPool(db)
+        method = pool.FindServiceByName("preimage.v1.PreimageService").FindMethodByName("ListModels")
+        request_cls = message_factory.GetMessageClass(method.input_type)
+        response_cls = message_factory.GetMessageClass(method.output_type)
+        call = channel.unary_unary(
+            "/preimage.v1.PreimageService/ListModels",
+            request_serializer=request_cls.SerializeToString,
+            response_deserializer=response_cls.FromString,
+        )
+        reply = call(request_cls(), timeout=10)
+        assert "tiny" in [m.name for m in reply.models]
+
+
+# -- persistence ------------------------------------------------------------------------------------
+def test_restart_keeps_uploaded_models(tmp_path: Path) -> None:
+    config = ServerConfig(store_dir=tmp_path, seed_bundled=False)
+    first = start_server("127.0.0.1:0", config)
+    try:
+        with PreimageClient(f"127.0.0.1:{first.port}", timeout=120) as c:
+            ids = {c.upload(conv_net(seed=s), name=f"m{s}").model.id for s in (11, 12)}
+    finally:
+        first.stop(grace=None)
+    second = start_server("127.0.0.1:0", config)
+    try:
+        with PreimageClient(f"127.0.0.1:{second.port}", timeout=120) as c:
+            assert {m.id for m in c.models()} == ids
+            assert len(c.taps("m11").taps) == 6
+            assert c.get("m12").labels == []
+    finally:
+        second.stop(grace=None)
