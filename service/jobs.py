@@ -109,7 +109,8 @@ def decode_image(data: bytes, index: int, limits: JobLimits) -> np.ndarray:
         w, h = img.size  # from the header: nothing decoded yet
         if w * h > limits.max_input_pixels:
             raise exhausted(
-                f"images[{index}] is {w}×{h} pixels; this server decodes at most {limits.max_input_pixels} pixels"
+                f"images[{index}] is {w}×{h} pixels; this server decodes at most "
+                f"{limits.max_input_pixels} pixels"
             )
         img.load()
         rgb = img.convert("RGB")
@@ -233,7 +234,8 @@ def build_job(
     resolved = params.resolved(task, height, width, tap.stride)  # type: ignore[arg-type]
     if resolved.steps + int(resolved.refine_steps or 0) > limits.max_steps:
         raise exhausted(
-            f"{resolved.steps} + {resolved.refine_steps} steps is more than this server's limit of {limits.max_steps}"
+            f"{resolved.steps} + {resolved.refine_steps} steps is more than this server's limit of "
+            f"{limits.max_steps}"
         )
     mean = converted.preprocessing.mean_rgb255
     mean_t = torch.tensor(mean, dtype=torch.float32)
@@ -412,8 +414,8 @@ class JobRunner:
         with self._lock:
             if self._pending >= self.max_running + self.max_queued:
                 raise exhausted(
-                    f"server busy: {self._pending} jobs running or queued (limit {self.max_running + self.max_queued});"
-                    " retry in a few seconds"
+                    f"server busy: {self._pending} jobs running or queued "
+                    f"(limit {self.max_running + self.max_queued}); retry in a few seconds"
                 )
             self._pending += 1
         handle = JobHandle(job)

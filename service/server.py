@@ -173,7 +173,8 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
         fields["name"] = name
         if meta.size_bytes > self.store.max_model_bytes:
             raise exhausted(
-                f"the model is {meta.size_bytes} bytes; this server stores models up to {self.store.max_model_bytes}"
+                f"the model is {meta.size_bytes} bytes; this server stores models up to "
+                f"{self.store.max_model_bytes} bytes"
             )
         if len(meta.labels) > MAX_LABELS:
             raise invalid(f"{len(meta.labels)} labels; at most {MAX_LABELS}")
@@ -462,7 +463,8 @@ def serve(address: str = "localhost:50051", store_dir: str | Path | None = None,
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())
     print(
-        f"preimage server listening on {address.rsplit(':', 1)[0]}:{running.port} (store: {config.store_dir})",
+        f"preimage server listening on {address.rsplit(':', 1)[0]}:{running.port} "
+        f"(store: {config.store_dir})",
         flush=True,
     )
     while not stopped.wait(1.0):

@@ -212,8 +212,8 @@ def test_cancel_stops_within_one_step(client: PreimageClient, server, tiny: pb.M
     stats = job.stats
     step_time = stats.seconds / max(stats.steps, 1)
     print(
-        f"\ncancel: {stats.steps_after_cancel} step(s) after cancel, latency {stats.cancel_latency * 1e3:.1f} ms, "
-        f"step {step_time * 1e3:.1f} ms"
+        f"\ncancel: {stats.steps_after_cancel} step(s) after cancel, "
+        f"latency {stats.cancel_latency * 1e3:.1f} ms, step {step_time * 1e3:.1f} ms"
     )
     assert stats.cancelled and stats.steps < 1000
     assert stats.steps_after_cancel <= 1

@@ -1,0 +1,388 @@
+"""The command line's remote half: subcommands that talk to a preimage server.
+
+Wiring (service/cli.py, owned by the lead)::
+
+    from service.cli_remote import add_remote_commands, add_server_argument, add_energy_arguments
+    add_remote_commands(subparsers, skip={"models", "invert", ...})  # the ones cli.py defines locally
+    add_server_argument(local_invert_parser)   # then: if args.server: return run_remote(args)
+
+Every subcommand here sets ``args.func``; ``run_remote(args)`` runs the remote version of a local
+command whose parser also went through ``add_server_argument`` and uses the same argument names
+(``model``, ``tap``, ``images``, ``out``, ``json`` and the energy flags of ``add_energy_arguments``).
+``--json`` prints the same object as the local commands:
+``{"output", "model", "tap", "preprocessing", "terms", "feature_error", ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from service.api.preimage.v1 import preimage_pb2 as pb
+
+DEFAULT_SERVER = "localhost:50051"
+ALL_COMMANDS = ("upload", "models", "taps", "delete", "invert", "maximize", "caricature")
+_ORDER_NAMES = {pb.CHANNEL_ORDER_RGB: "RGB", pb.CHANNEL_ORDER_BGR: "BGR", pb.CHANNEL_ORDER_GRAY: "GRAY"}
+_ENERGY_HELP = {
+    "loss_weight": "C, weight of the loss (default 300 invert, 1 otherwise)",
+    "alpha": "α of the α-norm (default 6)",
+    "lambda_alpha": "λ_α (default 1)",
+    "beta": "β of TV^β (default 2)",
+    "lambda_tv": "λ_V (default 1)",
+    "b_norm": "B (default 80)",
+    "tv_norm": "V (default B/6.5)",
+    "bound": "radius of B₊ (default 2B)",
+    "jitter": "T, jitter shifts 0..T-1 (default max(round(stride/4),1))",
+    "steps": "first-stage steps (default 300)",
+    "refine_steps": "second-stage steps (default 50 invert, 0 otherwise)",
+    "refine_lr_scale": "second-stage learning-rate factor (default 0.1)",
+    "learning_rate": "η (default H·W·0.05·B²/α)",
+    "momentum": "momentum (default 0.9)",
+    "decay": "decay of G (default 0.9)",
+}
+
+
+def default_server() -> str:
+    return os.environ.get("PREIMAGE_SERVER", DEFAULT_SERVER)
+
+
+def add_server_argument(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
+    """``--server ADDR``: run against a server instead of locally (default: local, or $PREIMAGE_SERVER
+    when ``required``)."""
+    default_help = f"$PREIMAGE_SERVER or {DEFAULT_SERVER}" if required else "run locally"
+    parser.add_argument(
+        "--server",
+        metavar="ADDR",
+        default=default_server() if required else None,
+        help=f"preimage server host:port (default: {default_help})",
+    )
+
+
+def add_energy_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per SPEC.md hyperparameter (--loss-weight, ..., --optimizer); unset = paper default."""
+    group = parser.add_argument_group("energy (SPEC.md; unset = the paper's default)")
+    for field in pb.EnergyParams.DESCRIPTOR.fields:
+        flag = "--" + field.name.replace("_", "-")
+        if field.name == "optimizer":
+            group.add_argument(
+                flag, choices=["paper", "adam"], default=None, help="update rule (default paper)"
+            )
+        else:
+            kind = int if field.type in (field.TYPE_INT32, field.TYPE_UINT32) else float
+            group.add_argument(flag, type=kind, default=None, help=_ENERGY_HELP.get(field.name))
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--height", type=int, default=None, help="output height (default: the model's)")
+    parser.add_argument("--width", type=int, default=None, help="output width (default: the model's)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    parser.add_argument("--report-every", type=int, default=None, help="progress every N steps (default 10)")
+    parser.add_argument("--tensor", action="store_true", help="also save the float result as .npy")
+    parser.add_argument(
+        "-o", "--out", default=None, help="output PNG (several results: PATH-<i>.png + contact sheet)"
+    )
+    parser.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+
+
+def add_remote_commands(subparsers: Any, skip: Iterable[str] = ()) -> None:
+    """Register the remote subcommands (all of ALL_COMMANDS except ``skip``)."""
+    skip = set(skip)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser | None:
+        if name in skip:
+            return None
+        p = subparsers.add_parser(name, help=help_text, description=help_text)
+        add_server_argument(p, required=True)
+        p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+        p.set_defaults(func=run_remote, command=name)
+        return p
+
+    if p := command("upload", "upload an ONNX model to the server"):
+        p.add_argument("file", help="the .onnx file")
+        p.add_argument("--name", default=None, help="model name (default: the file name)")
+        p.add_argument("--mean", default=None, help="per-channel mean, e.g. 0.485,0.456,0.406")
+        p.add_argument("--std", default=None, help="per-channel std, e.g. 0.229,0.224,0.225")
+        p.add_argument(
+            "--scale", type=float, default=None, help="pixel (0-255) → model multiplier (default 1/255)"
+        )
+        p.add_argument("--channel-order", choices=["RGB", "BGR", "GRAY"], default=None)
+        p.add_argument("--labels", default=None, help="text file with one class label per line")
+        p.add_argument("--description", default="")
+    if p := command("models", "list the server's models"):
+        p.add_argument("--prefix", default="", help="only names starting with this")
+    if p := command("taps", "list a model's taps (layers) with shapes, strides, receptive fields"):
+        p.add_argument("model", help="model id, id prefix or name")
+    if p := command("delete", "delete an uploaded model"):
+        p.add_argument("model", help="model id, id prefix or name")
+    for task, target_help in (("invert", "images to invert"), ("caricature", "start images")):
+        if p := command(task, f"{task} images at a tap on the server"):
+            p.add_argument("model", help="model id, id prefix or name")
+            p.add_argument("tap", help="tap name or alias (see `taps`)")
+            p.add_argument("images", nargs="+", help=target_help)
+            if task == "invert":
+                p.add_argument(
+                    "--mask-center", type=int, default=0, help="keep a central k×k window of features"
+                )
+            _add_run_arguments(p)
+            add_energy_arguments(p)
+    if p := command("maximize", "find images that excite channels/neurons of a tap on the server"):
+        p.add_argument("model", help="model id, id prefix or name")
+        p.add_argument("tap", help="tap name or alias (see `taps`)")
+        p.add_argument(
+            "--channel", action="append", default=[], help="channel(s): 3, 0-15 or 1,4,9 (repeatable)"
+        )
+        p.add_argument("--neuron", action="append", default=[], help="neuron c,y,x (repeatable)")
+        p.add_argument("--channel-max", type=float, default=None, help="M_k of the paper's normalization")
+        _add_run_arguments(p)
+        add_energy_arguments(p)
+
+
+def parse_channels(specs: Sequence[str]) -> list[int]:
+    """'3', '0-15', '1,4,9' → channel indices."""
+    out: list[int] = []
+    for spec in specs:
+        for part in spec.split(","):
+            part = part.strip()
+            if "-" in part:
+                lo, hi = part.split("-", 1)
+                out.extend(range(int(lo), int(hi) + 1))
+            elif part:
+                out.append(int(part))
+    return out
+
+
+def run_remote(args: argparse.Namespace) -> int:
+    """Run ``args.command`` against ``args.server``; return the exit status (gRPC error: 1 + message)."""
+    from service.client import PreimageClient
+
+    try:
+        with PreimageClient(args.server, timeout=getattr(args, "timeout", None)) as client:
+            return _COMMANDS[args.command](client, args)
+    except grpc.RpcError as err:
+        code = err.code()
+        if code == grpc.StatusCode.UNAVAILABLE:
+            print(
+                f"error: no preimage server at {args.server} (start one with `preimage serve`)",
+                file=sys.stderr,
+            )
+        else:
+            print(f"error ({code.name}): {err.details()}", file=sys.stderr)
+        return 1
+
+
+def _print(args: argparse.Namespace, obj: Any, text: str) -> None:
+    print(json.dumps(obj, indent=1) if getattr(args, "json", False) else text)
+
+
+def _model_dict(m: pb.Model) -> dict[str, Any]:
+    p = m.preprocessing
+    return {
+        "id": m.id,
+        "name": m.name,
+        "size_bytes": m.size_bytes,
+        "taps": m.tap_count,
+        "output_tap": m.output_tap,
+        "bundled": m.bundled,
+        "description": m.description,
+        "preprocessing": _preprocessing_dict(p),
+        "preprocessing_source": m.preprocessing_source,
+        "labels": len(m.labels),
+    }
+
+
+def _preprocessing_dict(p: pb.Preprocessing) -> dict[str, Any]:
+    return {
+        "mean": list(p.mean),
+        "std": list(p.std),
+        "scale": p.scale if p.HasField("scale") else None,
+        "channel_order": _ORDER_NAMES.get(p.channel_order),
+        "height": p.height if p.HasField("height") else None,
+        "width": p.width if p.HasField("width") else None,
+    }
+
+
+def _upload(client: Any, args: argparse.Namespace) -> int:
+    from service.client import preprocessing
+
+    data = Path(args.file).read_bytes()
+    floats = {k: [float(v) for v in getattr(args, k).split(",")] for k in ("mean", "std") if getattr(args, k)}
+    pre = preprocessing(**floats, scale=args.scale, channel_order=args.channel_order)
+    labels = Path(args.labels).read_text().splitlines() if args.labels else []
+    bar = _bar(len(data), "upload", unit="B", disable=args.json)
+    sent = [0]
+
+    def on_chunk(done: int, total: int) -> None:
+        bar.update(done - sent[0])
+        sent[0] = done
+
+    response = client.upload(
+        data, name=args.name or Path(args.file).stem, preprocessing=pre, labels=labels,
+        description=args.description, on_chunk=on_chunk,
+    )  # fmt: skip
+    bar.close()
+    m = response.model
+    verb = "already stored" if response.already_existed else "stored"
+    _print(args, {**_model_dict(m), "already_existed": response.already_existed},
+           f"{verb} {m.name} {m.id[:12]} ({m.tap_count} taps)")  # fmt: skip
+    return 0
+
+
+def _models(client: Any, args: argparse.Namespace) -> int:
+    models = client.models(args.prefix)
+    lines = [f"{m.id[:12]}  {m.name:<28} {m.size_bytes / 2**20:8.1f} MiB {m.tap_count:5d} taps"
+             f"{'  (bundled)' if m.bundled else ''}" for m in models]  # fmt: skip
+    _print(args, [_model_dict(m) for m in models], "\n".join(lines) or "no models")
+    return 0
+
+
+def _taps(client: Any, args: argparse.Namespace) -> int:
+    reply = client.taps(args.model)
+    rows = [
+        {"name": t.name, "alias": t.alias, "op_type": t.op_type, "shape": list(t.shape), "stride": t.stride,
+         "receptive_field": t.receptive_field, "global": getattr(t, "global")}
+        for t in reply.taps
+    ]  # fmt: skip
+    lines = [
+        f"{r['alias']:<40} {r['op_type']:<12} {str(r['shape']):<18} "
+        f"stride {r['stride']:<4} rf {r['receptive_field']}"
+        for r in rows
+    ]
+    _print(args, {"model": reply.model_id, "taps": rows}, "\n".join(lines))
+    return 0
+
+
+def _delete(client: Any, args: argparse.Namespace) -> int:
+    m = client.delete(args.model)
+    _print(args, _model_dict(m), f"deleted {m.name} {m.id[:12]}")
+    return 0
+
+
+def _energy_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    out = {f.name: getattr(args, f.name, None) for f in pb.EnergyParams.DESCRIPTOR.fields}
+    for name in ("height", "width", "seed", "report_every"):
+        out[name] = getattr(args, name, None)
+    out["return_tensor"] = getattr(args, "tensor", False) or None
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _visualize(client: Any, args: argparse.Namespace) -> int:
+    # getattr: the lead's local parsers may not define every optional flag defined here.
+    as_json, save_tensor = getattr(args, "json", False), getattr(args, "tensor", False)
+    kwargs = _energy_kwargs(args)
+    model = client.get(args.model)
+    if args.command == "maximize":
+        targets: list[Any] = parse_channels(getattr(args, "channel", None) or [])
+        targets += [tuple(int(v) for v in n.split(",")) for n in getattr(args, "neuron", None) or []]
+        if not targets:
+            print("error: give at least one --channel or --neuron", file=sys.stderr)
+            return 2
+        run = client.maximize(
+            model.id, args.tap, targets, channel_max=getattr(args, "channel_max", None), **kwargs
+        )
+    elif args.command == "invert":
+        run = client.invert(
+            model.id, args.tap, args.images, mask_center=getattr(args, "mask_center", 0) or 0, **kwargs
+        )
+    else:
+        run = client.caricature(model.id, args.tap, args.images, **kwargs)
+    bar = None
+    for event in run:
+        if isinstance(event, pb.ProgressEvent) and event.target_index == 0:
+            if bar is None:
+                bar = _bar(event.total_steps, args.command, disable=as_json)
+            bar.update(event.step - bar.n)
+            bar.set_postfix(energy=f"{event.terms.get('energy', float('nan')):.3g}")
+    if bar is not None:
+        bar.close()
+    run.results.sort(key=lambda r: r.target_index)
+    out = Path(getattr(args, "out", None) or f"{args.command}-{args.tap.replace('/', '_')}.png")
+    report = write_results(out, run.results, run.summary, save_tensor=save_tensor)
+    report = {**report, "model": model.name, "model_id": model.id, "tap": args.tap,
+              "preprocessing": _preprocessing_dict(model.preprocessing)}  # fmt: skip
+    lines = []
+    for r in report["results"]:
+        error = r["feature_error"]
+        lines.append(f"wrote {r['output']}" + (f"  feature error {error:.4f}" if error is not None else ""))
+    text = "\n".join(lines)
+    if len(run.results) > 1 and report["output"]:
+        text += f"\nwrote {report['output']} (contact sheet)"
+    _print(args, report, text)
+    return 0
+
+
+def write_results(
+    out: Path,
+    results: Sequence[pb.VisualizationResult],
+    summary: pb.RunSummary | None,
+    save_tensor: bool = False,
+) -> dict[str, Any]:
+    """Write PNGs (and .npy tensors) for ``results``; return the JSON report (local commands' shape)."""
+    import numpy as np
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for r in results:
+        path = (
+            out if len(results) == 1 else out.with_name(f"{out.stem}-{r.target_index}{out.suffix or '.png'}")
+        )
+        path.write_bytes(r.png)
+        row: dict[str, Any] = {
+            "output": str(path),
+            "target": r.description,
+            "terms": dict(r.terms),
+            "feature_error": r.feature_error if r.HasField("feature_error") else None,
+            "objective": r.objective_value,
+            "tap_parity": r.tap_parity if r.HasField("tap_parity") else None,
+            "steps": r.steps_run,
+            "seed": r.resolved.seed,
+        }
+        if save_tensor and r.HasField("tensor"):
+            npy = path.with_suffix(".npy")
+            np.save(npy, np.frombuffer(r.tensor.data, dtype="<f4").reshape(tuple(r.tensor.shape)))
+            row["tensor"] = str(npy)
+        rows.append(row)
+    report: dict[str, Any] = dict(rows[0]) if len(rows) == 1 else {"output": None}
+    if len(rows) > 1 and summary is not None and summary.contact_sheet_png:
+        out.write_bytes(summary.contact_sheet_png)
+        report["output"] = str(out)
+    report["results"] = rows
+    if summary is not None:
+        report.update(seconds=summary.seconds, device=summary.device)
+    return report
+
+
+def _bar(total: int, desc: str, unit: str = "step", disable: bool = False) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", file=sys.stderr,
+                disable=disable or not sys.stderr.isatty(), leave=False)  # fmt: skip
+
+
+_COMMANDS = {
+    "upload": _upload,
+    "models": _models,
+    "taps": _taps,
+    "delete": _delete,
+    "invert": _visualize,
+    "maximize": _visualize,
+    "caricature": _visualize,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (python -m service.cli_remote ...) until cli.py wires these in."""
+    parser = argparse.ArgumentParser(prog="preimage-remote", description="Talk to a preimage server.")
+    add_remote_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
