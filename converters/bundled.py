@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
 import torch
 from torch import nn
 
@@ -162,7 +163,6 @@ def preprocessing_metadata() -> dict[str, str]:
 
 def export_onnx(path: Path) -> Path:
     """Export the pretrained model to ``path`` (atomically) and return it."""
-    import onnx
 
     model = load_pretrained()
     tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -187,11 +187,10 @@ def export_onnx(path: Path) -> Path:
     return path
 
 
-def _fold_constants(path: Path) -> "onnx.ModelProto":
+def _fold_constants(path: Path) -> onnx.ModelProto:
     """onnxruntime's basic (standard-ops-only) optimizations: the exporter spells each
     asymmetric SAME pad as a Constant/Slice/Transpose/Pad chain; folding turns it into the
     Conv's own ``pads`` attribute, leaving a plain Conv/Clip/Add graph with readable names."""
-    import onnx
     import onnxruntime as ort
 
     options = ort.SessionOptions()

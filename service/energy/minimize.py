@@ -180,7 +180,8 @@ class Minimizer:
             value = value.to(self.device)[None]
             if name in self._state and self._state[name].shape[1:] != value.shape[1:]:
                 raise ValueError(
-                    f"{name} has shape {tuple(value.shape[1:])} but this batch uses {tuple(self._state[name].shape[1:])}"
+                    f"{name} has shape {tuple(value.shape[1:])} "
+                    f"but this batch uses {tuple(self._state[name].shape[1:])}"
                 )
             self._state[name] = value if name not in self._state else torch.cat([self._state[name], value])
         handle = next(self._handles)
@@ -317,6 +318,12 @@ class Minimizer:
             stopped=row.step < row.total,
             params=row.params,
         )
+
+    def current_image(self, handle: int) -> np.ndarray:
+        """The row's current image as H×W×3 uint8 (for previews; a host sync)."""
+        index = next(i for i, row in enumerate(self.rows) if row.handle == handle)
+        lo = self.pad // 2
+        return to_uint8(self._state["x"][index, :, lo : lo + self.height, lo : lo + self.width], self.mean_rgb255)
 
     def progress(self, handle: int) -> StepEvent:
         """The latest step's terms for one row (a host sync: call it only when reporting)."""

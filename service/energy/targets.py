@@ -76,7 +76,9 @@ def direction_weights(
         centre = tuple(s // 2 for s in shape[1:])
         w[(slice(None), *centre)] = d
     else:
-        raise ValueError(f"a direction must have {shape[0]} entries or the tap's full shape {shape}, got {tuple(d.shape)}")
+        raise ValueError(
+            f"a direction must have {shape[0]} entries or the tap's full shape {shape}, got {tuple(d.shape)}"
+        )
     n = w.norm()
     if not torch.isfinite(n) or n == 0:
         raise ValueError("the direction must be finite and non-zero")
@@ -92,7 +94,9 @@ def _scale(receptive_field: int, channel_max: float) -> float:
 
 
 @torch.no_grad()
-def channel_statistics(phi: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch: int = 4) -> torch.Tensor:
+def channel_statistics(
+    phi: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch: int = 4
+) -> torch.Tensor:
     """M_k: the largest activation of each channel over a set of images (energy space, B×3×H×W).
 
     Channels that never fire positively get the largest positive value of the layer instead,

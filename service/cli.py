@@ -1,0 +1,240 @@
+"""``preimage``: the command line.
+
+Every visualization command runs through the gRPC service, so local and remote behave the same:
+without ``--server`` the command starts an embedded server in this process (loopback only, the
+local store under $PREIMAGE_STORE or ~/.local/share/preimage/store, seeded with the bundled
+models); with ``--server ADDR`` it talks to that server instead. ``--json`` prints the same
+object either way, so a script moves from local to remote by one flag.
+
+    preimage demo --out out/                      # the main job: all three RPCs on the bundled model
+    preimage invert --tap /_blocks.7/Add --image chelsea --out inv.png --json
+    preimage maximize --tap logits --channel 285 --out cat.png
+    preimage caricature --tap /_blocks.4/Add --image coffee.jpg --out car.png
+    preimage models --json | preimage inspect model.onnx --json | preimage serve
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from service import cli_remote
+from service.cli_remote import add_energy_arguments, add_remote_commands, add_server_argument
+
+DEFAULT_MODEL = "efficientnet_lite0"
+DEFAULT_IMAGES = {"invert": "chelsea", "caricature": "coffee"}
+VISUALIZATIONS = ("invert", "maximize", "caricature")
+
+
+def default_store() -> Path:
+    return Path(os.environ.get("PREIMAGE_STORE") or Path.home() / ".local" / "share" / "preimage" / "store")
+
+
+@contextlib.contextmanager
+def embedded_server(store: Path | None = None) -> Iterator[str]:
+    """An in-process server on a free loopback port; yields its address."""
+    from service.server import ServerConfig, start_server
+
+    running = start_server("127.0.0.1:0", ServerConfig(store_dir=store or default_store()))
+    try:
+        yield f"127.0.0.1:{running.port}"
+    finally:
+        running.stop(grace=None)
+
+
+def _resolve_image(spec: str) -> Any:
+    """A path on disk, or the name of one of scikit-image's bundled photographs."""
+    if Path(spec).exists():
+        return spec
+    from service.reference import photo
+
+    try:
+        return photo(spec)
+    except (ValueError, AttributeError) as exc:
+        raise SystemExit(f"error: --image {spec!r} is neither a file nor a scikit-image photo name") from exc
+
+
+def _resolve_model(client: Any, spec: str, as_json: bool) -> Any:
+    """A model id/name on the server, or an ONNX file uploaded first (idempotent: content-addressed)."""
+    if spec.endswith(".onnx") or Path(spec).is_file():
+        response = client.upload(spec, name=Path(spec).stem)
+        if not as_json:
+            print(f"model {response.model.name} {response.model.id[:12]}", file=sys.stderr)
+        return response.model
+    return client.get(spec)
+
+
+def _visualize(args: argparse.Namespace) -> int:
+    """Local or remote: normalize the local flags into the remote command's arguments and run it."""
+    from service.client import PreimageClient
+
+    with contextlib.ExitStack() as stack:
+        address = args.server or stack.enter_context(embedded_server())
+        client = stack.enter_context(PreimageClient(address, timeout=args.timeout))
+        try:
+            model = _resolve_model(client, args.model, args.json)
+            args.model = model.id
+            if args.tap is None:
+                args.tap = model.output_tap
+            if args.command in DEFAULT_IMAGES:
+                args.images = [_resolve_image(s) for s in (args.image or [DEFAULT_IMAGES[args.command]])]
+            return cli_remote._COMMANDS[args.command](client, args)
+        except cli_remote.grpc.RpcError as err:
+            print(f"error ({err.code().name}): {err.details()}", file=sys.stderr)
+            return 1
+
+
+def _models(args: argparse.Namespace) -> int:
+    if args.server:
+        return cli_remote.run_remote(args)
+    from converters.bundled import bundled_models
+
+    rows = [{"name": m.name, "path": str(m.path), "description": m.description} for m in bundled_models()]
+    print(json.dumps(rows, indent=1) if args.json else "\n".join(f"{r['name']:<22} {r['path']}" for r in rows))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from converters.inspect import inspect_model
+
+    from converters.errors import ModelError
+
+    try:
+        report = inspect_model(args.model)
+    except ModelError as exc:
+        print(json.dumps({"ok": False, "error": str(exc)}) if args.json else f"error: {exc}")
+        return 1
+    if args.json:
+        print(json.dumps(report, indent=1, default=str))
+    else:
+        from converters.inspect import format_report
+
+        print(format_report(report))
+    return 0 if report.get("ok", True) else 1
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from service.server import serve
+
+    serve(args.address, args.store, device=args.device, seed_bundled=not args.no_bundled)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """The main job: invert, maximize and caricature on the bundled model through the embedded server."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    size = ["--height", str(args.size), "--width", str(args.size)]
+    steps = ["--steps", str(args.steps)] if args.steps else []
+    jobs = [
+        ["invert", "--tap", "/_blocks.2/Add", "--image", "chelsea", "--out", str(out / "invert-blocks2.png")],
+        ["invert", "--tap", "/_blocks.10/Add", "--image", "chelsea", "--out", str(out / "invert-blocks10.png")],
+        ["maximize", "--tap", "logits", "--channel", "285", "--out", str(out / "maximize-class285.png")],
+        ["caricature", "--tap", "/_blocks.4/Add", "--image", "coffee", "--out", str(out / "caricature-blocks4.png")],
+    ]
+    summary = []
+    with embedded_server(Path(args.store) if args.store else None) as address:
+        for job in jobs:
+            sub = build_parser().parse_args([*job, *size, *steps, "--server", address, "--json"])
+            with contextlib.redirect_stdout(tempfile.SpooledTemporaryFile(mode="w+")) as captured:
+                status = sub.func(sub)
+            captured.seek(0)
+            if status != 0:
+                print(f"demo step {' '.join(job)} failed", file=sys.stderr)
+                return status
+            report = json.loads(captured.read())
+            summary.append({"command": job[0], "tap": sub.tap, "output": report["output"],
+                            "feature_error": report.get("feature_error"), "objective": report.get("objective")})  # fmt: skip
+            fe = report.get("feature_error")
+            print(f"{job[0]:<10} {sub.tap:<18} → {report['output']}"
+                  + (f"  feature error {fe:.3f}" if fe is not None else ""), flush=True)  # fmt: skip
+    (out / "demo.json").write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+def _add_local_visualization(sub: Any, task: str) -> None:
+    help_text = {
+        "invert": "reconstruct images from their representation at a tap",
+        "maximize": "find natural-looking images that excite channels/neurons of a tap",
+        "caricature": "exaggerate what a tap detects in images",
+    }[task]
+    p = sub.add_parser(task, help=help_text, description=help_text)
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"model name/id on the server, or an .onnx file (default {DEFAULT_MODEL})"
+    )
+    p.add_argument(
+        "--tap", default=None, help="ONNX value name or node name of the tensor (default: the model output)"
+    )
+    if task in DEFAULT_IMAGES:
+        p.add_argument("--image", action="append", default=None,
+                       help=f"image file or scikit-image photo name, repeatable (default {DEFAULT_IMAGES[task]})")  # fmt: skip
+        if task == "invert":
+            p.add_argument("--mask-center", type=int, default=0, help="keep only a central k×k window of features")
+    else:
+        p.add_argument(
+            "--channel", action="append", default=[], help="channel(s)/class: 3, 0-15 or 1,4,9 (repeatable)"
+        )
+        p.add_argument("--neuron", action="append", default=[], help="neuron c,y,x (repeatable)")
+        p.add_argument("--channel-max", type=float, default=None,
+                       help="M_k of the paper's normalization (default: measured on reference photos)")  # fmt: skip
+    p.add_argument("--height", type=int, default=None, help="output height (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="output width (default: the model's)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    p.add_argument("--report-every", type=int, default=None, help="progress every N steps (default 10)")
+    p.add_argument("--tensor", action="store_true", help="also save the float result as .npy")
+    p.add_argument(
+        "-o", "--out", default=None, help="output PNG (several results: PATH-<i>.png + contact sheet)"
+    )
+    p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    p.add_argument("--json", action="store_true", help="print one JSON object with outputs and figures")
+    add_server_argument(p)
+    add_energy_arguments(p)
+    p.set_defaults(func=_visualize, command=task)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="preimage", description="Natural pre-images of vision models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for task in VISUALIZATIONS:
+        _add_local_visualization(sub, task)
+    p = sub.add_parser("models", help="list models (bundled ones locally, or a server's)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--prefix", default="", help="(with --server) only names starting with this")
+    add_server_argument(p)
+    p.set_defaults(func=_models, command="models")
+    p = sub.add_parser("inspect", help="input spec, taps, ops and parity of an ONNX file")
+    p.add_argument("model", help="the .onnx file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_inspect)
+    p = sub.add_parser("serve", help="run the gRPC server")
+    p.add_argument("--address", default="localhost:50051")
+    p.add_argument(
+        "--store", default=None, help="store directory (default $PREIMAGE_STORE or ~/.local/share/preimage/store)"
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--no-bundled", action="store_true", help="do not seed the bundled models")
+    p.set_defaults(func=_serve)
+    p = sub.add_parser("demo", help="the main job: all three visualizations on the bundled model")
+    p.add_argument("--out", default="out", help="folder for the PNGs and demo.json (default out/)")
+    p.add_argument("--size", type=int, default=160, help="image size in pixels (default 160)")
+    p.add_argument("--steps", type=int, default=None, help="first-stage steps (default: the paper's 300)")
+    p.add_argument("--store", default=None, help="store directory")
+    p.set_defaults(func=_demo)
+    add_remote_commands(sub, skip={"models", *VISUALIZATIONS})
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Reference photographs and per-tap channel statistics for activation maximization.
+
+The paper normalizes the maximization loss by M_k, channel k's largest activation on natural
+images. We measure it on the real photographs that scikit-image ships (no download), resized
+and centre-cropped to the job's size, once per (model, tap, size), and cache it.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+from PIL import Image
+
+from service.energy import channel_statistics, from_uint8
+
+# Photographs bundled with scikit-image (colour first; grey ones are repeated into RGB).
+REFERENCE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "camera", "brick", "clock")
+
+
+def center_crop_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Crop to the target aspect ratio around the centre, then resize (bicubic) to height×width."""
+    arr = np.asarray(image)
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    arr = arr[..., :3]
+    h, w = arr.shape[:2]
+    target = width / height
+    if w / h > target:
+        new_w = max(1, round(h * target))
+        left = (w - new_w) // 2
+        arr = arr[:, left : left + new_w]
+    else:
+        new_h = max(1, round(w / target))
+        top = (h - new_h) // 2
+        arr = arr[top : top + new_h]
+    return np.asarray(Image.fromarray(np.ascontiguousarray(arr)).resize((width, height), Image.Resampling.BICUBIC))
+
+
+def photo(name: str) -> np.ndarray:
+    """One of scikit-image's bundled photographs as H×W×3 uint8."""
+    import skimage.data
+
+    if name not in REFERENCE_PHOTOS and not hasattr(skimage.data, name):
+        raise ValueError(f"unknown photo {name!r}; known: {', '.join(REFERENCE_PHOTOS)}")
+    image = np.asarray(getattr(skimage.data, name)())
+    return center_crop_resize(image, *image.shape[:2])
+
+
+def reference_batch(height: int, width: int, mean_rgb255: tuple[float, float, float]) -> torch.Tensor:
+    """The reference photos in energy space, N×3×H×W."""
+    mean = torch.tensor(mean_rgb255, dtype=torch.float32)
+    return torch.stack([from_uint8(center_crop_resize(photo(n), height, width), mean) for n in REFERENCE_PHOTOS])
+
+
+_stats_lock = threading.Lock()
+_stats: dict[tuple, torch.Tensor] = {}
+
+
+def channel_max(
+    phi: torch.nn.Module, key: str, height: int, width: int, mean_rgb255: tuple[float, float, float]
+) -> torch.Tensor:
+    """M_k for every channel of ``phi``'s output at this size; cached under ``key`` (model id + tap)."""
+    cache_key = (key, height, width, tuple(mean_rgb255))
+    with _stats_lock:
+        if cache_key not in _stats:
+            device = next((t.device for t in list(phi.parameters()) + list(phi.buffers())), torch.device("cpu"))
+            images = reference_batch(height, width, mean_rgb255).to(device)
+            _stats[cache_key] = channel_statistics(phi, images).cpu()
+        return _stats[cache_key]
+
+
+def effective_receptive_field(receptive_field: int, height: int, width: int) -> int:
+    """ρ for the paper's 1/ρ² scaling: the theoretical field, but never more than the image."""
+    return max(1, min(int(receptive_field), max(height, width)))
