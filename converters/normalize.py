@@ -4,13 +4,35 @@
 2. Constant nodes → initializers (third-party exporters store weights that way; onnx2torch's Conv/Gemm
    converters only look at initializers).
 3. Identity nodes folded away (exporters emit Identity chains when they deduplicate equal tensors).
-4. Dead nodes and unused initializers removed.
+4. Constant folding of shape arithmetic: a node whose inputs are all constants (and small) is evaluated
+   with onnx's reference evaluator; a Shape whose input has a fully static inferred shape becomes a
+   constant. Outputs are capped (FOLD_MAX_ELEMENTS) so folding can never allocate much.
+5. Reshape(allowzero=1) → allowzero=0 where that cannot change the result (see _reshape_allowzero).
+6. Dead nodes and unused initializers removed.
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from converters.errors import ModelError
+
+FOLD_MAX_ELEMENTS = 1 << 16
+# Ops whose output size is bounded by their inputs' (elementwise, indexing, concatenation, layout):
+# folding them with small inputs cannot produce a big tensor.
+_BOUNDED_OPS = {
+    "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Floor", "Ceil", "Sqrt", "Reciprocal", "Pow", "Mod",
+    "Min", "Max", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or",
+    "Where", "Cast", "Gather", "GatherElements", "Unsqueeze", "Squeeze", "Concat", "Slice", "Reshape",
+    "Transpose", "Flatten", "ReduceProd", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceMean", "Size",
+    "Sign", "Exp", "Log", "Clip", "Identity", "Split",
+}
+# Ops whose output size is given by an input's values: checked before evaluation.
+_SIZED_OPS = {"ConstantOfShape", "Expand", "Range", "Tile"}
 
 
 def inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -19,6 +41,11 @@ def inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
 
         model = inliner.inline_local_functions(model)
     return model
+
+
+def _replace_nodes(g: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
+    del g.node[:]
+    g.node.extend(nodes)
 
 
 def constants_to_initializers(model: onnx.ModelProto) -> None:
@@ -31,15 +58,10 @@ def constants_to_initializers(model: onnx.ModelProto) -> None:
             if a.name == "value":
                 t = onnx.TensorProto()
                 t.CopyFrom(value)
-            elif a.name == "sparse_value":
-                keep.append(node)
-                continue
             else:
-                import numpy as np
-
                 dtype = {"value_float": np.float32, "value_floats": np.float32,
                          "value_int": np.int64, "value_ints": np.int64}.get(a.name)
-                if dtype is None:  # value_string(s): leave to the converter
+                if dtype is None:  # sparse or string constants: leave to the converter
                     keep.append(node)
                     continue
                 t = numpy_helper.from_array(np.asarray(value, dtype=dtype))
@@ -47,8 +69,7 @@ def constants_to_initializers(model: onnx.ModelProto) -> None:
             g.initializer.append(t)
         else:
             keep.append(node)
-    del g.node[:]
-    g.node.extend(keep)
+    _replace_nodes(g, keep)
 
 
 def fold_identities(model: onnx.ModelProto) -> None:
@@ -72,8 +93,116 @@ def fold_identities(model: onnx.ModelProto) -> None:
             alias[node.output[0]] = node.input[0]
         else:
             keep.append(node)
-    del g.node[:]
-    g.node.extend(keep)
+    _replace_nodes(g, keep)
+
+
+def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # inference problems surface later, with context; folding is best effort
+        return {}
+    out = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
+            out[vi.name] = [d.dim_value for d in t.shape.dim]
+    return out
+
+
+def _predicted_size(node: onnx.NodeProto, vals: list[np.ndarray | None]) -> int:
+    """Elements the node would produce, computed from its (constant) inputs without running it."""
+    op = node.op_type
+    if op == "ConstantOfShape":
+        return math.prod(int(v) for v in vals[0].reshape(-1))
+    if op == "Expand":
+        shape = np.broadcast_shapes(vals[0].shape, tuple(int(v) for v in vals[1].reshape(-1)))
+        return math.prod(shape)
+    if op == "Tile":
+        return vals[0].size * math.prod(int(v) for v in vals[1].reshape(-1))
+    if op == "Range":
+        start, limit, delta = (float(v.reshape(-1)[0]) for v in vals[:3])
+        return max(0, math.ceil((limit - start) / delta)) if delta else FOLD_MAX_ELEMENTS + 1
+    return sum(v.size for v in vals if v is not None)
+
+
+def fold_constants(model: onnx.ModelProto) -> int:
+    """Evaluate shape arithmetic on constants; returns how many nodes were folded."""
+    from onnx.reference import ReferenceEvaluator
+
+    g = model.graph
+    opsets = {o.domain: o.version for o in model.opset_import}
+    consts: dict[str, np.ndarray] = {}
+    small = {t.name for t in g.initializer if math.prod(t.dims) <= FOLD_MAX_ELEMENTS}
+    init_by_name = {t.name: t for t in g.initializer}
+    graph_outputs = {o.name for o in g.output}
+    static = _static_shapes(model)
+
+    def value(name: str) -> np.ndarray | None:
+        if name in consts:
+            return consts[name]
+        if name in small:
+            consts[name] = numpy_helper.to_array(init_by_name[name])
+            return consts[name]
+        return None
+
+    keep, folded = [], 0
+    for node in g.node:
+        if node.domain not in ("", "ai.onnx") or any(o in graph_outputs for o in node.output):
+            keep.append(node)
+            continue
+        if node.op_type == "Shape" and node.input[0] in static:
+            shape = np.asarray(static[node.input[0]], dtype=np.int64)
+            start = next((a.i for a in node.attribute if a.name == "start"), 0)
+            end = next((a.i for a in node.attribute if a.name == "end"), len(shape))
+            consts[node.output[0]] = shape[start:end]
+            folded += 1
+            continue
+        if node.op_type not in _BOUNDED_OPS | _SIZED_OPS:
+            keep.append(node)
+            continue
+        vals = [value(i) if i else None for i in node.input]
+        if any(v is None for v, i in zip(vals, node.input, strict=True) if i) or not node.input:
+            keep.append(node)
+            continue
+        try:
+            if _predicted_size(node, vals) > FOLD_MAX_ELEMENTS:
+                keep.append(node)
+                continue
+            feeds = {i: v for i, v in zip(node.input, vals, strict=True) if i}
+            outs = ReferenceEvaluator(node, opsets=opsets).run(None, feeds)
+        except Exception:  # leave anything the reference evaluator cannot do to the converter
+            keep.append(node)
+            continue
+        if any(np.asarray(o).size > FOLD_MAX_ELEMENTS for o in outs):
+            keep.append(node)
+            continue
+        for name, out in zip(node.output, outs, strict=True):
+            if name:
+                consts[name] = np.asarray(out)
+        folded += 1
+    _replace_nodes(g, keep)
+    existing = {t.name for t in g.initializer}
+    used = {v for n in keep for v in n.input}
+    for name, arr in consts.items():
+        if name not in existing and name in used:
+            g.initializer.append(numpy_helper.from_array(arr, name))
+    return folded
+
+
+def reshape_allowzero(model: onnx.ModelProto) -> None:
+    """onnx2torch refuses Reshape-14 with allowzero=1 (the dynamo exporter's default). With a constant
+    shape that has no 0, allowzero does not matter, so the attribute is dropped. A shape computed at run
+    time keeps allowzero=1 and is refused by the converter with its own message."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    for node in g.node:
+        if node.op_type != "Reshape":
+            continue
+        for a in list(node.attribute):
+            if a.name == "allowzero" and a.i == 1:
+                shape = inits.get(node.input[1])
+                if shape is not None and 0 not in numpy_helper.to_array(shape).reshape(-1).tolist():
+                    node.attribute.remove(a)
 
 
 def remove_dead(model: onnx.ModelProto) -> None:
@@ -81,16 +210,14 @@ def remove_dead(model: onnx.ModelProto) -> None:
 
     g = model.graph
     idx = set(needed_nodes(g, [o.name for o in g.output]))
-    nodes = [n for i, n in enumerate(g.node) if i in idx]
-    del g.node[:]
-    g.node.extend(nodes)
+    _replace_nodes(g, [n for i, n in enumerate(g.node) if i in idx])
     used = {v for n in g.node for v in n.input} | {o.name for o in g.output}
     inits = [t for t in g.initializer if t.name in used]
     del g.initializer[:]
     g.initializer.extend(inits)
     # Initializers listed as graph inputs (IR < 4 style) are constants, not inputs the user feeds.
     init_names = {t.name for t in g.initializer}
-    inputs = [vi for vi in g.input if vi.name not in init_names and (vi.name in used)]
+    inputs = [vi for vi in g.input if vi.name not in init_names and vi.name in used]
     del g.input[:]
     g.input.extend(inputs)
     names = {v for n in g.node for v in list(n.input) + list(n.output)}
@@ -105,5 +232,27 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     out.CopyFrom(model)
     constants_to_initializers(out)
     fold_identities(out)
+    fold_constants(out)
+    reshape_allowzero(out)
     remove_dead(out)
-    return out
+    try:
+        onnx.checker.check_model(out)
+    except onnx.checker.ValidationError as exc:  # a bug of ours, but say so rather than crash later
+        first = str(exc).strip().splitlines()[0]
+        raise ModelError(f"graph normalization produced an invalid graph: {first}") from exc
+    return with_inferred_shapes(out)
+
+
+def with_inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Store shapes (ranks at least) for every value. Some onnx2torch converters read the input's rank
+    from value_info and silently misbehave without it (GlobalAveragePool averages over *all* axes when
+    the rank is unknown), and plain inference loses ranks after a Reshape whose shape is computed:
+    data propagation recovers them."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.value_info[:]
+    try:
+        return onnx.shape_inference.infer_shapes(m, check_type=True, data_prop=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ModelError(f"ONNX shape inference fails on the model: {first}") from exc

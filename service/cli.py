@@ -150,11 +150,21 @@ def _demo(args: argparse.Namespace) -> int:
                 print(f"demo step {' '.join(job)} failed", file=sys.stderr)
                 return status
             report = json.loads(captured.read())
-            summary.append({"command": job[0], "tap": sub.tap, "output": report["output"],
-                            "feature_error": report.get("feature_error"), "objective": report.get("objective")})  # fmt: skip
+            summary.append(
+                {
+                    "command": job[0],
+                    "tap": sub.tap,
+                    "output": report["output"],
+                    "feature_error": report.get("feature_error"),
+                    "objective": report.get("objective"),
+                }
+            )
             fe = report.get("feature_error")
-            print(f"{job[0]:<10} {sub.tap:<18} → {report['output']}"
-                  + (f"  feature error {fe:.3f}" if fe is not None else ""), flush=True)  # fmt: skip
+            print(
+                f"{job[0]:<10} {sub.tap:<18} → {report['output']}"
+                + (f"  feature error {fe:.3f}" if fe is not None else ""),
+                flush=True,
+            )
     (out / "demo.json").write_text(json.dumps(summary, indent=1))
     return 0
 
@@ -167,31 +177,35 @@ def _add_local_visualization(sub: Any, task: str) -> None:
     }[task]
     p = sub.add_parser(task, help=help_text, description=help_text)
     p.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"model name/id on the server, or an .onnx file (default {DEFAULT_MODEL})"
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"model name/id on the server, or an .onnx file (default {DEFAULT_MODEL})",
     )
-    p.add_argument(
-        "--tap", default=None, help="ONNX value name or node name of the tensor (default: the model output)"
-    )
+    p.add_argument("--tap", default=None, help="ONNX value name or node name of the tensor (default: the model output)")
     if task in DEFAULT_IMAGES:
-        p.add_argument("--image", action="append", default=None,
-                       help=f"image file or scikit-image photo name, repeatable (default {DEFAULT_IMAGES[task]})")  # fmt: skip
+        p.add_argument(
+            "--image",
+            action="append",
+            default=None,
+            help=f"image file or scikit-image photo name, repeatable (default {DEFAULT_IMAGES[task]})",
+        )
         if task == "invert":
             p.add_argument("--mask-center", type=int, default=0, help="keep only a central k×k window of features")
     else:
-        p.add_argument(
-            "--channel", action="append", default=[], help="channel(s)/class: 3, 0-15 or 1,4,9 (repeatable)"
-        )
+        p.add_argument("--channel", action="append", default=[], help="channel(s)/class: 3, 0-15 or 1,4,9 (repeatable)")
         p.add_argument("--neuron", action="append", default=[], help="neuron c,y,x (repeatable)")
-        p.add_argument("--channel-max", type=float, default=None,
-                       help="M_k of the paper's normalization (default: measured on reference photos)")  # fmt: skip
+        p.add_argument(
+            "--channel-max",
+            type=float,
+            default=None,
+            help="M_k of the paper's normalization (default: measured on reference photos)",
+        )
     p.add_argument("--height", type=int, default=None, help="output height (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="output width (default: the model's)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--report-every", type=int, default=None, help="progress every N steps (default 10)")
     p.add_argument("--tensor", action="store_true", help="also save the float result as .npy")
-    p.add_argument(
-        "-o", "--out", default=None, help="output PNG (several results: PATH-<i>.png + contact sheet)"
-    )
+    p.add_argument("-o", "--out", default=None, help="output PNG (several results: PATH-<i>.png + contact sheet)")
     p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
     p.add_argument("--json", action="store_true", help="print one JSON object with outputs and figures")
     add_server_argument(p)

@@ -155,7 +155,11 @@ def test_optimization_lowers_the_energy_and_the_feature_error() -> None:
     phi = _tiny_phi()
     target = phi(torch.randn(1, 3, 24, 24, generator=torch.Generator().manual_seed(5)) * 50)[0]
     (result,) = minimize(
-        phi, [Problem(Objective.invert(target), EnergyParams(steps=80), seed=0)], height=24, width=24, stride=2,
+        phi,
+        [Problem(Objective.invert(target), EnergyParams(steps=80), seed=0)],
+        height=24,
+        width=24,
+        stride=2,
         mean_rgb255=MEAN,  # the final figures are measured on the clipped uint8 image
     )
     history = result.history["energy"]

@@ -66,6 +66,17 @@ def test_invariant_to_grey_offset_and_batching(name):
         assert torch.equal(module(x[1:]), out[1:])
 
 
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_finite_gradient_on_diagonal_and_axis_gradients(name):
+    """Gradients along ±x, ±y and the diagonals (ties and branch seams of the orientation code) must
+    not produce NaN in the backward pass."""
+    yy, xx = torch.meshgrid(torch.arange(30.0), torch.arange(34.0), indexing="ij")
+    for plane in (xx + yy, xx - yy, -xx + yy, -xx - yy, xx, -xx, yy, -yy):
+        x = (3.0 * plane)[None, None].clone().requires_grad_(True)
+        MODULES[name]()(x).square().sum().backward()
+        assert torch.isfinite(x.grad).all()
+
+
 def test_hogb_equals_hog_when_gradients_sit_on_bin_centres():
     """A horizontal ramp has every gradient exactly on the 0° direction: bilinear weights are exactly 1."""
     ramp = torch.arange(40, dtype=torch.float32).view(1, 1, 1, 40).expand(1, 1, 30, 40) * 2.0

@@ -348,9 +348,7 @@ def minimize(
     should_stop: Callable[[], bool] | None = None,
 ) -> list[Result]:
     """Run ``problems`` as one batch to the end (or until ``should_stop()``), in input order."""
-    jitters = [
-        p.params.resolved(p.objective.task, height, width, stride).jitter or 1 for p in problems
-    ]
+    jitters = [p.params.resolved(p.objective.task, height, width, stride).jitter or 1 for p in problems]
     mini = Minimizer(
         phi,
         height=height,
