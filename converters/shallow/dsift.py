@@ -23,7 +23,10 @@ def vl_fast_atan2(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """
     abs_y = torch.abs(y) + _EPS_F
     right = ~(x < 0)  # x >= 0, spelled without GreaterOrEqual-16 (missing in onnx2torch 1.5.15)
-    r = torch.where(right, (x - abs_y) / (x + abs_y), (x + abs_y) / (abs_y - x))
+    # VLFeat's two branches, (x - |y|)/(x + |y|) for x >= 0 and (x + |y|)/(|y| - x) otherwise, share the
+    # denominator |x| + |y| > 0. One division keeps the branch not taken from dividing by zero, whose
+    # inf would turn into NaN in the backward pass of torch.where.
+    r = (x - torch.where(right, abs_y, -abs_y)) / (torch.abs(x) + abs_y)
     base = torch.where(right, torch.full_like(x, math.pi / 4), torch.full_like(x, 3 * math.pi / 4))
     angle = base + (0.1821 * r * r - 0.9675) * r
     return torch.where(y < 0, -angle, angle)
