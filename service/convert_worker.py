@@ -43,12 +43,19 @@ class VetError(Exception):
         self.kind = kind
 
 
-def _vm_size() -> int:
+def _vm_size(field: str = "VmSize") -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmSize:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def _near_cap(limit: int, extra: int) -> bool:
+    """Did this process come close to its address-space cap? A failed allocation surfaces as many
+    exception types (MemoryError, protobuf's EncodeError, RuntimeError from C++), so we judge by
+    the peak mapping, not the type: within max(64 MiB, 10% of the budget) of the cap."""
+    return _vm_size("VmPeak") >= limit - max(64 << 20, extra // 10)
 
 
 def _child(
@@ -64,24 +71,19 @@ def _child(
 
         torch.set_num_threads(1)
         answer = _vet(path, preprocessing)
-    except MemoryError:
-        answer = {
-            "ok": False,
-            "kind": "resources",
-            "error": "converting the model needs more memory than allowed",
-        }
-    except Exception as exc:  # every failure becomes an answer; the type decides who is to blame
+    except Exception as exc:  # every failure becomes an answer
         from converters.errors import ModelError
 
-        # Whatever went wrong with an upload (ours or the converter's exception), it is this
-        # model that cannot be served: INVALID_ARGUMENT with the reason.
-        kind = "invalid"
-        message = (
-            str(exc)
-            if isinstance(exc, ModelError)
-            else f"the model cannot be converted: {type(exc).__name__}: {exc}"
-        )
-        answer = {"ok": False, "kind": kind, "error": message[:2000]}
+        if isinstance(exc, MemoryError) or (
+            not isinstance(exc, ModelError) and _near_cap(address_space, limits.extra_address_space)
+        ):
+            gib = limits.extra_address_space / 2**30
+            error = f"converting the model needs more than this server's {gib:.2g} GiB memory cap"
+            answer = {"ok": False, "kind": "resources", "error": error}
+        else:
+            # The converter's own exceptions are still this model's problem: INVALID_ARGUMENT.
+            message = str(exc) if isinstance(exc, ModelError) else f"cannot convert: {type(exc).__name__}: {exc}"
+            answer = {"ok": False, "kind": "invalid", "error": message[:2000]}
     conn.send_bytes(json.dumps(answer).encode())
     conn.close()
 

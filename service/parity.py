@@ -31,8 +31,11 @@ def tap_parity(converted, tap, height: int | None = None, width: int | None = No
     h = height or pre.height or 224
     w = width or pre.width or 224
     x = probe_image(h, w)
+    rep = converted.representation(info)
+    # The server may have moved the representation to a GPU; compare on whatever device it is on.
+    device = next(iter(rep.buffers()), x).device
     with torch.no_grad():
-        mine = converted.representation(info)(x).float().numpy()
+        mine = rep(x.to(device)).float().cpu().numpy()
     sub = extract_subgraph(converted.onnx, converted.input_name, [info.name])
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
