@@ -7,7 +7,8 @@ exactly as an uploaded model would be, then inverted from noise with ``service.e
 representation next to the paper's numbers (SPEC.md; CVPR 2015 Table 1, mean ± std in %).
 
 Writes ``<out>/shallow_inversion.json``, ``<out>/shallow_inversion.md`` (the table) and
-``<out>/shallow_inversion.png`` (per photo: original, HOG glyphs, the inversions).
+``<out>/shallow_inversion.png`` (per photo: original, HOG glyphs, the inversions shown as the grey
+image the representations see).
 
     python bench/shallow_inversion.py                # 8 photos at 256×256, full schedule
     python bench/shallow_inversion.py --steps 30 --refine 5 --images 2   # a quick look
@@ -119,6 +120,13 @@ def invert_all(name: str, photos: dict[str, np.ndarray], model_dir: Path, args: 
     }
 
 
+def _grey_rgb(image: np.ndarray) -> np.ndarray:
+    from converters.spec import GRAY_WEIGHTS
+
+    grey = np.clip(np.round(image.astype(np.float64) @ np.array(GRAY_WEIGHTS)), 0, 255).astype(np.uint8)
+    return np.repeat(grey[:, :, None], 3, axis=2)
+
+
 def save_grid(path: Path, photos: dict[str, np.ndarray], runs: dict[str, dict]) -> None:
     from PIL import Image
 
@@ -127,9 +135,12 @@ def save_grid(path: Path, photos: dict[str, np.ndarray], runs: dict[str, dict]) 
     columns = ["original", "HOG glyphs"] + [LABELS[n] for n in runs]
     grid = np.full((len(photos) * (size + pad) + pad, len(columns) * (size + pad) + pad, 3), 255, np.uint8)
     for r, (photo, image) in enumerate(photos.items()):
-        grey = image.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+        grey = _grey_rgb(image)[:, :, 0].astype(np.float64)
         glyph = np.asarray(Image.fromarray(hog_glyphs(grey)).resize((size, size), Image.BILINEAR))
-        tiles = [image, np.repeat(glyph[:, :, None], 3, axis=2)] + [runs[n]["images"][photo] for n in runs]
+        # The representations see grey levels only (the model's GRAY preprocessing); the colour of x* is
+        # left to the regularizers, so the figure shows the grey image Φ actually sees.
+        inverted = [_grey_rgb(runs[n]["images"][photo]) for n in runs]
+        tiles = [image, np.repeat(glyph[:, :, None], 3, axis=2)] + inverted
         for c, tile in enumerate(tiles):
             y, x = pad + r * (size + pad), pad + c * (size + pad)
             grid[y:y + size, x:x + size] = tile
