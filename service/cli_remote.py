@@ -71,9 +71,7 @@ def add_energy_arguments(parser: argparse.ArgumentParser) -> None:
     for field in pb.EnergyParams.DESCRIPTOR.fields:
         flag = "--" + field.name.replace("_", "-")
         if field.name == "optimizer":
-            group.add_argument(
-                flag, choices=["paper", "adam"], default=None, help="update rule (default paper)"
-            )
+            group.add_argument(flag, choices=["paper", "adam"], default=None, help="update rule (default paper)")
         else:
             kind = int if field.type in (field.TYPE_INT32, field.TYPE_UINT32) else float
             group.add_argument(flag, type=kind, default=None, help=_ENERGY_HELP.get(field.name))
@@ -85,9 +83,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     parser.add_argument("--report-every", type=int, default=None, help="progress every N steps (default 10)")
     parser.add_argument("--tensor", action="store_true", help="also save the float result as .npy")
-    parser.add_argument(
-        "-o", "--out", default=None, help="output PNG (several results: PATH-<i>.png + contact sheet)"
-    )
+    parser.add_argument("-o", "--out", default=None, help="output PNG (several results: PATH-<i>.png + contact sheet)")
     parser.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
 
 
@@ -109,9 +105,7 @@ def add_remote_commands(subparsers: Any, skip: Iterable[str] = ()) -> None:
         p.add_argument("--name", default=None, help="model name (default: the file name)")
         p.add_argument("--mean", default=None, help="per-channel mean, e.g. 0.485,0.456,0.406")
         p.add_argument("--std", default=None, help="per-channel std, e.g. 0.229,0.224,0.225")
-        p.add_argument(
-            "--scale", type=float, default=None, help="pixel (0-255) → model multiplier (default 1/255)"
-        )
+        p.add_argument("--scale", type=float, default=None, help="pixel (0-255) → model multiplier (default 1/255)")
         p.add_argument("--channel-order", choices=["RGB", "BGR", "GRAY"], default=None)
         p.add_argument("--labels", default=None, help="text file with one class label per line")
         p.add_argument("--description", default="")
@@ -127,17 +121,13 @@ def add_remote_commands(subparsers: Any, skip: Iterable[str] = ()) -> None:
             p.add_argument("tap", help="tap name or alias (see `taps`)")
             p.add_argument("images", nargs="+", help=target_help)
             if task == "invert":
-                p.add_argument(
-                    "--mask-center", type=int, default=0, help="keep a central k×k window of features"
-                )
+                p.add_argument("--mask-center", type=int, default=0, help="keep a central k×k window of features")
             _add_run_arguments(p)
             add_energy_arguments(p)
     if p := command("maximize", "find images that excite channels/neurons of a tap on the server"):
         p.add_argument("model", help="model id, id prefix or name")
         p.add_argument("tap", help="tap name or alias (see `taps`)")
-        p.add_argument(
-            "--channel", action="append", default=[], help="channel(s): 3, 0-15 or 1,4,9 (repeatable)"
-        )
+        p.add_argument("--channel", action="append", default=[], help="channel(s): 3, 0-15 or 1,4,9 (repeatable)")
         p.add_argument("--neuron", action="append", default=[], help="neuron c,y,x (repeatable)")
         p.add_argument("--channel-max", type=float, default=None, help="M_k of the paper's normalization")
         _add_run_arguments(p)
@@ -164,7 +154,7 @@ def run_remote(args: argparse.Namespace) -> int:
 
     try:
         with PreimageClient(args.server, timeout=getattr(args, "timeout", None)) as client:
-            return _COMMANDS[args.command](client, args)
+            return COMMANDS[args.command](client, args)
     except grpc.RpcError as err:
         code = err.code()
         if code == grpc.StatusCode.UNAVAILABLE:
@@ -250,8 +240,7 @@ def _taps(client: Any, args: argparse.Namespace) -> int:
         for t in reply.taps
     ]  # fmt: skip
     lines = [
-        f"{r['alias']:<40} {r['op_type']:<12} {str(r['shape']):<18} "
-        f"stride {r['stride']:<4} rf {r['receptive_field']}"
+        f"{r['alias']:<40} {r['op_type']:<12} {str(r['shape']):<18} stride {r['stride']:<4} rf {r['receptive_field']}"
         for r in rows
     ]
     _print(args, {"model": reply.model_id, "taps": rows}, "\n".join(lines))
@@ -283,13 +272,9 @@ def _visualize(client: Any, args: argparse.Namespace) -> int:
         if not targets:
             print("error: give at least one --channel or --neuron", file=sys.stderr)
             return 2
-        run = client.maximize(
-            model.id, args.tap, targets, channel_max=getattr(args, "channel_max", None), **kwargs
-        )
+        run = client.maximize(model.id, args.tap, targets, channel_max=getattr(args, "channel_max", None), **kwargs)
     elif args.command == "invert":
-        run = client.invert(
-            model.id, args.tap, args.images, mask_center=getattr(args, "mask_center", 0) or 0, **kwargs
-        )
+        run = client.invert(model.id, args.tap, args.images, mask_center=getattr(args, "mask_center", 0) or 0, **kwargs)
     else:
         run = client.caricature(model.id, args.tap, args.images, **kwargs)
     bar = None
@@ -329,9 +314,7 @@ def write_results(
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for r in results:
-        path = (
-            out if len(results) == 1 else out.with_name(f"{out.stem}-{r.target_index}{out.suffix or '.png'}")
-        )
+        path = out if len(results) == 1 else out.with_name(f"{out.stem}-{r.target_index}{out.suffix or '.png'}")
         path.write_bytes(r.png)
         row: dict[str, Any] = {
             "output": str(path),
@@ -365,7 +348,7 @@ def _bar(total: int, desc: str, unit: str = "step", disable: bool = False) -> An
                 disable=disable or not sys.stderr.isatty(), leave=False)  # fmt: skip
 
 
-_COMMANDS = {
+COMMANDS = {
     "upload": _upload,
     "models": _models,
     "taps": _taps,
@@ -374,6 +357,7 @@ _COMMANDS = {
     "maximize": _visualize,
     "caricature": _visualize,
 }
+_COMMANDS = COMMANDS  # the name service/cli.py used first
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,11 +53,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     if isinstance(exc, UploadTooLarge):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, VetError):
-        code = (
-            grpc.StatusCode.RESOURCE_EXHAUSTED
-            if exc.kind == "resources"
-            else grpc.StatusCode.INVALID_ARGUMENT
-        )
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED if exc.kind == "resources" else grpc.StatusCode.INVALID_ARGUMENT
         return code, f"model refused: {exc}"
     if isinstance(exc, (ModelError, AmbiguousModel)):  # includes UnknownTap (lists close names)
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
@@ -72,6 +68,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
 
 
 def _fail(context: grpc.ServicerContext, exc: BaseException, fields: dict[str, Any]) -> None:
+    if not context.is_active():  # the client cancelled or the deadline passed: nobody to tell
+        fields.setdefault("code", "CANCELLED")
+        return
     known = status_for(exc)
     if known is None:
         ref = uuid.uuid4().hex[:12]
@@ -100,9 +99,6 @@ def rpc_handler(method: Callable) -> Callable:
             try:
                 yield from method(self, request, context, fields)
             except Exception as exc:
-                if not context.is_active():  # the client is gone: nothing to tell it
-                    fields.setdefault("code", "CANCELLED")
-                    return
                 _fail(context, exc, fields)
             finally:
                 log_end(context, start, fields)

@@ -68,9 +68,7 @@ def _load_converted(store: ModelStore, record: ModelRecord) -> Any:
     from converters.spec import Preprocessing
 
     req = record.requested_preprocessing
-    pre = (
-        Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in req.items()}) if req else None
-    )
+    pre = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in req.items()}) if req else None
     return load_model(store.blob_path(record.id), pre)
 
 
@@ -137,11 +135,7 @@ def model_message(r: ModelRecord) -> pb.Model:
 
 def _check_name(name: str) -> str:
     name = name.strip()
-    if (
-        not name
-        or len(name) > MAX_NAME
-        or any(c not in string.printable or c in "\t\n\r\x0b\x0c" for c in name)
-    ):
+    if not name or len(name) > MAX_NAME or any(c not in string.printable or c in "\t\n\r\x0b\x0c" for c in name):
         raise invalid(f"metadata.name must be 1–{MAX_NAME} printable ASCII characters, got {name[:40]!r}")
     return name
 
@@ -162,9 +156,7 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
 
     # -- model management ---------------------------------------------------------------------
     @rpc_handler
-    def UploadModel(
-        self, request_iterator: Iterator[pb.UploadModelRequest], context: grpc.ServicerContext, fields
-    ):
+    def UploadModel(self, request_iterator: Iterator[pb.UploadModelRequest], context: grpc.ServicerContext, fields):
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "metadata":
             raise invalid("the first message of an upload must be `metadata` (name, preprocessing, labels)")
@@ -190,9 +182,7 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
                 elif part == "finish":
                     claimed = msg.finish.sha256.strip().lower()
                 else:
-                    raise invalid(
-                        f"unexpected `{part}` in the middle of an upload: metadata comes only first"
-                    )
+                    raise invalid(f"unexpected `{part}` in the middle of an upload: metadata comes only first")
             if claimed is None:
                 raise invalid("the upload ended without a `finish` message carrying the sha256 of the bytes")
             actual = staged.finish()
@@ -226,9 +216,7 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
         return pb.UploadModelResponse(model=model_message(record), already_existed=existed)
 
     @rpc_handler
-    def GetModel(
-        self, request: pb.GetModelRequest, context: grpc.ServicerContext, fields
-    ) -> pb.GetModelResponse:
+    def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext, fields) -> pb.GetModelResponse:
         fields["model"] = request.model
         return pb.GetModelResponse(model=model_message(self.store.get(request.model)))
 
@@ -245,9 +233,7 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
         return pb.DeleteModelResponse(model=model_message(record))
 
     @rpc_handler
-    def ListTaps(
-        self, request: pb.ListTapsRequest, context: grpc.ServicerContext, fields
-    ) -> pb.ListTapsResponse:
+    def ListTaps(self, request: pb.ListTapsRequest, context: grpc.ServicerContext, fields) -> pb.ListTapsResponse:
         fields["model"] = request.model
         record = self.store.get(request.model)
         converted = self.cache.get(record)
@@ -275,9 +261,7 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
         )
 
     # -- visualizations -------------------------------------------------------------------------
-    def _visualize(
-        self, task: str, request: Any, context: grpc.ServicerContext, fields, response_cls
-    ) -> Iterator:
+    def _visualize(self, task: str, request: Any, context: grpc.ServicerContext, fields, response_cls) -> Iterator:
         fields.update(model=request.model, tap=request.tap, task=task)
         record = self.store.get(request.model)
         converted = self.cache.get(record)
@@ -301,9 +285,7 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
         fields.update(steps=handle.stats.steps)
 
     @rpc_handler
-    def Invert(
-        self, request: pb.InvertRequest, context: grpc.ServicerContext, fields
-    ) -> Iterator[pb.InvertResponse]:
+    def Invert(self, request: pb.InvertRequest, context: grpc.ServicerContext, fields) -> Iterator[pb.InvertResponse]:
         yield from self._visualize("invert", request, context, fields, pb.InvertResponse)
 
     @rpc_handler
@@ -373,9 +355,13 @@ def seed_bundled(store: ModelStore, worker_limits: WorkerLimits | None = None) -
             )
 
         record, existed = store.add_file(Path(bundled.path), record_for)
-        log.info(
-            "bundled model", extra={"fields": {"name": record.name, "id": record.id, "new": not existed}}
-        )
+        # A new release of a bundled model (different bytes, same name) replaces the old one, so
+        # the name keeps resolving to exactly one model.
+        for old in store.list():
+            if old.bundled and old.name == record.name and old.id != record.id:
+                store.delete(old.id, allow_bundled=True)
+                log.info("bundled model replaced", extra={"fields": {"name": old.name, "old_id": old.id}})
+        log.info("bundled model", extra={"fields": {"name": record.name, "id": record.id, "new": not existed}})
         records.append(record)
     return records
 
@@ -449,9 +435,7 @@ def serve(address: str = "localhost:50051", store_dir: str | Path | None = None,
 
     configure_logging()
     if store_dir is None:
-        store_dir = (
-            os.environ.get("PREIMAGE_STORE") or Path.home() / ".local" / "share" / "preimage" / "store"
-        )
+        store_dir = os.environ.get("PREIMAGE_STORE") or Path.home() / ".local" / "share" / "preimage" / "store"
     config = ServerConfig(store_dir=Path(store_dir), **options)
     if not address.startswith(("localhost:", "127.0.0.1:", "[::1]:")):
         log.warning(
@@ -463,8 +447,7 @@ def serve(address: str = "localhost:50051", store_dir: str | Path | None = None,
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())
     print(
-        f"preimage server listening on {address.rsplit(':', 1)[0]}:{running.port} "
-        f"(store: {config.store_dir})",
+        f"preimage server listening on {address.rsplit(':', 1)[0]}:{running.port} (store: {config.store_dir})",
         flush=True,
     )
     while not stopped.wait(1.0):

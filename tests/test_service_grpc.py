@@ -95,9 +95,7 @@ def test_upload_large_model_in_chunks_then_get_list_delete(client: PreimageClien
     big = conv_net(seed=7, dense_out=4096)
     assert len(big) > 30_000_000  # far above gRPC's 4 MiB default message size
     sent: list[int] = []
-    response = client.upload(
-        big, name="big", chunk_bytes=1 << 20, on_chunk=lambda done, total: sent.append(done)
-    )
+    response = client.upload(big, name="big", chunk_bytes=1 << 20, on_chunk=lambda done, total: sent.append(done))
     assert len(sent) == -(-len(big) // (1 << 20)) and sent[-1] == len(big)
     model = response.model
     assert not response.already_existed and model.size_bytes == len(big) and model.tap_count == 6
@@ -363,6 +361,30 @@ def test_bad_upload_streams(server) -> None:
         err = _raw_upload(server, messages)
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and hint in err.details()
     assert not list(server.servicer.store.staging.iterdir())  # nothing half-written stays behind
+
+
+def test_upload_cancelled_midway_leaves_nothing(server) -> None:
+    from service.api.preimage.v1 import preimage_pb2_grpc as pb_grpc
+
+    sent = []
+
+    def slow_upload():
+        yield pb.UploadModelRequest(metadata=pb.UploadModelMetadata(name="half"))
+        for _ in range(50):
+            sent.append(1)
+            yield pb.UploadModelRequest(chunk=b"\0" * 65536)
+            time.sleep(0.02)
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        future = pb_grpc.PreimageServiceStub(channel).UploadModel.future(slow_upload(), timeout=30)
+        while len(sent) < 5:
+            time.sleep(0.01)
+        future.cancel()
+    deadline = time.monotonic() + 5
+    while list(server.servicer.store.staging.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not list(server.servicer.store.staging.iterdir())
+    assert "half" not in [r.name for r in server.servicer.store.list()]
 
 
 def test_server_still_serves_after_errors(server, client: PreimageClient, tiny) -> None:
