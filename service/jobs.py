@@ -40,6 +40,8 @@ from service.energy import (
     to_uint8,
 )
 from service.errors import ServiceError, exhausted, invalid
+from service.reference import channel_max as channel_max_stats
+from service.reference import effective_receptive_field
 
 DEFAULT_SIZE = 224
 DEFAULT_REPORT_EVERY = 10
@@ -101,34 +103,27 @@ def decode_image(data: bytes, index: int, limits: JobLimits) -> np.ndarray:
     if not data:
         raise invalid(f"images[{index}] is empty: send the bytes of a PNG or JPEG file")
     if len(data) > limits.max_image_bytes:
-        raise exhausted(
-            f"images[{index}] is {len(data)} bytes; this server accepts at most {limits.max_image_bytes}"
-        )
+        raise exhausted(f"images[{index}] is {len(data)} bytes; this server accepts at most {limits.max_image_bytes}")
     try:
         img = Image.open(io.BytesIO(data))
         w, h = img.size  # from the header: nothing decoded yet
         if w * h > limits.max_input_pixels:
             raise exhausted(
-                f"images[{index}] is {w}×{h} pixels; this server decodes at most "
-                f"{limits.max_input_pixels} pixels"
+                f"images[{index}] is {w}×{h} pixels; this server decodes at most {limits.max_input_pixels} pixels"
             )
         img.load()
         rgb = img.convert("RGB")
     except ServiceError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise invalid(
-            f"images[{index}] is not an image Pillow can read (send PNG or JPEG bytes): {exc}"
-        ) from exc
+        raise invalid(f"images[{index}] is not an image Pillow can read (send PNG or JPEG bytes): {exc}") from exc
     return np.asarray(rgb, dtype=np.uint8)
 
 
 def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     if image.shape[:2] == (height, width):
         return image
-    return np.asarray(
-        Image.fromarray(image).resize((width, height), Image.Resampling.BICUBIC), dtype=np.uint8
-    )
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BICUBIC), dtype=np.uint8)
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -197,9 +192,7 @@ def _size(options: pb.RunOptions, pre: Any, first: np.ndarray | None, limits: Jo
     if h < 1 or w < 1:
         raise invalid(f"options.height and options.width must be ≥ 1, got {h}×{w}")
     if h * w > limits.max_pixels:
-        raise exhausted(
-            f"an output of {h}×{w} pixels is larger than this server's limit of {limits.max_pixels} pixels"
-        )
+        raise exhausted(f"an output of {h}×{w} pixels is larger than this server's limit of {limits.max_pixels} pixels")
     return int(h), int(w)
 
 
@@ -227,15 +220,12 @@ def build_job(
         if not request.targets:
             raise invalid("maximize needs at least one target in `targets` (a channel, neuron or direction)")
         if len(request.targets) > limits.max_targets:
-            raise exhausted(
-                f"{len(request.targets)} targets in one request; the limit is {limits.max_targets}"
-            )
+            raise exhausted(f"{len(request.targets)} targets in one request; the limit is {limits.max_targets}")
     height, width = _size(options, converted.preprocessing, images[0] if images else None, limits)
     resolved = params.resolved(task, height, width, tap.stride)  # type: ignore[arg-type]
     if resolved.steps + int(resolved.refine_steps or 0) > limits.max_steps:
         raise exhausted(
-            f"{resolved.steps} + {resolved.refine_steps} steps is more than this server's limit of "
-            f"{limits.max_steps}"
+            f"{resolved.steps} + {resolved.refine_steps} steps is more than this server's limit of {limits.max_steps}"
         )
     mean = converted.preprocessing.mean_rgb255
     mean_t = torch.tensor(mean, dtype=torch.float32)
@@ -260,29 +250,37 @@ def build_job(
     else:
         with torch.no_grad():
             shape = tuple(phi(torch.zeros(1, 3, height, width, device=device)).shape[1:])
-        channel_max = (
-            request.channel_max if request.HasField("channel_max") and request.channel_max > 0 else 1.0
-        )
-        rf = tap.receptive_field
+        # The paper's 1/(ρ²·M_k): ρ never exceeds the image; M_k is the client's, or measured per
+        # channel on the reference photographs (cached per model, tap and size).
+        rf = effective_receptive_field(tap.receptive_field, height, width)
+        given = request.channel_max if request.HasField("channel_max") and request.channel_max > 0 else None
+        stats = None if given is not None else channel_max_stats(phi, f"{model_id}:{tap.name}", height, width, mean)
+
+        def m_k(channel: int | None = None) -> float:
+            if given is not None:
+                return float(given)
+            assert stats is not None
+            if channel is None:  # a direction: the layer's largest channel statistic
+                return float(stats.max())
+            return float(stats[channel]) if 0 <= channel < stats.numel() else 1.0
+
         for i, target in enumerate(request.targets):
             kind = target.WhichOneof("kind")
             try:
                 if kind == "channel":
                     w = channel_weights(
-                        shape, target.channel.channel, receptive_field=rf, channel_max=channel_max
+                        shape, target.channel.channel, receptive_field=rf, channel_max=m_k(target.channel.channel)
                     )
                     desc = f"channel {target.channel.channel}"
                 elif kind == "neuron":
                     n = target.neuron
-                    w = neuron_weights(
-                        shape, n.channel, (n.y, n.x), receptive_field=rf, channel_max=channel_max
-                    )
+                    w = neuron_weights(shape, n.channel, (n.y, n.x), receptive_field=rf, channel_max=m_k(n.channel))
                     desc = f"neuron {n.channel} at ({n.y}, {n.x})"
                 elif kind == "direction":
                     d = torch.tensor(list(target.direction.weights), dtype=torch.float32)
                     if d.numel() == math.prod(shape):
                         d = d.view(shape)
-                    w = direction_weights(shape, d, receptive_field=rf, scale=channel_max)
+                    w = direction_weights(shape, d, receptive_field=rf, scale=m_k())
                     desc = f"direction ({d.numel()} weights)"
                 else:
                     raise ValueError("set one of channel, neuron or direction")
@@ -318,9 +316,7 @@ def _mask(msg: pb.FeatureMask, feature_shape: Sequence[int]) -> torch.Tensor | N
     if k == 0:
         return None
     if len(feature_shape) < 3:
-        raise invalid(
-            f"mask.center_size needs a spatial tap (C×H×W); this tap's shape is {list(feature_shape)}"
-        )
+        raise invalid(f"mask.center_size needs a spatial tap (C×H×W); this tap's shape is {list(feature_shape)}")
     h, w = feature_shape[-2:]
     if k > min(h, w):
         raise invalid(f"mask.center_size {k} is larger than the feature map ({h}×{w})")
@@ -400,9 +396,7 @@ class JobHandle:
 class JobRunner:
     """Runs jobs on a fixed number of worker threads, refusing work beyond a bounded queue."""
 
-    def __init__(
-        self, max_running: int = 1, max_queued: int = 8, on_end: Callable[[JobHandle], None] | None = None
-    ):
+    def __init__(self, max_running: int = 1, max_queued: int = 8, on_end: Callable[[JobHandle], None] | None = None):
         self.max_running = max_running
         self.max_queued = max_queued
         self._pool = ThreadPoolExecutor(max_workers=max_running, thread_name_prefix="job")
@@ -456,9 +450,7 @@ def run_job(handle: JobHandle) -> None:
     """Optimize every problem of the job as one batch, emitting progress and results as they come."""
     job = handle.job
     start = time.monotonic()
-    jitters = [
-        p.params.resolved(job.task, job.height, job.width, job.stride).jitter or 1 for p in job.problems
-    ]
+    jitters = [p.params.resolved(job.task, job.height, job.width, job.stride).jitter or 1 for p in job.problems]
     mini = Minimizer(
         job.phi,
         height=job.height,
@@ -480,16 +472,17 @@ def run_job(handle: JobHandle) -> None:
         for h, result in finished:
             results[index_of[h]] = result
             handle.emit("result", _result_message(job, index_of[h], result, parity))
-        if job.report_every:
-            for row in mini.rows:
-                if row.step % job.report_every == 0:
-                    ev = mini.progress(row.handle)
-                    msg = pb.ProgressEvent(
-                        target_index=index_of[row.handle], step=ev.step, total_steps=ev.total, terms=ev.terms
-                    )
-                    if job.preview_every and row.step % job.preview_every == 0:
-                        msg.preview_png = png_bytes(_current_image(mini, row.handle))
-                    handle.emit("progress", msg)
+        for row in mini.rows:
+            report = bool(job.report_every) and row.step % job.report_every == 0
+            preview = bool(job.preview_every) and row.step % job.preview_every == 0
+            if report or preview:  # progress() syncs with the device: only on reporting steps
+                ev = mini.progress(row.handle)
+                msg = pb.ProgressEvent(
+                    target_index=index_of[row.handle], step=ev.step, total_steps=ev.total, terms=ev.terms
+                )
+                if preview:
+                    msg.preview_png = png_bytes(_current_image(mini, row.handle))
+                handle.emit("progress", msg)
     handle.stats.end_time = time.monotonic()
     handle.stats.steps = handle._step
     handle.stats.cancelled = handle.cancelled
@@ -500,9 +493,7 @@ def run_job(handle: JobHandle) -> None:
         model_id=job.model_id, tap=job.tap_name, seconds=handle.stats.seconds, device=str(job.device)
     )
     if job.contact_sheet and len(results) > 1:
-        summary.contact_sheet_png = png_bytes(
-            contact_sheet([results[i].image_uint8 for i in sorted(results)])
-        )
+        summary.contact_sheet_png = png_bytes(contact_sheet([results[i].image_uint8 for i in sorted(results)]))
     handle.emit("summary", summary)
 
 
