@@ -16,6 +16,7 @@ import math
 import signal
 import string
 import threading
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -32,7 +33,7 @@ from service.api.preimage.v1 import preimage_pb2 as pb
 from service.api.preimage.v1 import preimage_pb2_grpc as pb_grpc
 from service.convert_worker import WorkerLimits, vet_model, warm_up
 from service.errors import configure_logging, exhausted, invalid, rpc_handler
-from service.jobs import JobHandle, JobLimits, JobRunner, build_job
+from service.jobs import JobHandle, JobLimits, JobRunner, JobStats, build_job
 from service.store import ConvertedCache, ModelRecord, ModelStore
 
 log = logging.getLogger("preimage.server")
@@ -45,6 +46,16 @@ MAX_LABELS = 100_000
 _CHANNEL_ORDERS = {pb.CHANNEL_ORDER_RGB: "RGB", pb.CHANNEL_ORDER_BGR: "BGR", pb.CHANNEL_ORDER_GRAY: "GRAY"}
 _LAYOUTS = {"NCHW": pb.LAYOUT_NCHW, "NHWC": pb.LAYOUT_NHWC}
 _DTYPES = {"float32": pb.INPUT_D_TYPE_FLOAT32, "float16": pb.INPUT_D_TYPE_FLOAT16}
+
+
+@dataclass(frozen=True)
+class FinishedJob:
+    """What the server remembers of a finished job."""
+
+    task: str
+    model_id: str
+    tap: str
+    stats: JobStats
 
 
 @dataclass
@@ -152,7 +163,9 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
         self._parity: dict[tuple[str, str], float] = {}
         self._parity_lock = threading.Lock()
         self._vet_slots = threading.Semaphore(1)  # one conversion child at a time: each can use GBs
-        self.finished_jobs: list[JobHandle] = []  # the last few, for tests and debugging
+        # How recent jobs ended (stats only: a handle would keep the job's tensors alive).
+        self.recent_jobs: deque[FinishedJob] = deque(maxlen=64)
+        self.jobs_finished = 0
 
     # -- model management ---------------------------------------------------------------------
     @rpc_handler
@@ -325,7 +338,9 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
             fields["cancel_latency_s"] = round(s.cancel_latency, 4)
             fields["steps_after_cancel"] = s.steps_after_cancel
         log.info("job", extra={"fields": fields})
-        self.finished_jobs = [*self.finished_jobs[-31:], handle]
+        with self._parity_lock:
+            self.recent_jobs.append(FinishedJob(handle.job.task, handle.job.model_id, handle.job.tap_name, s))
+            self.jobs_finished += 1
 
 
 def seed_bundled(store: ModelStore, worker_limits: WorkerLimits | None = None) -> list[ModelRecord]:

@@ -191,14 +191,14 @@ def test_progress_events_arrive_in_order(client: PreimageClient, tiny: pb.Model)
 def _wait_for_job(server, before: int, timeout: float = 30.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if len(server.servicer.finished_jobs) > before:
-            return server.servicer.finished_jobs[-1]
+        if server.servicer.jobs_finished > before:
+            return server.servicer.recent_jobs[-1]
         time.sleep(0.01)
     raise AssertionError("the server's job did not end")
 
 
 def test_cancel_stops_within_one_step(client: PreimageClient, server, tiny: pb.Model) -> None:
-    before = len(server.servicer.finished_jobs)
+    before = server.servicer.jobs_finished
     run = client.maximize("tiny", "relu2", list(range(8)), steps=50_000, report_every=5)
     first_steps = []
     for event in run:
@@ -219,7 +219,7 @@ def test_cancel_stops_within_one_step(client: PreimageClient, server, tiny: pb.M
 
 
 def test_deadline_gives_deadline_exceeded_and_stops_the_job(client: PreimageClient, server, tiny) -> None:
-    before = len(server.servicer.finished_jobs)
+    before = server.servicer.jobs_finished
     run = client.maximize("tiny", "relu2", [0], steps=50_000, timeout=1.5, report_every=0)
     with pytest.raises(grpc.RpcError) as err:
         run.wait()

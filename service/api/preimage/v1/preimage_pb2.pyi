@@ -803,7 +803,9 @@ class RunOptions(_message.Message):
     report_every: _builtins.int
     """Send a progress event every this many steps. Default 10; 0 sends none."""
     preview_every: _builtins.int
-    """Attach a preview PNG to every this-many-th progress step. Default 0: no previews."""
+    """Every this many steps, send a progress event with a preview PNG of the current image (on
+    top of report_every's events). Default 0: no previews.
+    """
     return_tensor: _builtins.bool
     """Also return each result as a float tensor (energy space, 3xHxW). Default false."""
     contact_sheet: _builtins.bool
