@@ -66,14 +66,7 @@ class HogUoctti(torch.nn.Module):
         angles = np.arange(n, dtype=np.float64) * math.pi / n
         self.register_buffer("axis_cos", _channel_table(np.cos(angles)))
         self.register_buffer("axis_sin", _channel_table(np.sin(angles)))
-        # Interleaved candidates [+axis0, -axis0, +axis1, -axis1, ...] reproduce vl_hog's scan order (axis
-        # by axis, strict ">" keeps the earlier one), so a first-occurrence argmax breaks ties the same way.
-        interleaved_to_bin = [2 * k for k in range(n)] + [2 * k + 1 for k in range(n)]
-        self.register_buffer("bin_order", torch.tensor(interleaved_to_bin, dtype=torch.int64))
-        self.register_buffer("candidates", torch.arange(2 * n, dtype=torch.int64).view(1, 2 * n, 1, 1))
-        dir_angles = np.arange(2 * n, dtype=np.float64) * math.pi / n
-        self.register_buffer("dir_cos", _channel_table(np.cos(dir_angles)))
-        self.register_buffer("dir_sin", _channel_table(np.sin(dir_angles)))
+        self.register_buffer("axes", torch.arange(n, dtype=torch.float32).view(1, n, 1, 1))
         k1 = torch.tensor(triangle_cell_kernel(self.cell_size))
         self.register_buffer("cell_kernel", torch.outer(k1, k1).expand(2 * n, 1, -1, -1).contiguous())
 
@@ -84,24 +77,36 @@ class HogUoctti(torch.nn.Module):
     def _orientation_weights(self, gx: torch.Tensor, gy: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
         """B×2n×h×w weights of each pixel's vote over the directed bins."""
         n = self.num_orientations
+        # Work per undirected axis k (n channels, half the work of 2n directions): the gradient's
+        # component along the axis picks the direction (bin k if positive, k + n if negative).
         if not self.bilinear:
-            # VLFeat 0.9.21 (as compiled in libvl.so) scores the raw gradient, not the unit vector; the
-            # two differ in the last float bit, which decides gradients lying on a bin boundary.
-            gx_, gy_ = gx.detach(), gy.detach()
-            score = gx_ * self.axis_cos + gy_ * self.axis_sin  # B×n×h×w, one score per undirected axis
-            both = torch.stack((score, -score), dim=2).reshape(score.shape[0], 2 * n, *score.shape[2:])
-            best = torch.argmax(both, dim=1, keepdim=True)
-            onehot = (best == self.candidates).to(gx.dtype)
-            return torch.index_select(onehot, 1, self.bin_order)
-        # Angle between the gradient and each directed bin direction, for directions within 90°:
-        # atan(|sin| / cos). Only the two bracketing directions are closer than π/n.
-        cos_part = gx * self.dir_cos + gy * self.dir_sin
-        sin_part = torch.abs(gy * self.dir_cos - gx * self.dir_sin)
-        ahead = cos_part > 0
-        safe_cos = torch.where(ahead, cos_part, torch.ones_like(cos_part))
-        angle = torch.atan(sin_part / safe_cos)
-        weight = torch.relu(1.0 - angle * (n / math.pi))
-        return torch.where(ahead, weight, torch.zeros_like(weight))
+            # vl_hog scans the axes in order and keeps the first largest |score| (strict ">"). VLFeat
+            # 0.9.21 (as compiled in libvl.so) scores the raw gradient, not the unit vector; the two
+            # differ in the last float bit, which decides gradients lying on a bin boundary.
+            # The scan is unrolled (n elementwise steps on one channel), which is several times faster
+            # than torch.argmax across channels on a CPU.
+            score = gx.detach() * self.axis_cos + gy.detach() * self.axis_sin  # B×n×h×w
+            strength = torch.abs(score)
+            best_value = strength[:, 0:1]
+            best = torch.zeros_like(best_value)
+            for k in range(1, n):
+                better = strength[:, k:k + 1] > best_value
+                best_value = torch.where(better, strength[:, k:k + 1], best_value)
+                best = torch.where(better, torch.full_like(best, float(k)), best)
+            onehot = (best == self.axes).to(gx.dtype)
+            negative = (score < 0).to(gx.dtype)
+            return torch.cat([onehot * (1.0 - negative), onehot * negative], dim=1)
+        # Bilinear: the angle between the gradient and axis k's line is atan(|across| / |along|); only the
+        # axes closer than π/n get weight, linearly in the angle (the two bracketing directions).
+        along = gx * self.axis_cos + gy * self.axis_sin
+        across = torch.abs(gy * self.axis_cos - gx * self.axis_sin)
+        reach = torch.abs(along)
+        nonzero = reach > 0
+        safe = torch.where(nonzero, reach, torch.ones_like(reach))  # no 0/0 even in the branch not taken
+        weight = torch.relu(1.0 - torch.atan(across / safe) * (n / math.pi))
+        weight = torch.where(nonzero, weight, torch.zeros_like(weight))
+        forward = torch.where(along > 0, weight, torch.zeros_like(weight))
+        return torch.cat([forward, weight - forward], dim=1)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         n = self.num_orientations
