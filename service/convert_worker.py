@@ -58,6 +58,16 @@ def _near_cap(limit: int, extra: int) -> bool:
     return _vm_size("VmPeak") >= limit - max(64 << 20, extra // 10)
 
 
+# How C++ allocation failures read once libraries turn them into Python exceptions (protobuf's
+# "Arena alloc failed", std::bad_alloc, errno ENOMEM), even when wrapped in a ModelError.
+_ALLOC_FAILURES = ("alloc failed", "bad_alloc", "cannot allocate memory", "out of memory")
+
+
+def _out_of_memory(exc: BaseException, limit: int, extra: int) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or any(s in text for s in _ALLOC_FAILURES) or _near_cap(limit, extra)
+
+
 def _child(
     conn: multiprocessing.connection.Connection, path: str, preprocessing: dict | None, limits: WorkerLimits
 ) -> None:
@@ -74,9 +84,7 @@ def _child(
     except Exception as exc:  # every failure becomes an answer
         from converters.errors import ModelError
 
-        if isinstance(exc, MemoryError) or (
-            not isinstance(exc, ModelError) and _near_cap(address_space, limits.extra_address_space)
-        ):
+        if _out_of_memory(exc, address_space, limits.extra_address_space):
             gib = limits.extra_address_space / 2**30
             error = f"converting the model needs more than this server's {gib:.2g} GiB memory cap"
             answer = {"ok": False, "kind": "resources", "error": error}

@@ -37,7 +37,6 @@ from service.energy import (
     direction_weights,
     from_uint8,
     neuron_weights,
-    to_uint8,
 )
 from service.errors import ServiceError, exhausted, invalid
 from service.reference import channel_max as channel_max_stats
@@ -434,18 +433,6 @@ class JobRunner:
                 self.on_end(handle)
 
 
-def _current_image(mini: Minimizer, handle: int) -> np.ndarray:
-    """The row's current image as uint8, for previews."""
-    public = getattr(mini, "current_image", None)
-    if public is not None:
-        return public(handle)
-    # TODO(lead): Minimizer.current_image(handle) -> np.ndarray; until then read its state.
-    index = next(i for i, row in enumerate(mini.rows) if row.handle == handle)
-    lo = mini.pad // 2
-    x = mini._state["x"][index, :, lo : lo + mini.height, lo : lo + mini.width]
-    return to_uint8(x, mini.mean_rgb255)
-
-
 def run_job(handle: JobHandle) -> None:
     """Optimize every problem of the job as one batch, emitting progress and results as they come."""
     job = handle.job
@@ -481,7 +468,7 @@ def run_job(handle: JobHandle) -> None:
                     target_index=index_of[row.handle], step=ev.step, total_steps=ev.total, terms=ev.terms
                 )
                 if preview:
-                    msg.preview_png = png_bytes(_current_image(mini, row.handle))
+                    msg.preview_png = png_bytes(mini.current_image(row.handle))
                 handle.emit("progress", msg)
     handle.stats.end_time = time.monotonic()
     handle.stats.steps = handle._step

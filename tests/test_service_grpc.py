@@ -151,8 +151,8 @@ def test_caricature_feature_error_matches_onnxruntime(client: PreimageClient, ti
 
 def test_maximize_objective_matches_onnxruntime(client: PreimageClient, tiny: pb.Model) -> None:
     # Maximization has no Φ0, so the figure to check is the objective ⟨Φ(x*), w⟩ with
-    # w = one-hot at the centre / ρ² (ρ = 7 for conv2).
-    run = client.maximize("tiny", "conv2", [3, (5, 2, 9)], **FAST).wait()
+    # w = one-hot at the centre / (ρ² M_k) (ρ = 7 for conv2; M_k given as 1 instead of measured).
+    run = client.maximize("tiny", "conv2", [3, (5, 2, 9)], channel_max=1.0, **FAST).wait()
     assert [r.description for r in run.results] == ["channel 3", "neuron 5 at (2, 9)"]
     for (c, y, x), result in zip([(3, 8, 8), (5, 2, 9)], run.results, strict=True):
         phi = features(TINY, "c2", decode(result.png))

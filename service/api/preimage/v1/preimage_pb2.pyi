@@ -1382,7 +1382,10 @@ class MaximizeRequest(_message.Message):
     tap: _builtins.str
     """The tap (name or alias, see ListTaps) whose activation is maximized."""
     channel_max: _builtins.float
-    """M_k of the paper's normalization w / (rho^2 M_k); unset or 0: 1 (no channel statistic)."""
+    """M_k of the paper's normalization w / (rho^2 M_k), for every target. Unset or 0: each
+    channel's largest activation on the server's reference photographs (measured once per
+    model, tap and size).
+    """
     @_builtins.property
     def targets(self) -> _containers.RepeatedCompositeFieldContainer[Global___MaximizeTarget]:
         """The targets, each a separate problem (at least one)."""
