@@ -40,9 +40,7 @@ def conv_net(seed: int = 0, dense_out: int = 10, name: str = "tiny") -> bytes:
             pads=[1, 1, 1, 1],
         ),
         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node(
-            "Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", kernel_shape=[3, 3], pads=[1, 1, 1, 1]
-        ),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
         helper.make_node("Flatten", ["r2"], ["flat"], name="flatten", axis=1),
         helper.make_node("Gemm", ["flat", "wfc", "bfc"], ["logits"], name="fc"),
@@ -54,9 +52,19 @@ def conv_net(seed: int = 0, dense_out: int = 10, name: str = "tiny") -> bytes:
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, dense_out])],
         initializer=inits,
     )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="preimage-tests"
-    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="preimage-tests")
     model.ir_version = 8
     onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def external_data_net(location: str = "../../etc/passwd") -> bytes:
+    """conv_net whose first weight claims to live in an external file (uploads must refuse it)."""
+    model = onnx.load_from_string(conv_net())
+    weight = next(t for t in model.graph.initializer if t.name == "w1")
+    weight.ClearField("raw_data")
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", "864")):
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
     return model.SerializeToString()

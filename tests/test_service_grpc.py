@@ -26,7 +26,7 @@ from service.api.preimage.v1 import preimage_pb2 as pb
 from service.client import PreimageClient
 from service.jobs import JobLimits
 from service.server import ServerConfig, start_server
-from tests._service_models import SIZE, conv_net
+from tests._service_models import SIZE, conv_net, external_data_net
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -326,6 +326,18 @@ BAD_REQUESTS = [
         grpc.StatusCode.INVALID_ARGUMENT,
         "name",
     ),
+    (
+        "external data",
+        lambda c: c.upload(external_data_net(), name="ext"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "external data",
+    ),
+    (
+        "NaN preprocessing",
+        lambda c: c.upload(TINY, name="nan", preprocessing={"mean": [float("nan")] * 3}),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "finite",
+    ),
     ("delete unknown", lambda c: c.delete("0" * 64), grpc.StatusCode.NOT_FOUND, "no model"),
 ]
 
@@ -357,6 +369,9 @@ def test_bad_upload_streams(server) -> None:
         "without a `finish`": [meta, chunk],
         "metadata comes only first": [meta, meta],
     }
+    huge = pb.UploadModelRequest(metadata=pb.UploadModelMetadata(name="huge", size_bytes=1 << 40))
+    err = _raw_upload(server, [huge, chunk])
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "up to" in err.details()
     for hint, messages in cases.items():
         err = _raw_upload(server, messages)
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and hint in err.details()
