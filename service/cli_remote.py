@@ -236,7 +236,7 @@ def _taps(client: Any, args: argparse.Namespace) -> int:
     reply = client.taps(args.model)
     rows = [
         {"name": t.name, "alias": t.alias, "op_type": t.op_type, "shape": list(t.shape), "stride": t.stride,
-         "receptive_field": t.receptive_field, "global": getattr(t, "global")}
+         "receptive_field": t.receptive_field, "global": t.is_global}
         for t in reply.taps
     ]  # fmt: skip
     lines = [

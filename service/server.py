@@ -45,7 +45,7 @@ MAX_LABELS = 100_000
 
 _CHANNEL_ORDERS = {pb.CHANNEL_ORDER_RGB: "RGB", pb.CHANNEL_ORDER_BGR: "BGR", pb.CHANNEL_ORDER_GRAY: "GRAY"}
 _LAYOUTS = {"NCHW": pb.LAYOUT_NCHW, "NHWC": pb.LAYOUT_NHWC}
-_DTYPES = {"float32": pb.INPUT_D_TYPE_FLOAT32, "float16": pb.INPUT_D_TYPE_FLOAT16}
+_DTYPES = {"float32": pb.INPUT_DTYPE_FLOAT32, "float16": pb.INPUT_DTYPE_FLOAT16}
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def _preprocessing_message(pre: dict[str, Any]) -> pb.Preprocessing:
         std=pre.get("std", []),
         channel_order=order.get(pre.get("channel_order", ""), pb.CHANNEL_ORDER_UNSPECIFIED),
         layout=_LAYOUTS.get(pre.get("layout", ""), pb.LAYOUT_UNSPECIFIED),
-        dtype=_DTYPES.get(pre.get("dtype", ""), pb.INPUT_D_TYPE_UNSPECIFIED),
+        dtype=_DTYPES.get(pre.get("dtype", ""), pb.INPUT_DTYPE_UNSPECIFIED),
     )
     if pre.get("scale") is not None:
         msg.scale = pre["scale"]
@@ -260,7 +260,7 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
                 stride=t.stride,
                 receptive_field=t.receptive_field,
                 index=t.index,
-                **{"global": t.is_global},
+                is_global=t.is_global,
             )
             for t in converted.taps
         ]

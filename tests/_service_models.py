@@ -10,7 +10,7 @@ SIZE = 32  # input height and width
 
 
 def conv_net(seed: int = 0, dense_out: int = 10, name: str = "tiny") -> bytes:
-    """image(1×3×32×32) → conv1(8, s2) → relu1 → conv2(8) → relu2 → flatten → fc(dense_out) → logits.
+    """image(N×3×32×32) → conv1(8, s2) → relu1 → conv2(8) → relu2 → flatten → fc(dense_out) → logits.
 
     ``dense_out`` sets the size: the fc weight is 2048 × dense_out floats (4096 → 33.5 MB).
     """
@@ -48,8 +48,8 @@ def conv_net(seed: int = 0, dense_out: int = 10, name: str = "tiny") -> bytes:
     graph = helper.make_graph(
         nodes,
         name,
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, SIZE, SIZE])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, dense_out])],
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", dense_out])],
         initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="preimage-tests")

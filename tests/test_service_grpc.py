@@ -119,7 +119,7 @@ def test_list_taps(client: PreimageClient, tiny: pb.Model) -> None:
     assert list(by_alias["relu2"].shape) == [8, 16, 16]
     assert (by_alias["conv1"].stride, by_alias["conv1"].receptive_field) == (2, 3)
     assert (by_alias["conv2"].stride, by_alias["conv2"].receptive_field) == (2, 7)
-    assert by_alias["fc"].__getattribute__("global") and list(by_alias["fc"].shape) == [10]
+    assert by_alias["fc"].is_global and list(by_alias["fc"].shape) == [10]
 
 
 # -- the three visualizations: results checked against onnxruntime -----------------------------------

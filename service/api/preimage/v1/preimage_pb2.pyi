@@ -77,29 +77,29 @@ LAYOUT_NHWC: Layout.ValueType  # 2
 """Batch, height, width, channels."""
 Global___Layout: _TypeAlias = Layout  # noqa: Y015
 
-class _InputDType:
+class _InputDtype:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
 
-class _InputDTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_InputDType.ValueType], _builtins.type):
+class _InputDtypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_InputDtype.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
-    INPUT_D_TYPE_UNSPECIFIED: _InputDType.ValueType  # 0
+    INPUT_DTYPE_UNSPECIFIED: _InputDtype.ValueType  # 0
     """Not given: taken from the model's input."""
-    INPUT_D_TYPE_FLOAT32: _InputDType.ValueType  # 1
+    INPUT_DTYPE_FLOAT32: _InputDtype.ValueType  # 1
     """32-bit float."""
-    INPUT_D_TYPE_FLOAT16: _InputDType.ValueType  # 2
+    INPUT_DTYPE_FLOAT16: _InputDtype.ValueType  # 2
     """16-bit float."""
 
-class InputDType(_InputDType, metaclass=_InputDTypeEnumTypeWrapper):
-    """InputDType is the element type of the model's image input."""
+class InputDtype(_InputDtype, metaclass=_InputDtypeEnumTypeWrapper):
+    """InputDtype is the element type of the model's image input."""
 
-INPUT_D_TYPE_UNSPECIFIED: InputDType.ValueType  # 0
+INPUT_DTYPE_UNSPECIFIED: InputDtype.ValueType  # 0
 """Not given: taken from the model's input."""
-INPUT_D_TYPE_FLOAT32: InputDType.ValueType  # 1
+INPUT_DTYPE_FLOAT32: InputDtype.ValueType  # 1
 """32-bit float."""
-INPUT_D_TYPE_FLOAT16: InputDType.ValueType  # 2
+INPUT_DTYPE_FLOAT16: InputDtype.ValueType  # 2
 """16-bit float."""
-Global___InputDType: _TypeAlias = InputDType  # noqa: Y015
+Global___InputDtype: _TypeAlias = InputDtype  # noqa: Y015
 
 class _Optimizer:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -152,7 +152,7 @@ class Preprocessing(_message.Message):
     """Input height in pixels when the model needs a fixed size; unset when the model is dynamic."""
     width: _builtins.int
     """Input width in pixels when the model needs a fixed size; unset when the model is dynamic."""
-    dtype: Global___InputDType.ValueType
+    dtype: Global___InputDtype.ValueType
     """Element type of the model's input."""
     @_builtins.property
     def mean(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
@@ -172,7 +172,7 @@ class Preprocessing(_message.Message):
         layout: Global___Layout.ValueType = ...,
         height: _builtins.int | None = ...,
         width: _builtins.int | None = ...,
-        dtype: Global___InputDType.ValueType = ...,
+        dtype: Global___InputDtype.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_height", b"_height", "_scale", b"_scale", "_width", b"_width", "height", b"height", "scale", b"scale", "width", b"width"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -563,7 +563,7 @@ class Tap(_message.Message):
     SHAPE_FIELD_NUMBER: _builtins.int
     STRIDE_FIELD_NUMBER: _builtins.int
     RECEPTIVE_FIELD_FIELD_NUMBER: _builtins.int
-    GLOBAL_FIELD_NUMBER: _builtins.int
+    IS_GLOBAL_FIELD_NUMBER: _builtins.int
     INDEX_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The ONNX value name of the tensor; use it (or alias) as `tap` in requests."""
@@ -575,6 +575,8 @@ class Tap(_message.Message):
     """Cumulative stride in input pixels."""
     receptive_field: _builtins.int
     """Receptive field in input pixels (the full input size for global taps)."""
+    is_global: _builtins.bool
+    """True once every input pixel affects every element (after global pooling or a dense layer)."""
     index: _builtins.int
     """Position in topological order (0 is nearest the input)."""
     @_builtins.property
@@ -590,11 +592,12 @@ class Tap(_message.Message):
         shape: _abc.Iterable[_builtins.int] | None = ...,
         stride: _builtins.int = ...,
         receptive_field: _builtins.int = ...,
+        is_global: _builtins.bool = ...,
         index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "global", b"global", "index", b"index", "name", b"name", "op_type", b"op_type", "receptive_field", b"receptive_field", "shape", b"shape", "stride", b"stride"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "index", b"index", "is_global", b"is_global", "name", b"name", "op_type", b"op_type", "receptive_field", b"receptive_field", "shape", b"shape", "stride", b"stride"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
