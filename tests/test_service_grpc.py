@@ -411,6 +411,21 @@ def test_server_still_serves_after_errors(server, client: PreimageClient, tiny) 
     assert client.maximize("tiny", "relu1", [0], **FAST).wait().results[0].png
 
 
+def test_other_calls_stay_responsive_during_a_job(server, client: PreimageClient, tiny) -> None:
+    run = client.maximize("tiny", "relu2", [0], steps=50_000, report_every=5)
+    events = iter(run)
+    next(events)  # the optimization is running
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        start = time.monotonic()
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        models = client.models()
+        taps = client.taps("tiny")
+        elapsed = time.monotonic() - start
+    run.cancel()
+    assert health.status == health_pb2.HealthCheckResponse.SERVING and models and taps.taps
+    assert elapsed < 2.0, f"management calls took {elapsed:.2f} s while a job ran"
+
+
 def test_reflection_is_enough_to_call_the_service(server, tiny) -> None:
     # What a client in another language (or grpcurl) does: no generated code, only reflection.
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
@@ -436,8 +451,17 @@ def test_restart_keeps_uploaded_models(tmp_path: Path) -> None:
     try:
         with PreimageClient(f"127.0.0.1:{first.port}", timeout=120) as c:
             ids = {c.upload(conv_net(seed=s), name=f"m{s}").model.id for s in (11, 12)}
+            # A job still running when the server stops is cancelled, not left spinning.
+            run = c.maximize("m11", "relu2", [0], steps=9_000, report_every=5, channel_max=1.0)
+            next(iter(run))
     finally:
         first.stop(grace=None)
+    with pytest.raises(grpc.RpcError):
+        run.wait()
+    deadline = time.monotonic() + 10
+    while first.servicer.jobs_finished == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert first.servicer.recent_jobs[-1].stats.cancelled
     second = start_server("127.0.0.1:0", config)
     try:
         with PreimageClient(f"127.0.0.1:{second.port}", timeout=120) as c:
