@@ -21,6 +21,7 @@ class InputSpec:
     height: int | None
     width: int | None
     dtype: str
+    batch: int | None = None  # fixed batch size of the exported graph, None when dynamic
 
 
 def _dims(vi: onnx.ValueInfoProto) -> list[int | None]:
@@ -43,9 +44,9 @@ def _as_image(vi: onnx.ValueInfoProto) -> InputSpec | None:
         return None
     # Channels first wins when both look plausible (a 3×H×3 image is less likely than a 3-channel one).
     if dims[1] in (1, 3):
-        return InputSpec(vi.name, "NCHW", dims[1], dims[2], dims[3], dtype)
+        return InputSpec(vi.name, "NCHW", dims[1], dims[2], dims[3], dtype, dims[0])
     if dims[3] in (1, 3):
-        return InputSpec(vi.name, "NHWC", dims[3], dims[1], dims[2], dtype)
+        return InputSpec(vi.name, "NHWC", dims[3], dims[1], dims[2], dtype, dims[0])
     return None
 
 
@@ -128,14 +129,17 @@ def resolve_preprocessing(model: onnx.ModelProto, spec: InputSpec,
 
 
 def fixed_shape_copy(model: onnx.ModelProto, input_name: str, pre: Preprocessing,
-                     hw: tuple[int, int]) -> onnx.ModelProto:
-    """A copy with the image input fixed at batch 1 and ``hw``, shape-inferred (for taps and checks)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+                     hw: tuple[int, int], batch: int | None = None) -> onnx.ModelProto:
+    """A copy with the image input fixed at ``batch`` (default 1) and ``hw``, shape-inferred (for taps and
+    checks)."""
+    from converters.normalize import skeleton
+
+    m = skeleton(model)
     del m.graph.value_info[:]
     for vi in m.graph.input:
         if vi.name == input_name:
-            dims = [1, pre.channels, *hw] if pre.layout == "NCHW" else [1, *hw, pre.channels]
+            n = batch or 1
+            dims = [n, pre.channels, *hw] if pre.layout == "NCHW" else [n, *hw, pre.channels]
             shape = vi.type.tensor_type.shape
             for d, v in zip(shape.dim, dims, strict=False):
                 d.Clear()

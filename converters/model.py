@@ -28,16 +28,18 @@ class ConvertedModel:
     """A normalized ONNX model plus the torch representations of its taps (built lazily, cached)."""
 
     def __init__(self, onnx_model: onnx.ModelProto, preprocessing: Preprocessing, input_name: str,
-                 taps: list[TapInfo], preprocessing_source: str):
+                 taps: list[TapInfo], preprocessing_source: str, batch: int | None = None):
         self.onnx = onnx_model
         self.preprocessing = preprocessing
         self.preprocessing_source = preprocessing_source  # "uploader" | "metadata" | "default"
         self.input_name = input_name
+        self.batch = batch  # the graph's fixed batch size (None: any); representations handle it
         self.taps = taps
         self._by_name = {t.name: t for t in taps}
         self._by_alias = {t.alias: t for t in taps}
         self._cache: dict[str, Representation] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self.parity = None  # converters.parity.ParityReport once verified
 
     @property
     def output_tap(self) -> TapInfo:
@@ -64,7 +66,7 @@ class ConvertedModel:
                     graph = convert(sub)
                 except Exception as exc:  # onnx2torch raises NotImplementedError, KeyError, ...
                     raise ModelError(f"cannot convert the graph up to tap {info.alias!r}: {exc}") from exc
-                rep = Representation(self.preprocessing, graph, info.name)
+                rep = Representation(self.preprocessing, graph, info.name, self.batch)
                 rep.eval()
                 self._cache[info.name] = rep
             return rep
@@ -80,16 +82,26 @@ def load_model(
     data: bytes | str | Path,
     preprocessing: Preprocessing | None = None,
     limits: LoadLimits | None = None,
+    verify: bool = True,
 ) -> ConvertedModel:
     """Load untrusted ONNX (bytes, or a path on disk that the caller trusts), normalize it, find its image
-    input and preprocessing, and list its taps. Raises ModelError with an actionable message."""
+    input and preprocessing, and list its taps. Raises ModelError with an actionable message.
+
+    With ``verify`` (the default) the model is also checked against onnxruntime at three taps
+    (``converters.parity``); a mismatch raises ParityError (a ModelError) carrying the report, which
+    is kept as ``model.parity`` otherwise. Pass ``verify=False`` only for models already verified."""
     model = load_untrusted(data, limits or LoadLimits())
     model = normalize(model)
     input_name, spec = detect_input(model)
     pre, source = resolve_preprocessing(model, spec, preprocessing)
     hw = (pre.height or NOMINAL_SIZE, pre.width or NOMINAL_SIZE)
-    shaped = fixed_shape_copy(model, input_name, pre, hw)
+    shaped = fixed_shape_copy(model, input_name, pre, hw, spec.batch)
     taps = compute_taps(shaped, input_name, pre.layout, hw)
     if not taps:
         raise ModelError("the model has no floating-point tensors that depend on its image input")
-    return ConvertedModel(model, pre, input_name, taps, source)
+    converted = ConvertedModel(model, pre, input_name, taps, source, spec.batch)
+    if verify:
+        from converters.parity import verify as verify_parity
+
+        converted.parity = verify_parity(converted)
+    return converted

@@ -96,9 +96,28 @@ def fold_identities(model: onnx.ModelProto) -> None:
     _replace_nodes(g, keep)
 
 
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with every large initializer turned into a typed graph input: same shapes for inference
+    and the checker, without serializing megabytes of weights on each call."""
+    m = onnx.ModelProto()
+    m.ir_version = model.ir_version
+    m.opset_import.extend(model.opset_import)
+    m.graph.name = model.graph.name
+    m.graph.node.extend(model.graph.node)
+    m.graph.input.extend(model.graph.input)
+    m.graph.output.extend(model.graph.output)
+    m.graph.value_info.extend(model.graph.value_info)
+    for t in model.graph.initializer:
+        if math.prod(t.dims) <= FOLD_MAX_ELEMENTS:
+            m.graph.initializer.append(t)
+        else:
+            m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return m
+
+
 def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(skeleton(model), data_prop=True)
     except Exception:  # inference problems surface later, with context; folding is best effort
         return {}
     out = {}
@@ -123,6 +142,14 @@ def _predicted_size(node: onnx.NodeProto, vals: list[np.ndarray | None]) -> int:
         start, limit, delta = (float(v.reshape(-1)[0]) for v in vals[:3])
         return max(0, math.ceil((limit - start) / delta)) if delta else FOLD_MAX_ELEMENTS + 1
     return sum(v.size for v in vals if v is not None)
+
+
+def _known_shape(name: str, static: dict, inits: dict, consts: dict) -> list[int] | None:
+    if name in consts:
+        return list(consts[name].shape)
+    if name in inits:
+        return list(inits[name].dims)
+    return static.get(name)
 
 
 def fold_constants(model: onnx.ModelProto) -> int:
@@ -150,8 +177,9 @@ def fold_constants(model: onnx.ModelProto) -> int:
         if node.domain not in ("", "ai.onnx") or any(o in graph_outputs for o in node.output):
             keep.append(node)
             continue
-        if node.op_type == "Shape" and node.input[0] in static:
-            shape = np.asarray(static[node.input[0]], dtype=np.int64)
+        known = _known_shape(node.input[0], static, init_by_name, consts) if node.input else None
+        if node.op_type == "Shape" and known is not None:
+            shape = np.asarray(known, dtype=np.int64)
             start = next((a.i for a in node.attribute if a.name == "start"), 0)
             end = next((a.i for a in node.attribute if a.name == "end"), len(shape))
             consts[node.output[0]] = shape[start:end]
@@ -232,11 +260,15 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     out.CopyFrom(model)
     constants_to_initializers(out)
     fold_identities(out)
-    fold_constants(out)
+    # Folding makes more shapes static (a Pad whose pads were computed), which lets more Shape nodes
+    # fold: repeat until nothing changes (bounded; each round only removes nodes).
+    for _ in range(32):
+        if not fold_constants(out):
+            break
     reshape_allowzero(out)
     remove_dead(out)
     try:
-        onnx.checker.check_model(out)
+        onnx.checker.check_model(skeleton(out))
     except onnx.checker.ValidationError as exc:  # a bug of ours, but say so rather than crash later
         first = str(exc).strip().splitlines()[0]
         raise ModelError(f"graph normalization produced an invalid graph: {first}") from exc
@@ -248,11 +280,15 @@ def with_inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     from value_info and silently misbehave without it (GlobalAveragePool averages over *all* axes when
     the rank is unknown), and plain inference loses ranks after a Reshape whose shape is computed:
     data propagation recovers them."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m = skeleton(model)
     del m.graph.value_info[:]
     try:
-        return onnx.shape_inference.infer_shapes(m, check_type=True, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(m, check_type=True, data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise ModelError(f"ONNX shape inference fails on the model: {first}") from exc
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(inferred.graph.value_info)
+    return out

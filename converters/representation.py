@@ -49,15 +49,26 @@ class Preprocess(nn.Module):
 class Representation(nn.Module):
     """Φ_L(x): energy-space image → the tap's tensor (float32), with frozen parameters."""
 
-    def __init__(self, pre: Preprocessing, graph: nn.Module, tap_name: str):
+    def __init__(self, pre: Preprocessing, graph: nn.Module, tap_name: str, batch: int | None = None):
         super().__init__()
         self.preprocess = Preprocess(pre)
         self.graph = graph
         self.tap_name = tap_name
+        # A graph exported with a fixed batch size often hard-codes it (Reshape to [1, -1]); such a graph
+        # is run on chunks of exactly that size, so callers may still batch several images.
+        self.batch = batch
         self.requires_grad_(False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.graph(self.preprocess(x))
+    def _run(self, y: torch.Tensor) -> torch.Tensor:
+        out = self.graph(y)
         if isinstance(out, (tuple, list)):
             out = out[0]
         return out.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.preprocess(x)
+        if self.batch is None or y.shape[0] == self.batch:
+            return self._run(y)
+        if y.shape[0] % self.batch:
+            raise ValueError(f"this model was exported with batch size {self.batch}; got a batch of {y.shape[0]}")
+        return torch.cat([self._run(chunk) for chunk in y.split(self.batch)], dim=0)
