@@ -1,0 +1,299 @@
+"""Continuous batching of visualization jobs.
+
+One loop thread owns every ``Minimizer``. Jobs that share a converted graph, a tap, an image size
+and a jitter padding join one batch: their rows start at the batch's next step and leave when they
+finish or are cancelled, so a short job never waits for a long one (each row keeps its own loss,
+hyperparameters, schedule and seeded generators). Several batches take turns, one step each.
+
+Admission: a job is queued (bounded; RESOURCE_EXHAUSTED with a retry hint beyond it) and admitted
+when its rows fit the batch's bounds: at most ``max_rows`` rows and ``max_pixels`` pixels of
+images per batch (a stand-in for the activation memory, which grows with rows × H × W). Pending
+jobs are admitted round-robin over tenants, so one team's burst does not starve the others.
+
+Same contract as the one-job-per-thread runner it replaces: ``submit(job) -> JobHandle`` whose
+``events()`` yield progress and results, ``cancel()`` stops within one step.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from service.api.preimage.v1 import preimage_pb2 as pb
+from service.energy import Minimizer, Result
+from service.errors import exhausted
+from service.jobs import _DONE, Job, JobHandle, _result_message, contact_sheet, png_bytes
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    """Bounds of one batch and of the queue; defaults suit a 2-core CPU box (raise them on a GPU)."""
+
+    max_rows: int = 16  # rows (problems) per batch
+    max_pixels: int = 16 * 224 * 224  # Σ H·W over a batch's rows
+    max_queued: int = 32  # jobs waiting for admission
+
+
+@dataclass
+class _JobState:
+    handle: JobHandle
+    tenant: str
+    parity: float | None
+    rows: dict[int, int] = field(default_factory=dict)  # minimizer handle → target index
+    results: dict[int, Result] = field(default_factory=dict)
+    start: float = field(default_factory=time.monotonic)
+
+    @property
+    def job(self) -> Job:
+        return self.handle.job
+
+
+@dataclass
+class _Batch:
+    key: tuple
+    minimizer: Minimizer
+    jobs: list[_JobState] = field(default_factory=list)
+
+    def pixels(self) -> int:
+        return len(self.minimizer) * self.minimizer.height * self.minimizer.width
+
+
+def _pad_of(job: Job) -> int:
+    return max(p.params.resolved(job.task, job.height, job.width, job.stride).jitter or 1 for p in job.problems) - 1
+
+
+def batch_key(job: Job) -> tuple:
+    """Jobs with equal keys can share one forward/backward."""
+    return (job.model_id, job.tap_name, job.height, job.width, str(job.device), _pad_of(job))
+
+
+class Scheduler:
+    """Runs jobs in continuously-batched minimizers on one loop thread."""
+
+    def __init__(
+        self,
+        limits: SchedulerLimits | None = None,
+        on_end: Callable[[JobHandle], None] | None = None,
+    ) -> None:
+        self.limits = limits or SchedulerLimits()
+        self.on_end = on_end
+        self._cond = threading.Condition()
+        self._pending: dict[str, collections.deque[_JobState]] = collections.OrderedDict()
+        self._batches: dict[tuple, _Batch] = {}
+        self._stopped = False
+        self.steps_run = 0  # batch steps, for metrics and tests
+        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)
+        self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+        self._thread.start()
+
+    # -- the RPC side ---------------------------------------------------------------------------
+    def submit(self, job: Job, tenant: str = "") -> JobHandle:
+        """Queue a job; raises RESOURCE_EXHAUSTED when the queue is full."""
+        rows = len(job.problems)
+        if rows > self.limits.max_rows or rows * job.height * job.width > self.limits.max_pixels:
+            raise exhausted(
+                f"this request has {rows} targets of {job.height}×{job.width} pixels; one batch holds at most "
+                f"{self.limits.max_rows} targets and {self.limits.max_pixels} pixels: split it into smaller requests"
+            )
+        parity = job.parity()  # onnxruntime work: done here, on the RPC thread, not in the loop
+        with self._cond:
+            queued = sum(len(q) for q in self._pending.values())
+            if queued >= self.limits.max_queued:
+                raise exhausted(
+                    f"server busy: {queued} jobs are waiting (limit {self.limits.max_queued}); retry in a few seconds"
+                )
+            handle = JobHandle(job)
+            self._pending.setdefault(tenant, collections.deque()).append(_JobState(handle, tenant, parity))
+            self._cond.notify()
+        return handle
+
+    def queued(self) -> int:
+        with self._cond:
+            return sum(len(q) for q in self._pending.values())
+
+    def running_rows(self) -> int:
+        with self._cond:
+            return sum(len(b.minimizer) for b in self._batches.values())
+
+    def shutdown(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(timeout=10)
+        with self._cond:
+            states = [s for q in self._pending.values() for s in q] + [
+                s for b in self._batches.values() for s in b.jobs
+            ]
+            self._pending.clear()
+            self._batches.clear()
+        for state in states:
+            state.handle.cancel()
+            self._finish(state)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        """Move pending jobs into batches, one per tenant in turn, while they fit. Holds the lock."""
+        progress = True
+        while progress:
+            progress = False
+            for tenant in list(self._pending):
+                queue = self._pending[tenant]
+                state = queue[0]
+                if state.handle.cancelled:  # cancelled while queued: never starts
+                    queue.popleft()
+                    self._finish(state)
+                elif self._place(state):
+                    queue.popleft()
+                    progress = True
+                if not queue:
+                    del self._pending[tenant]
+                else:  # round-robin: this tenant goes to the back of the line
+                    self._pending.move_to_end(tenant)
+
+    def _place(self, state: _JobState) -> bool:
+        job = state.job
+        key = batch_key(job)
+        batch = self._batches.get(key)
+        rows = len(job.problems)
+        if batch is not None and (
+            len(batch.minimizer) + rows > self.limits.max_rows
+            or batch.pixels() + rows * job.height * job.width > self.limits.max_pixels
+        ):
+            return False
+        if batch is None:
+            minimizer = Minimizer(
+                job.phi,
+                height=job.height,
+                width=job.width,
+                stride=job.stride,
+                mean_rgb255=job.mean_rgb255,
+                device=job.device,
+                max_jitter=_pad_of(job) + 1,
+            )
+            batch = self._batches[key] = _Batch(key, minimizer)
+        try:
+            for index, problem in enumerate(job.problems):
+                state.rows[batch.minimizer.add(problem)] = index
+        except BaseException as exc:  # a problem the minimizer refuses: this job fails alone
+            for row in state.rows:
+                batch.minimizer.cancel(row)
+            state.handle.emit("error", exc)
+            self._finish(state)
+            return True
+        state.start = time.monotonic()
+        batch.jobs.append(state)
+        return True
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped and not self._batches and not self._pending:
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                self._admit()
+                batches = list(self._batches.values())
+                if not batches:  # everything pending is waiting for room; nothing can run
+                    self._cond.wait(timeout=0.05)
+                    continue
+            for batch in batches:
+                self._step(batch)
+            with self._cond:
+                for batch in batches:
+                    if not len(batch.minimizer) and not batch.jobs:
+                        self._batches.pop(batch.key, None)
+
+    def _step(self, batch: _Batch) -> None:
+        mini = batch.minimizer
+        for state in batch.jobs:
+            if state.handle.cancelled:
+                for row in state.rows:
+                    mini.cancel(row)
+        try:
+            finished = mini.step()
+        except BaseException as exc:  # the whole batch failed (out of memory, a broken graph)
+            self._fail_batch(batch, exc)
+            return
+        self.steps_run += 1
+        self.batch_sizes.append(len(mini) + len(finished))
+        owner = {row: state for state in batch.jobs for row in state.rows}
+        for row, result in finished:
+            state = owner.get(row)
+            if state is None:  # a row of a job refused at admission
+                continue
+            index = state.rows[row]
+            state.results[index] = result
+            if not state.handle.cancelled:
+                state.handle.emit("result", _result_message(state.job, index, result, state.parity))
+        for state in batch.jobs:
+            state.handle._step = max((r.step for r in mini.rows if r.handle in state.rows), default=state.handle._step)
+        self._report(batch)
+        for state in [s for s in batch.jobs if len(s.results) == len(s.rows)]:
+            batch.jobs.remove(state)
+            self._complete(state)
+
+    def _report(self, batch: _Batch) -> None:
+        mini = batch.minimizer
+        for state in batch.jobs:
+            job = state.job
+            for row in mini.rows:
+                if row.handle not in state.rows or state.handle.cancelled:
+                    continue
+                report = bool(job.report_every) and row.step % job.report_every == 0
+                preview = bool(job.preview_every) and row.step % job.preview_every == 0
+                if report or preview:  # progress() syncs with the device: only on reporting steps
+                    ev = mini.progress(row.handle)
+                    msg = pb.ProgressEvent(
+                        target_index=state.rows[row.handle], step=ev.step, total_steps=ev.total, terms=ev.terms
+                    )
+                    if preview:
+                        msg.preview_png = png_bytes(mini.current_image(row.handle))
+                    state.handle.emit("progress", msg)
+
+    def _complete(self, state: _JobState) -> None:
+        handle, job = state.handle, state.job
+        stats = handle.stats
+        stats.end_time = time.monotonic()
+        stats.steps = max((r.steps_run for r in state.results.values()), default=0)
+        stats.cancelled = handle.cancelled
+        stats.seconds = stats.end_time - state.start
+        if not handle.cancelled:
+            summary = pb.RunSummary(
+                model_id=job.model_id, tap=job.tap_name, seconds=stats.seconds, device=str(job.device)
+            )
+            if job.contact_sheet and len(state.results) > 1:
+                images = [state.results[i].image_uint8 for i in sorted(state.results)]
+                summary.contact_sheet_png = png_bytes(contact_sheet(images))
+            handle.emit("summary", summary)
+        self._finish(state)
+
+    def _fail_batch(self, batch: _Batch, exc: BaseException) -> None:
+        if isinstance(exc, torch.OutOfMemoryError):
+            exc = exhausted(f"out of device memory with {len(batch.minimizer)} images in one batch; retry later")
+        with self._cond:
+            self._batches.pop(batch.key, None)
+        for state in batch.jobs:
+            state.handle.emit("error", exc)
+            self._finish(state)
+        batch.jobs.clear()
+
+    def _finish(self, state: _JobState) -> None:
+        state.handle.stats.end_time = state.handle.stats.end_time or time.monotonic()
+        state.handle._events.put(_DONE)
+        if self.on_end is not None:
+            self.on_end(state.handle)
+
+    def describe(self) -> dict[str, Any]:
+        """Queue and batch figures for logs and metrics."""
+        with self._cond:
+            return {
+                "queued": sum(len(q) for q in self._pending.values()),
+                "batches": len(self._batches),
+                "rows": sum(len(b.minimizer) for b in self._batches.values()),
+            }
