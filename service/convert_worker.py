@@ -13,6 +13,7 @@ produced is ever unpickled by the server.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -20,6 +21,7 @@ import resource
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 PRELOAD = ["torch", "onnx", "onnxruntime", "onnx2torch", "converters.model", "service.parity"]
@@ -96,15 +98,27 @@ def _child(
     conn.close()
 
 
-def _vet(path: str, preprocessing: dict | None) -> dict[str, Any]:
-    import dataclasses
+def load_requested(path: str | Path, requested: dict[str, Any] | None) -> Any:
+    """load_model with the uploader's preprocessing (the server and the vetting child share this).
 
+    ``requested`` holds Preprocessing fields. Only a size (the nominal size of a dynamic-size model)
+    keeps everything else from the model's own metadata/defaults, so it takes two loads.
+    """
     from converters.model import load_model
     from converters.spec import Preprocessing
+
+    if not requested:
+        return load_model(path)
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in requested.items()}
+    if set(fields) <= {"height", "width"}:
+        return load_model(path, dataclasses.replace(load_model(path).preprocessing, **fields))
+    return load_model(path, Preprocessing(**fields))
+
+
+def _vet(path: str, preprocessing: dict | None) -> dict[str, Any]:
     from service.parity import tap_parity
 
-    pre = Preprocessing(**_as_tuples(preprocessing)) if preprocessing is not None else None
-    converted = load_model(path, pre)
+    converted = load_requested(path, preprocessing)
     out = converted.output_tap
     # Building the representation and the onnxruntime session of the whole model is the part
     # that can blow up; doing it here means the server's own conversion later is known to work.
@@ -117,10 +131,6 @@ def _vet(path: str, preprocessing: dict | None) -> dict[str, Any]:
         "output_tap": out.name,
         "output_parity": parity,
     }
-
-
-def _as_tuples(pre: dict) -> dict:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in pre.items()}
 
 
 _context_lock = threading.Lock()

@@ -39,8 +39,8 @@ from service.energy import (
     neuron_weights,
 )
 from service.errors import ServiceError, exhausted, invalid
+from service.reference import center_crop_resize, effective_receptive_field
 from service.reference import channel_max as channel_max_stats
-from service.reference import effective_receptive_field
 
 DEFAULT_SIZE = 224
 DEFAULT_REPORT_EVERY = 10
@@ -120,9 +120,10 @@ def decode_image(data: bytes, index: int, limits: JobLimits) -> np.ndarray:
 
 
 def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Centre-crop to the target's aspect ratio, then resize (bicubic): no stretching."""
     if image.shape[:2] == (height, width):
         return image
-    return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BICUBIC), dtype=np.uint8)
+    return center_crop_resize(image, height, width)
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -173,10 +174,24 @@ class Job:
     seeds: list[int] = field(default_factory=list)
 
 
-def _size(options: pb.RunOptions, pre: Any, first: np.ndarray | None, limits: JobLimits) -> tuple[int, int]:
-    fixed = (pre.height, pre.width) if pre.height and pre.width else None
-    h = options.height if options.HasField("height") else None
-    w = options.width if options.HasField("width") else None
+def fixed_input_size(converted: Any) -> tuple[int, int] | None:
+    """(H, W) when the graph's image input has a fixed size, None when it is dynamic.
+
+    Preprocessing.height/width are set in both cases (for a dynamic graph they are the nominal size
+    taps are described at), so the graph's input is what tells them apart.
+    """
+    from converters.inputs import detect_input
+
+    _, spec = detect_input(converted.onnx)
+    return (spec.height, spec.width) if spec.height and spec.width else None
+
+
+def _size(options: pb.RunOptions, converted: Any, first: np.ndarray | None, limits: JobLimits) -> tuple[int, int]:
+    """The output size: fixed by the graph, else asked for, else the model's nominal size, else the
+    first image's, else 224. Giving only one side keeps the aspect ratio of the default."""
+    fixed = fixed_input_size(converted)
+    h = options.height if options.HasField("height") and options.height > 0 else None
+    w = options.width if options.HasField("width") and options.width > 0 else None
     if fixed is not None:
         if (h is not None and h != fixed[0]) or (w is not None and w != fixed[1]):
             raise invalid(
@@ -184,12 +199,20 @@ def _size(options: pb.RunOptions, pre: Any, first: np.ndarray | None, limits: Jo
                 f"or set them to {fixed[0]} and {fixed[1]}"
             )
         h, w = fixed
-    elif first is not None:
-        h = h or (first.shape[0] if w is None else round(first.shape[0] * w / first.shape[1]))
-        w = w or round(first.shape[1] * h / first.shape[0])
-    h, w = h or DEFAULT_SIZE, w or DEFAULT_SIZE
-    if h < 1 or w < 1:
-        raise invalid(f"options.height and options.width must be ≥ 1, got {h}×{w}")
+    else:
+        pre = converted.preprocessing
+        if pre.height and pre.width:
+            default = (pre.height, pre.width)
+        elif first is not None:
+            default = first.shape[:2]
+        else:
+            default = (DEFAULT_SIZE, DEFAULT_SIZE)
+        if h is None and w is None:
+            h, w = default
+        elif h is None:
+            h = max(1, round(w * default[0] / default[1]))
+        elif w is None:
+            w = max(1, round(h * default[1] / default[0]))
     if h * w > limits.max_pixels:
         raise exhausted(f"an output of {h}×{w} pixels is larger than this server's limit of {limits.max_pixels} pixels")
     return int(h), int(w)
@@ -220,7 +243,7 @@ def build_job(
             raise invalid("maximize needs at least one target in `targets` (a channel, neuron or direction)")
         if len(request.targets) > limits.max_targets:
             raise exhausted(f"{len(request.targets)} targets in one request; the limit is {limits.max_targets}")
-    height, width = _size(options, converted.preprocessing, images[0] if images else None, limits)
+    height, width = _size(options, converted, images[0] if images else None, limits)
     resolved = params.resolved(task, height, width, tap.stride)  # type: ignore[arg-type]
     if resolved.steps + int(resolved.refine_steps or 0) > limits.max_steps:
         raise exhausted(
@@ -235,8 +258,7 @@ def build_job(
     descriptions: list[str] = []
     if images:
         starts = torch.stack([from_uint8(resize(img, height, width), mean_t) for img in images])
-        with torch.no_grad():
-            phi0 = phi(starts.to(device)).float().cpu()
+        phi0 = _run_phi(phi, starts.to(device), tap.alias).cpu()
         mask = _mask(request.mask, phi0.shape[1:]) if task == "invert" else None
         for i in range(len(images)):
             try:
@@ -244,11 +266,10 @@ def build_job(
             except ValueError as exc:
                 raise invalid(f"images[{i}]: {exc}") from exc
             start = starts[i] if task == "caricature" else None
-            problems.append(Problem(obj, params, seed=seed0 + i, start=start))
+            problems.append(Problem(obj, params, seed=_seed(seed0, i), start=start))
             descriptions.append(f"image {i}")
     else:
-        with torch.no_grad():
-            shape = tuple(phi(torch.zeros(1, 3, height, width, device=device)).shape[1:])
+        shape = tuple(_run_phi(phi, torch.zeros(1, 3, height, width, device=device), tap.alias).shape[1:])
         # The paper's 1/(ρ²·M_k): ρ never exceeds the image; M_k is the client's, or measured per
         # channel on the reference photographs (cached per model, tap and size).
         rf = effective_receptive_field(tap.receptive_field, height, width)
@@ -285,7 +306,7 @@ def build_job(
                     raise ValueError("set one of channel, neuron or direction")
             except ValueError as exc:
                 raise invalid(f"targets[{i}] on tap {tap.alias!r} (shape {list(shape)}): {exc}") from exc
-            problems.append(Problem(Objective.maximize(w), params, seed=seed0 + i))
+            problems.append(Problem(Objective.maximize(w), params, seed=_seed(seed0, i)))
             descriptions.append(desc)
 
     report_every = options.report_every if options.HasField("report_every") else DEFAULT_REPORT_EVERY
@@ -308,6 +329,24 @@ def build_job(
         parity=(lambda: parity(tap.name)) if parity is not None else (lambda: None),
         seeds=[p.seed for p in problems],
     )
+
+
+def _seed(seed0: int, index: int) -> int:
+    """Target ``index``'s seed: seed + index, wrapped to the 64 bits a torch generator takes."""
+    return (seed0 + index) % 2**64
+
+
+def _run_phi(phi: torch.nn.Module, x: torch.Tensor, alias: str) -> torch.Tensor:
+    """Φ(x) without gradients; a graph that cannot run at this size is the request's problem."""
+    try:
+        with torch.no_grad():
+            return phi(x).float()
+    except RuntimeError as exc:
+        if "out of memory" in str(exc).lower():
+            raise
+        h, w = x.shape[-2:]
+        first = str(exc).strip().splitlines()[0][:300]
+        raise invalid(f"the model cannot run at {h}×{w} up to tap {alias!r} (try a larger size): {first}") from exc
 
 
 def _mask(msg: pb.FeatureMask, feature_shape: Sequence[int]) -> torch.Tensor | None:

@@ -31,7 +31,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service.api.preimage.v1 import preimage_pb2 as pb
 from service.api.preimage.v1 import preimage_pb2_grpc as pb_grpc
-from service.convert_worker import WorkerLimits, vet_model, warm_up
+from service.convert_worker import WorkerLimits, load_requested, vet_model, warm_up
 from service.errors import configure_logging, exhausted, invalid, rpc_handler
 from service.jobs import JobHandle, JobLimits, JobRunner, JobStats, build_job
 from service.store import ConvertedCache, ModelRecord, ModelStore
@@ -75,12 +75,8 @@ class ServerConfig:
 
 
 def _load_converted(store: ModelStore, record: ModelRecord) -> Any:
-    from converters.model import load_model
-    from converters.spec import Preprocessing
-
-    req = record.requested_preprocessing
-    pre = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in req.items()}) if req else None
-    return load_model(store.blob_path(record.id), pre)
+    # The same call the vetting child made, so the model converts the same way it was vetted.
+    return load_requested(store.blob_path(record.id), record.requested_preprocessing)
 
 
 def _requested_preprocessing(msg: pb.Preprocessing) -> dict[str, Any] | None:
@@ -100,12 +96,13 @@ def _requested_preprocessing(msg: pb.Preprocessing) -> dict[str, Any] | None:
         if msg.channel_order not in _CHANNEL_ORDERS:
             raise invalid(f"preprocessing.channel_order {msg.channel_order} is not a ChannelOrder value")
         given["channel_order"] = _CHANNEL_ORDERS[msg.channel_order]
-    if not given:
-        return None  # layout, size and dtype alone come from the graph anyway
-    for name in ("height", "width"):
+    for name in ("height", "width"):  # the nominal size of a dynamic-size model
         if msg.HasField(name):
+            if getattr(msg, name) == 0:
+                raise invalid(f"preprocessing.{name} must be ≥ 1 when given")
             given[name] = getattr(msg, name)
-    return given
+    # Layout and dtype always come from the graph (converters.inputs), so they are not passed on.
+    return given or None
 
 
 def _preprocessing_message(pre: dict[str, Any]) -> pb.Preprocessing:

@@ -68,3 +68,27 @@ def external_data_net(location: str = "../../etc/passwd") -> bytes:
         entry = weight.external_data.add()
         entry.key, entry.value = key, value
     return model.SerializeToString()
+
+
+def fcn(seed: int = 0) -> bytes:
+    """A fully convolutional net with a dynamic input size: conv(3→4, k3 s2, no pad) → relu → conv(4→4, k3)."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32), "w1"),
+        numpy_helper.from_array((rng.standard_normal((4, 4, 3, 3)) * 0.3).astype(np.float32), "w2"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["image", "w1"], ["c1"], name="conv1", kernel_shape=[3, 3], strides=[2, 2]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["out"], name="conv2", kernel_shape=[3, 3]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "fcn",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4, "h", "w"])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="preimage-tests")
+    model.ir_version = 8
+    return model.SerializeToString()

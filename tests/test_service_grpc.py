@@ -26,7 +26,7 @@ from service.api.preimage.v1 import preimage_pb2 as pb
 from service.client import PreimageClient
 from service.jobs import JobLimits
 from service.server import ServerConfig, start_server
-from tests._service_models import SIZE, conv_net, external_data_net
+from tests._service_models import SIZE, conv_net, external_data_net, fcn
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -161,6 +161,27 @@ def test_maximize_objective_matches_onnxruntime(client: PreimageClient, tiny: pb
     # A class logit of the global output works the same way.
     (logit,) = client.maximize("tiny", "fc", [4], **FAST).wait().results
     assert logit.objective_value > 0
+
+
+def test_dynamic_size_model(client: PreimageClient) -> None:
+    client.upload(fcn(), name="fcn", preprocessing={"height": 64, "width": 64})
+    assert client.taps("fcn").nominal_height == 64
+    image = np.asarray(Image.fromarray(photo(4)).resize((48, 40)))
+    (result,) = client.invert("fcn", "conv2", [image], **FAST).wait().results
+    assert decode(result.png).shape == (64, 64, 3)  # the model's nominal size by default
+    (result,) = client.invert("fcn", "conv2", [image], height=40, width=48, **FAST).wait().results
+    assert decode(result.png).shape == (40, 48, 3) and (result.resolved.height, result.resolved.width) == (40, 48)
+    (result,) = client.invert("fcn", "conv2", [image], height=32, **FAST).wait().results
+    assert decode(result.png).shape == (32, 32, 3)  # one side given: the nominal aspect ratio
+    run = client.maximize("fcn", "relu1", [0, 1], height=24, width=32, seed=2**64 - 1, **FAST).wait()
+    assert [r.resolved.seed for r in run.results] == [2**64 - 1, 0]  # wraps like a 64-bit generator seed
+    assert decode(run.results[0].png).shape == (24, 32, 3)
+    with pytest.raises(grpc.RpcError) as err:
+        client.maximize("fcn", "conv2", [0], height=4, width=4).wait()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cannot run at 4×4" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        client.maximize("fcn", "conv2", [0], height=200, width=200).wait()
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "16384 pixels" in err.value.details()
 
 
 def test_same_seed_same_image(client: PreimageClient, tiny: pb.Model) -> None:
