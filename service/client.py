@@ -276,7 +276,6 @@ def _split(kwargs: dict[str, Any]) -> tuple[pb.EnergyParams, pb.RunOptions]:
     unknown = set(kwargs) - set(energy) - set(options)
     if unknown:
         raise TypeError(
-            f"unknown keyword(s) {sorted(unknown)}; energy: {sorted(ENERGY_FIELDS)}, "
-            f"options: {sorted(OPTIONS_FIELDS)}"
+            f"unknown keyword(s) {sorted(unknown)}; energy: {sorted(ENERGY_FIELDS)}, options: {sorted(OPTIONS_FIELDS)}"
         )
     return energy_params(**energy), run_options(**options)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-PRELOAD = ["torch", "onnx", "onnxruntime", "onnx2torch", "converters.model", "service.parity"]
+PRELOAD = ["torch", "onnx", "onnxruntime", "onnx2torch", "converters.model", "converters.parity"]
 MAX_ANSWER_BYTES = 1 << 20
 
 
@@ -98,38 +98,37 @@ def _child(
     conn.close()
 
 
-def load_requested(path: str | Path, requested: dict[str, Any] | None) -> Any:
+def load_requested(path: str | Path, requested: dict[str, Any] | None, verify: bool = True) -> Any:
     """load_model with the uploader's preprocessing (the server and the vetting child share this).
 
     ``requested`` holds Preprocessing fields. Only a size (the nominal size of a dynamic-size model)
-    keeps everything else from the model's own metadata/defaults, so it takes two loads.
+    keeps everything else from the model's own metadata/defaults, so it takes two loads. ``verify``
+    runs converters' parity check against onnxruntime; the server skips it for vetted models.
     """
     from converters.model import load_model
     from converters.spec import Preprocessing
 
     if not requested:
-        return load_model(path)
+        return load_model(path, verify=verify)
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in requested.items()}
     if set(fields) <= {"height", "width"}:
-        return load_model(path, dataclasses.replace(load_model(path).preprocessing, **fields))
-    return load_model(path, Preprocessing(**fields))
+        own = load_model(path, verify=False).preprocessing
+        return load_model(path, dataclasses.replace(own, **fields), verify=verify)
+    return load_model(path, Preprocessing(**fields), verify=verify)
 
 
 def _vet(path: str, preprocessing: dict | None) -> dict[str, Any]:
-    from service.parity import tap_parity
-
-    converted = load_requested(path, preprocessing)
-    out = converted.output_tap
-    # Building the representation and the onnxruntime session of the whole model is the part
-    # that can blow up; doing it here means the server's own conversion later is known to work.
-    parity = tap_parity(converted, out)
+    # load_model checks parity against onnxruntime (converters.parity): building the torch graph
+    # and the onnxruntime session is the part that can blow up, so it happens here, under limits.
+    converted = load_requested(path, preprocessing, verify=True)
+    report = converted.parity
     return {
         "ok": True,
         "preprocessing": dataclasses.asdict(converted.preprocessing),
         "preprocessing_source": converted.preprocessing_source,
         "tap_count": len(converted.taps),
-        "output_tap": out.name,
-        "output_parity": parity,
+        "output_tap": converted.output_tap.name,
+        "parity": report.max_rel_error if report is not None else None,
     }
 
 

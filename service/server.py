@@ -76,7 +76,8 @@ class ServerConfig:
 
 def _load_converted(store: ModelStore, record: ModelRecord) -> Any:
     # The same call the vetting child made, so the model converts the same way it was vetted.
-    return load_requested(store.blob_path(record.id), record.requested_preprocessing)
+    # verify=False: the vetting child already checked parity with this exact call.
+    return load_requested(store.blob_path(record.id), record.requested_preprocessing, verify=False)
 
 
 def _requested_preprocessing(msg: pb.Preprocessing) -> dict[str, Any] | None:
@@ -138,6 +139,7 @@ def model_message(r: ModelRecord) -> pb.Model:
         bundled=r.bundled,
         created_at=created,
         description=r.description,
+        parity=r.parity,
     )
 
 
@@ -219,7 +221,7 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
                 labels=list(meta.labels),
                 tap_count=answer["tap_count"],
                 output_tap=answer["output_tap"],
-                output_parity=answer["output_parity"],
+                parity=answer["parity"],
                 description=meta.description[:2000],
             )
             record, existed = self.store.commit(staged.path, record)
@@ -312,10 +314,10 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
         with self._parity_lock:
             if key in self._parity:
                 return self._parity[key]
-        from service.parity import tap_parity
+        from converters.parity import check_parity
 
         try:
-            value = tap_parity(converted, tap)
+            value = check_parity(converted, [tap], n_images=1, device=self.device).taps[0].rel_error
         except Exception:  # a parity figure is informative; never fail a visualization over it
             log.warning("parity failed", exc_info=True, extra={"fields": {"model": model_id, "tap": tap}})
             return None
@@ -361,7 +363,7 @@ def seed_bundled(store: ModelStore, worker_limits: WorkerLimits | None = None) -
                 preprocessing_source=answer["preprocessing_source"],
                 tap_count=answer["tap_count"],
                 output_tap=answer["output_tap"],
-                output_parity=answer["output_parity"],
+                parity=answer["parity"],
                 bundled=True,
                 description=b.description,
             )

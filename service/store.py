@@ -68,7 +68,7 @@ class ModelRecord:
     labels: list[str] = field(default_factory=list)
     tap_count: int = 0
     output_tap: str = ""
-    output_parity: float | None = None  # torch vs onnxruntime at the output, measured at upload
+    parity: float | None = None  # largest ‖torch − onnxruntime‖/‖onnxruntime‖ over the taps checked at upload
     bundled: bool = False
     description: str = ""
     created_at: float = field(default_factory=time.time)
@@ -148,9 +148,7 @@ class StagedUpload:
 
 class UploadTooLarge(StoreError):
     def __init__(self, limit: int):
-        super().__init__(
-            f"the model is larger than this server's limit of {limit} bytes ({limit / 2**20:.0f} MiB)"
-        )
+        super().__init__(f"the model is larger than this server's limit of {limit} bytes ({limit / 2**20:.0f} MiB)")
         self.limit = limit
 
 
@@ -279,9 +277,7 @@ class ModelStore:
             if len(by_prefix) == 1:
                 return by_prefix[0]
             if len(by_prefix) > 1:
-                raise AmbiguousModel(
-                    f"id prefix {ref!r} matches {len(by_prefix)} models: give more characters"
-                )
+                raise AmbiguousModel(f"id prefix {ref!r} matches {len(by_prefix)} models: give more characters")
         names = sorted({r.name for r in records})
         hint = f"; stored models: {', '.join(names[:20])}" if names else "; the store is empty"
         raise ModelNotFound(f"no model {ref!r} in the store{hint}")

@@ -19,9 +19,7 @@ from tests._service_models import SIZE, conv_net
 @pytest.fixture(scope="module")
 def address(tmp_path_factory: pytest.TempPathFactory):
     torch.set_num_threads(1)
-    running = start_server(
-        "127.0.0.1:0", ServerConfig(store_dir=tmp_path_factory.mktemp("store"), seed_bundled=False)
-    )
+    running = start_server("127.0.0.1:0", ServerConfig(store_dir=tmp_path_factory.mktemp("store"), seed_bundled=False))
     yield f"127.0.0.1:{running.port}"
     running.stop(grace=None)
 
@@ -50,9 +48,7 @@ def test_remote_commands(address: str, tmp_path: Path, capsys: pytest.CaptureFix
     image = tmp_path / "in.png"
     Image.fromarray((np.random.default_rng(0).random((SIZE, SIZE, 3)) * 255).astype(np.uint8)).save(image)
     out = tmp_path / "inv.png"
-    report = cli_json(
-        capsys, "invert", "net", "relu2", str(image), "-o", str(out), "--server", address, *FAST
-    )
+    report = cli_json(capsys, "invert", "net", "relu2", str(image), "-o", str(out), "--server", address, *FAST)
     assert report["output"] == str(out) and Image.open(out).size == (SIZE, SIZE)
     assert report["model"] == "net" and report["tap"] == "relu2" and report["feature_error"] > 0
     assert set(report["terms"]) >= {"energy", "loss"} and report["preprocessing"]["std"] == [0.25] * 3

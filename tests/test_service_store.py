@@ -25,9 +25,7 @@ def _put(store: ModelStore, data: bytes, name: str, bundled: bool = False) -> tu
             staged.write(data[i : i + 7])
         sha = staged.finish()
         assert sha == hashlib.sha256(data).hexdigest()
-        return store.commit(
-            staged.path, ModelRecord(id=sha, name=name, size_bytes=staged.size, bundled=bundled)
-        )
+        return store.commit(staged.path, ModelRecord(id=sha, name=name, size_bytes=staged.size, bundled=bundled))
 
 
 def test_put_get_list_delete_and_restart(tmp_path: Path) -> None:

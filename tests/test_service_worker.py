@@ -21,7 +21,7 @@ def test_vet_reports_what_the_record_needs(model_path: Path) -> None:
     answer = vet_model(str(model_path), {"mean": [0.5], "std": [0.5], "scale": 1 / 255})
     assert answer["tap_count"] == 6 and answer["output_tap"] == "logits"
     assert answer["preprocessing_source"] == "uploader" and answer["preprocessing"]["mean"] == [0.5] * 3
-    assert answer["output_parity"] < 1e-4
+    assert answer["parity"] < 1e-4
 
 
 def test_bad_bytes_are_invalid(tmp_path: Path) -> None:

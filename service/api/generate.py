@@ -35,9 +35,7 @@ def proto_files() -> list[Path]:
 
 def _rewrite_imports(text: str, packages: set[str]) -> str:
     for pkg in sorted(packages):
-        text = re.sub(
-            rf"^(from|import) {re.escape(pkg)}(\.| )", rf"\1 {PACKAGE_PREFIX}{pkg}\2", text, flags=re.M
-        )
+        text = re.sub(rf"^(from|import) {re.escape(pkg)}(\.| )", rf"\1 {PACKAGE_PREFIX}{pkg}\2", text, flags=re.M)
     return text
 
 
@@ -88,25 +86,17 @@ def diff(expected_root: Path, actual_root: Path) -> list[str]:
         base = root / GENERATED_DIR
         if not base.exists():
             return set()
-        return {
-            str(p.relative_to(root)) for p in base.rglob("*") if p.is_file() and "__pycache__" not in p.parts
-        }
+        return {str(p.relative_to(root)) for p in base.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
 
     want, have = files(expected_root), files(actual_root)
     out = sorted(want ^ have)
-    out += sorted(
-        f for f in want & have if not filecmp.cmp(expected_root / f, actual_root / f, shallow=False)
-    )
+    out += sorted(f for f in want & have if not filecmp.cmp(expected_root / f, actual_root / f, shallow=False))
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--check", action="store_true", help="only check that the checked-in stubs are current"
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only check that the checked-in stubs are current")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         fresh = Path(tmp)

@@ -210,6 +210,7 @@ class Model(_message.Message):
     BUNDLED_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    PARITY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The model's id: the lowercase hex sha256 of its ONNX bytes."""
     name: _builtins.str
@@ -226,6 +227,10 @@ class Model(_message.Message):
     """True for models that ship with the service; they cannot be deleted."""
     description: _builtins.str
     """Free-text description (bundled models say what they are)."""
+    parity: _builtins.float
+    """Largest relative error ||torch - onnxruntime|| / ||onnxruntime|| over the taps checked when the
+    model was stored (a few taps spread over the graph, the output included).
+    """
     @_builtins.property
     def preprocessing(self) -> Global___Preprocessing:
         """The preprocessing the service uses for this model (every field resolved)."""
@@ -252,12 +257,15 @@ class Model(_message.Message):
         bundled: _builtins.bool = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         description: _builtins.str = ...,
+        parity: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "preprocessing", b"preprocessing"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_parity", b"_parity", "created_at", b"created_at", "parity", b"parity", "preprocessing", b"preprocessing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundled", b"bundled", "created_at", b"created_at", "description", b"description", "id", b"id", "labels", b"labels", "name", b"name", "output_tap", b"output_tap", "preprocessing", b"preprocessing", "preprocessing_source", b"preprocessing_source", "size_bytes", b"size_bytes", "tap_count", b"tap_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_parity", b"_parity", "bundled", b"bundled", "created_at", b"created_at", "description", b"description", "id", b"id", "labels", b"labels", "name", b"name", "output_tap", b"output_tap", "parity", b"parity", "preprocessing", b"preprocessing", "preprocessing_source", b"preprocessing_source", "size_bytes", b"size_bytes", "tap_count", b"tap_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__parity: _TypeAlias = _typing.Literal["parity"]  # noqa: Y015
+    _WhichOneofArgType__parity: _TypeAlias = _typing.Literal["_parity", b"_parity"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__parity) -> _WhichOneofReturnType__parity | None: ...
 
 Global___Model: _TypeAlias = Model  # noqa: Y015
 
@@ -1071,8 +1079,8 @@ class VisualizationResult(_message.Message):
     objective_value: _builtins.float
     """<phi(x*), w> for maximization and caricature, the loss for inversion."""
     tap_parity: _builtins.float
-    """Largest relative difference at this tap between the service's torch graph and onnxruntime
-    on a probe image: how faithfully the service computes the layer.
+    """||torch - onnxruntime|| / ||onnxruntime|| at this tap on a probe image: how faithfully the
+    service's torch graph computes the layer.
     """
     steps_run: _builtins.int
     """Steps actually run."""
