@@ -201,11 +201,10 @@ def _preprocessing_dict(p: pb.Preprocessing) -> dict[str, Any]:
 def _upload(client: Any, args: argparse.Namespace) -> int:
     from service.client import preprocessing
 
-    data = Path(args.file).read_bytes()
     floats = {k: [float(v) for v in getattr(args, k).split(",")] for k in ("mean", "std") if getattr(args, k)}
     pre = preprocessing(**floats, scale=args.scale, channel_order=args.channel_order)
     labels = Path(args.labels).read_text().splitlines() if args.labels else []
-    bar = _bar(len(data), "upload", unit="B", disable=args.json)
+    bar = _bar(Path(args.file).stat().st_size, "upload", unit="B", disable=args.json)
     sent = [0]
 
     def on_chunk(done: int, total: int) -> None:
@@ -213,7 +212,7 @@ def _upload(client: Any, args: argparse.Namespace) -> int:
         sent[0] = done
 
     response = client.upload(
-        data, name=args.name or Path(args.file).stem, preprocessing=pre, labels=labels,
+        args.file, name=args.name or Path(args.file).stem, preprocessing=pre, labels=labels,
         description=args.description, on_chunk=on_chunk,
     )  # fmt: skip
     bar.close()

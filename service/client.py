@@ -171,8 +171,12 @@ class PreimageClient:
         on_chunk: Callable[[int, int], None] | None = None,
         timeout: float | None = None,
     ) -> pb.UploadModelResponse:
-        """Upload an ONNX file (path or bytes) in chunks; ``on_chunk(sent, total)`` reports progress."""
-        data = model if isinstance(model, bytes) else Path(model).read_bytes()
+        """Upload an ONNX file (path or bytes) in chunks; ``on_chunk(sent, total)`` reports progress.
+
+        A file is streamed from disk and hashed on the way (memory: one chunk), so models of any
+        size the server accepts can be sent.
+        """
+        total = len(model) if isinstance(model, bytes) else Path(model).stat().st_size
         if name is None:
             name = Path(model).stem if not isinstance(model, bytes) else "model"
         pre = preprocessing if isinstance(preprocessing, pb.Preprocessing) else _pre(preprocessing)
@@ -182,15 +186,18 @@ class PreimageClient:
                 name=name,
                 preprocessing=pre,
                 labels=list(labels),
-                size_bytes=len(data),
+                size_bytes=total,
                 description=description,
             )
             yield pb.UploadModelRequest(metadata=meta)
-            for start in range(0, len(data), chunk_bytes):
-                yield pb.UploadModelRequest(chunk=data[start : start + chunk_bytes])
+            digest, sent = hashlib.sha256(), 0
+            for chunk in _chunks(model, chunk_bytes):
+                digest.update(chunk)
+                sent += len(chunk)
+                yield pb.UploadModelRequest(chunk=chunk)
                 if on_chunk is not None:
-                    on_chunk(min(start + chunk_bytes, len(data)), len(data))
-            yield pb.UploadModelRequest(finish=pb.UploadModelFinish(sha256=hashlib.sha256(data).hexdigest()))
+                    on_chunk(sent, total)
+            yield pb.UploadModelRequest(finish=pb.UploadModelFinish(sha256=digest.hexdigest()))
 
         return self.stub.UploadModel(messages(), timeout=self._timeout(timeout))
 
@@ -264,6 +271,16 @@ class PreimageClient:
             params=params, options=options,
         )  # fmt: skip
         return Run(self.stub.Caricature(request, timeout=self._timeout(timeout)), on_progress=on_progress)
+
+
+def _chunks(model: bytes | str | Path, size: int) -> Iterator[bytes]:
+    if isinstance(model, bytes):
+        for start in range(0, len(model), size):
+            yield model[start : start + size]
+        return
+    with open(model, "rb") as f:
+        while chunk := f.read(size):
+            yield chunk
 
 
 def _pre(values: dict | None) -> pb.Preprocessing:

@@ -91,11 +91,14 @@ def rel_error(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # -- model management -----------------------------------------------------------------------------
-def test_upload_large_model_in_chunks_then_get_list_delete(client: PreimageClient) -> None:
+def test_upload_large_model_in_chunks_then_get_list_delete(client: PreimageClient, tmp_path: Path) -> None:
     big = conv_net(seed=7, dense_out=4096)
     assert len(big) > 30_000_000  # far above gRPC's 4 MiB default message size
+    path = tmp_path / "big.onnx"
+    path.write_bytes(big)
     sent: list[int] = []
-    response = client.upload(big, name="big", chunk_bytes=1 << 20, on_chunk=lambda done, total: sent.append(done))
+    # From a path: streamed from disk and hashed on the way.
+    response = client.upload(path, name="big", chunk_bytes=1 << 20, on_chunk=lambda done, total: sent.append(done))
     assert len(sent) == -(-len(big) // (1 << 20)) and sent[-1] == len(big)
     model = response.model
     assert not response.already_existed and model.size_bytes == len(big) and model.tap_count == 6
