@@ -399,6 +399,9 @@ def server_options() -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        # gRPC sets SO_REUSEPORT by default: a second server on a busy port would silently share
+        # its traffic (and its clients would see two different stores). Fail loudly instead.
+        ("grpc.so_reuseport", 0),
     ]
 
 
@@ -421,9 +424,13 @@ def start_server(address: str, config: ServerConfig) -> RunningServer:
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    port = server.add_insecure_port(address)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise RuntimeError(f"cannot listen on {address}")
+        servicer.runner.shutdown()
+        raise RuntimeError(f"cannot listen on {address}: is another server using that port?")
     server.start()
     log.info(
         "serving",

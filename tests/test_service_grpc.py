@@ -450,6 +450,11 @@ def test_other_calls_stay_responsive_during_a_job(server, client: PreimageClient
     assert elapsed < 2.0, f"management calls took {elapsed:.2f} s while a job ran"
 
 
+def test_a_second_server_on_the_same_port_fails_loudly(server, tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="cannot listen"):
+        start_server(f"127.0.0.1:{server.port}", ServerConfig(store_dir=tmp_path, seed_bundled=False))
+
+
 def test_reflection_is_enough_to_call_the_service(server, tiny) -> None:
     # What a client in another language (or grpcurl) does: no generated code, only reflection.
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
