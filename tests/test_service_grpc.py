@@ -450,6 +450,32 @@ def test_other_calls_stay_responsive_during_a_job(server, client: PreimageClient
     assert elapsed < 2.0, f"management calls took {elapsed:.2f} s while a job ran"
 
 
+def test_structured_logs(client: PreimageClient, tiny) -> None:
+    import json
+    import logging
+
+    from service.errors import JsonFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("preimage.server")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        client.get("tiny")
+        with pytest.raises(grpc.RpcError):
+            client.get("missing")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    rpcs = [line for line in lines if line["msg"] == "rpc" and line["method"] == "GetModel"]
+    assert [(r["model"], r["code"]) for r in rpcs] == [("tiny", "OK"), ("missing", "NOT_FOUND")]
+    assert all(r["seconds"] >= 0 and r["peer"] and r["level"] == "info" for r in rpcs)
+
+
 def test_a_second_server_on_the_same_port_fails_loudly(server, tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="cannot listen"):
         start_server(f"127.0.0.1:{server.port}", ServerConfig(store_dir=tmp_path, seed_bundled=False))
