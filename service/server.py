@@ -209,8 +209,14 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
             existing = self.store.find(actual)
             if existing is not None:
                 return pb.UploadModelResponse(model=model_message(existing), already_existed=True)
-            with self._vet_slots:
+            # Wait for a conversion slot, but not for a client that has gone away.
+            while not self._vet_slots.acquire(timeout=0.5):
+                if not context.is_active():
+                    raise invalid("the upload was cancelled while waiting to be converted")
+            try:
                 answer = vet_model(str(staged.path), requested, self.config.worker_limits)
+            finally:
+                self._vet_slots.release()
             record = ModelRecord(
                 id=actual,
                 name=name,
