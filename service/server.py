@@ -414,7 +414,8 @@ def server_options() -> list[tuple[str, int]]:
 def start_server(address: str, config: ServerConfig) -> RunningServer:
     """Start serving on ``address`` ("host:port"; port 0 picks a free one) and return at once."""
     store = ModelStore(config.store_dir, max_model_bytes=config.max_model_bytes)
-    warm_up()  # the conversion fork server imports torch in the background while we start
+    # The conversion fork server starts on the first upload (or a bundled model not yet stored);
+    # short-lived embedded servers (the CLI's local commands) never pay for it. serve() warms it.
     if config.seed_bundled:
         seed_bundled(store, config.worker_limits)
     servicer = PreimageServicer(config, store)
@@ -469,6 +470,7 @@ def serve(address: str = "localhost:50051", store_dir: str | Path | None = None,
             "serving without authentication or TLS on a non-local address",
             extra={"fields": {"address": address}},
         )
+    warm_up()  # a long-running server: import torch in the conversion fork server now, not on upload 1
     running = start_server(address, config)
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
