@@ -1,0 +1,70 @@
+"""Inversion of `chelsea` through the bundled EfficientNet-Lite0, from the stem to the logits.
+
+Prints a Markdown table of the normalized feature error ‖Φ(x*) − Φ0‖/‖Φ0‖ (measured on the PNG)
+per tap with the default settings (SPEC.md: C = 300, α = 6, TV², 300 + 50 steps), and the
+seconds each took on this machine (a CPU figure: compare only within one run).
+
+    python bench/invert_table.py [--size 224] [--steps 300] [--out docs/figures/invert]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from converters.bundled import bundled_model_path
+from converters.model import load_model
+from service.energy import EnergyParams, Objective, Problem, from_uint8, minimize
+from service.reference import center_crop_resize, photo
+
+TAPS = (
+    "/act/Clip",
+    "/_blocks.0/_project_conv/Conv",
+    "/_blocks.2/Add",
+    "/_blocks.4/Add",
+    "/_blocks.7/Add",
+    "/_blocks.10/Add",
+    "/_blocks.14/Add",
+    "/act_1/Clip",
+    "logits",
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--image", default="chelsea")
+    parser.add_argument("--out", default=None, help="folder for the reconstructions (PNG)")
+    args = parser.parse_args()
+    model = load_model(bundled_model_path())
+    mean = model.preprocessing.mean_rgb255
+    x0 = from_uint8(center_crop_resize(photo(args.image), args.size, args.size), torch.tensor(mean))
+    print(f"| tap | shape | stride | feature error | seconds |\n|---|---|---|---|---|")
+    for name in TAPS:
+        tap = model.tap(name)
+        phi = model.representation(tap)
+        with torch.no_grad():
+            phi0 = phi(x0[None])[0]
+        start = time.perf_counter()
+        (result,) = minimize(
+            phi,
+            [Problem(Objective.invert(phi0), EnergyParams(steps=args.steps), seed=0)],
+            height=args.size,
+            width=args.size,
+            stride=tap.stride,
+            mean_rgb255=mean,
+        )
+        seconds = time.perf_counter() - start
+        print(f"| `{tap.alias}` | {list(tap.shape)} | {tap.stride} | {result.feature_error:.3f} | {seconds:.1f} |")
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(result.image_uint8).save(Path(args.out) / f"{tap.index:03d}.png")
+
+
+if __name__ == "__main__":
+    main()

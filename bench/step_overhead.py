@@ -1,0 +1,74 @@
+"""Per-step overhead of the minimizer over the floor: a bare torch forward+backward of the same
+truncated graph at the same batch size.
+
+Prints one ratio, measured in one run with the two interleaved (these machines are noisy):
+    service step time / (forward + backward) time
+
+    python bench/step_overhead.py [--tap /_blocks.7/Add] [--size 128] [--batch 4] [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from converters.bundled import bundled_model_path
+from converters.model import load_model
+from service.energy import EnergyParams, Minimizer, Objective, Problem
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tap", default="/_blocks.7/Add")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    model = load_model(bundled_model_path())
+    tap = model.tap(args.tap)
+    phi = model.representation(tap).to(device)
+    mean = model.preprocessing.mean_rgb255
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.rand(args.batch, 3, args.size, args.size, generator=gen) * 2 - 1).mul(50).to(device)
+    with torch.no_grad():
+        phi0 = phi(x).cpu()
+    mini = Minimizer(phi, height=args.size, width=args.size, stride=tap.stride, mean_rgb255=mean, device=device)
+    for i in range(args.batch):
+        mini.add(Problem(Objective.invert(phi0[i]), EnergyParams(steps=10**6), seed=i))
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def floor() -> None:
+        xi = x.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(phi(xi).float().sum(), xi)
+        sync()
+
+    def step() -> None:
+        mini.step()
+        sync()
+
+    for fn in (floor, step, floor, step):  # warm-up
+        fn()
+    times: dict[str, list[float]] = {"floor": [], "step": []}
+    for _ in range(args.steps):
+        for name, fn in (("floor", floor), ("step", step)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    f, s = statistics.median(times["floor"]), statistics.median(times["step"])
+    print(
+        f"device {device} tap {tap.alias} batch {args.batch} size {args.size}: "
+        f"floor {f * 1e3:.1f} ms, step {s * 1e3:.1f} ms (medians of {args.steps})"
+    )
+    print(f"per-step overhead ratio (step / floor): {s / f:.3f}")
+
+
+if __name__ == "__main__":
+    main()
