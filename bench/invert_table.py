@@ -44,7 +44,7 @@ def main() -> None:
     model = load_model(bundled_model_path())
     mean = model.preprocessing.mean_rgb255
     x0 = from_uint8(center_crop_resize(photo(args.image), args.size, args.size), torch.tensor(mean))
-    print(f"| tap | shape | stride | feature error | seconds |\n|---|---|---|---|---|")
+    print("| tap | shape | stride | feature error | seconds |\n|---|---|---|---|---|")
     for name in TAPS:
         tap = model.tap(name)
         phi = model.representation(tap)
