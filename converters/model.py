@@ -18,7 +18,7 @@ from converters.normalize import normalize
 from converters.representation import Preprocess, Representation
 from converters.spec import Preprocessing
 from converters.taps import TapInfo, compute_taps
-from converters.truncate import extract_subgraph
+from converters.truncate import truncate_fx
 
 # When the input's height/width are dynamic, taps (shapes, strides) are described at this size.
 NOMINAL_SIZE = 224
@@ -37,9 +37,17 @@ class ConvertedModel:
         self.taps = taps
         self._by_name = {t.name: t for t in taps}
         self._by_alias = {t.alias: t for t in taps}
+        # A module path names the last tap computed inside it (its output): "layer1.0" → the block's
+        # output, "layer1" → the stage's output. Taps are in topological order, so later ones win.
+        self._by_module: dict[str, TapInfo] = {}
+        for t in taps:
+            parts = t.module.split(".") if t.module else []
+            for i in range(1, len(parts) + 1):
+                self._by_module[".".join(parts[:i])] = t
         self._cache: dict[str, Representation] = {}
         self._lock = threading.RLock()
         self.parity = None  # converters.parity.ParityReport once verified
+        self._full: torch.fx.GraphModule | None = None
 
     @property
     def output_tap(self) -> TapInfo:
@@ -48,24 +56,37 @@ class ConvertedModel:
         return self._by_name.get(out, self.taps[-1])
 
     def tap(self, name_or_alias: str | TapInfo) -> TapInfo:
+        """A tap by ONNX value name, node alias, or torch module path (the module's output)."""
         if isinstance(name_or_alias, TapInfo):
             return self._by_name[name_or_alias.name]
-        tap = self._by_name.get(name_or_alias) or self._by_alias.get(name_or_alias)
+        tap = (self._by_name.get(name_or_alias) or self._by_alias.get(name_or_alias)
+               or self._by_module.get(name_or_alias))
         if tap is None:
-            raise UnknownTap(name_or_alias, [t.alias for t in self.taps] + [t.name for t in self.taps])
+            known = [*self._by_module, *(t.alias for t in self.taps), *(t.name for t in self.taps)]
+            raise UnknownTap(name_or_alias, known)
         return tap
 
+    def _full_graph(self) -> torch.fx.GraphModule:
+        """The whole model converted once; truncated representations share its modules."""
+        if self._full is None:
+            try:
+                self._full = convert(self.onnx, attach_onnx_mapping=True)
+            except Exception as exc:  # onnx2torch raises NotImplementedError, KeyError, ...
+                raise ModelError(f"cannot convert the model to torch: {type(exc).__name__}: {exc}") from exc
+            self._full.requires_grad_(False)
+            self._full.eval()
+        return self._full
+
     def representation(self, tap: str | TapInfo) -> Representation:
-        """Energy-space x → the tap's tensor; runs only the subgraph the tap depends on."""
+        """Energy-space x → the tap's tensor; runs only the subgraph the tap depends on.
+
+        Representations of one model share their weights (one converted graph, truncated per tap), so
+        moving one to a device moves the shared modules: call ``.to(device)`` on each you use."""
         info = self.tap(tap)
         with self._lock:
             rep = self._cache.get(info.name)
             if rep is None:
-                sub = extract_subgraph(self.onnx, self.input_name, [info.name])
-                try:
-                    graph = convert(sub)
-                except Exception as exc:  # onnx2torch raises NotImplementedError, KeyError, ...
-                    raise ModelError(f"cannot convert the graph up to tap {info.alias!r}: {exc}") from exc
+                graph = truncate_fx(self._full_graph(), info.name)
                 rep = Representation(self.preprocessing, graph, info.name, self.batch)
                 rep.eval()
                 self._cache[info.name] = rep
@@ -76,6 +97,37 @@ class ConvertedModel:
         """What onnxruntime gets for the energy-space image ``x`` (same arithmetic as the representation)."""
         x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).detach().float().cpu()
         return Preprocess(self.preprocessing)(x).numpy()
+
+
+def check_value_sizes(shaped: onnx.ModelProto, limits: LoadLimits, hw: tuple[int, int]) -> None:
+    """Refuse a graph whose intermediate values (at the nominal input size) would be absurdly large,
+    e.g. a ConstantOfShape asked for 10^12 elements: it would only fail once torch tried to allocate."""
+    for vi in list(shaped.graph.value_info) + list(shaped.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if not dims or not all(d.HasField("dim_value") for d in dims):
+            continue
+        n = 1
+        for d in dims:
+            n *= d.dim_value
+        if n > limits.max_value_elements:
+            raise ModelError(f"value {vi.name!r} would hold {n:.3g} elements ({[d.dim_value for d in dims]}) "
+                             f"for one {hw[0]}×{hw[1]} image; the limit is {limits.max_value_elements:.3g}")
+
+
+def check_supported_ops(model: onnx.ModelProto) -> None:
+    """Every op must have a converter (onnx2torch's or ours): say which ones do not, up front."""
+    from onnx2torch.node_converters import get_converter
+
+    opset = {o.domain: o.version for o in model.opset_import}
+    missing: set[str] = set()
+    for node in model.graph.node:
+        try:
+            get_converter(operation_type=node.op_type, version=opset.get(node.domain, 1), domain=node.domain)
+        except NotImplementedError:
+            missing.add(node.op_type)
+    if missing:
+        raise ModelError(f"the model uses ONNX ops that cannot be converted to torch at opset "
+                         f"{opset.get('', '?')}: {', '.join(sorted(missing))} (see docs/supported_ops.md)")
 
 
 def load_model(
@@ -96,6 +148,8 @@ def load_model(
     pre, source = resolve_preprocessing(model, spec, preprocessing)
     hw = (pre.height or NOMINAL_SIZE, pre.width or NOMINAL_SIZE)
     shaped = fixed_shape_copy(model, input_name, pre, hw, spec.batch)
+    check_value_sizes(shaped, limits or LoadLimits(), hw)
+    check_supported_ops(model)
     taps = compute_taps(shaped, input_name, pre.layout, hw)
     if not taps:
         raise ModelError("the model has no floating-point tensors that depend on its image input")

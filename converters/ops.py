@@ -349,3 +349,98 @@ _BUMPS: list[tuple[str, list[int], int, dict | None]] = [
 ]
 for _op, _versions, _prev, _unsupported in _BUMPS:
     _register(_op, _versions, f"as version {_prev}")(_delegate(_op, _prev, _unsupported))
+
+
+# ------------------------------------------------------------ standard ops onnx2torch does not have
+class _Fn(nn.Module, OnnxToTorchModule):
+    """A stateless op given as a function of the input tensor(s)."""
+
+    def __init__(self, fn: Callable, name: str):
+        super().__init__()
+        self.fn = fn
+        self.name = name
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return self.fn(*xs)
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+def _simple(op_type: str, versions: list[int], make: Callable[[OnnxNode], Callable], n_inputs: int = 1) -> None:
+    def converter(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+        return OperationConverterResult(_Fn(make(node), op_type), _mapping(node, n_inputs))
+
+    _register(op_type, versions, "new converter")(converter)
+
+
+def _spatial(x: torch.Tensor) -> list[int]:
+    return list(range(2, x.dim()))
+
+
+def _space_to_depth(node: OnnxNode) -> Callable:
+    b = int(node.attributes["blocksize"])
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        y = x.reshape(n, c, h // b, b, w // b, b).permute(0, 3, 5, 1, 2, 4)
+        return y.reshape(n, c * b * b, h // b, w // b)
+
+    return fn
+
+
+def _lp_norm(node: OnnxNode) -> Callable:
+    axis, p = int(node.attributes.get("axis", -1)), int(node.attributes.get("p", 2))
+    return lambda x: x / torch.linalg.vector_norm(x, ord=p, dim=axis, keepdim=True)
+
+
+def _mvn(node: OnnxNode) -> Callable:
+    axes = list(node.attributes.get("axes", [0, 2, 3]))
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=axes, keepdim=True)
+        return (x - mean) / ((x - mean).square().mean(dim=axes, keepdim=True).sqrt() + 1e-9)
+
+    return fn
+
+
+def _global_lp(node: OnnxNode) -> Callable:
+    p = float(node.attributes.get("p", 2))
+    return lambda x: x.abs().pow(p).sum(dim=_spatial(x), keepdim=True).pow(1.0 / p)
+
+
+def _shrink(node: OnnxNode) -> Callable:
+    bias, lambd = float(node.attributes.get("bias", 0.0)), float(node.attributes.get("lambd", 0.5))
+    return lambda x: torch.where(x < -lambd, x + bias, torch.where(x > lambd, x - bias, torch.zeros_like(x)))
+
+
+def _thresholded_relu(node: OnnxNode) -> Callable:
+    alpha = float(node.attributes.get("alpha", 1.0))
+    return lambda x: torch.where(x > alpha, x, torch.zeros_like(x))
+
+
+def _trilu(node: OnnxNode) -> Callable:
+    upper = bool(node.attributes.get("upper", 1))
+
+    def fn(x: torch.Tensor, k: torch.Tensor | None = None) -> torch.Tensor:
+        kk = 0 if k is None else int(k)
+        return torch.triu(x, kk) if upper else torch.tril(x, kk)
+
+    return fn
+
+
+_simple("GlobalMaxPool", [1], lambda node: lambda x: x.amax(dim=_spatial(x), keepdim=True))
+_simple("GlobalLpPool", [2], _global_lp)
+_simple("SpaceToDepth", [1, 13], _space_to_depth)
+_simple("LpNormalization", [1], _lp_norm)
+_simple("MeanVarianceNormalization", [9, 13], _mvn)
+_simple("Shrink", [9], _shrink)
+_simple("ThresholdedRelu", [10], _thresholded_relu)
+_simple("Sinh", [9], lambda node: torch.sinh)
+_simple("Cosh", [9], lambda node: torch.cosh)
+_simple("Asinh", [9], lambda node: torch.asinh)
+_simple("Acosh", [9], lambda node: torch.acosh)
+_simple("Atanh", [9], lambda node: torch.atanh)
+_simple("CastLike", [15, 19, 21], lambda node: lambda x, like: x.to(like.dtype), n_inputs=2)
+_simple("Size", [1, 13, 19, 21], lambda node: lambda x: torch.tensor(x.numel(), dtype=torch.int64))
+_simple("Trilu", [14], _trilu, n_inputs=2)

@@ -78,14 +78,25 @@ class ParityError(ModelError):
                          f"{report.tolerance:g}); the model cannot be served\n{report.summary()}")
 
 
+# Ops that only move data around: a parity check there says little, so default taps avoid them.
+_PLUMBING = {"Reshape", "Transpose", "Slice", "Gather", "Concat", "Squeeze", "Unsqueeze", "Flatten", "Cast",
+             "Identity", "Pad", "Expand", "Split", "Shape", "Tile", "Where", "Equal", "ConstantOfShape"}
+
+
 def default_taps(model, k: int = 3) -> list[TapInfo]:
-    """k taps spread over the graph: evenly spaced through the taps, the output last."""
-    taps = model.taps
+    """k taps spread over the graph (evenly through the computing taps), the output last."""
     out = model.output_tap
-    if len(taps) <= k:
-        return list(taps)
-    picks = [taps[round(i * (len(taps) - 1) / k)] for i in range(1, k)]
-    return list(dict.fromkeys([*picks, out]))
+    taps = [t for t in model.taps if t.op_type not in _PLUMBING and t.name != out.name] or list(model.taps)
+    if len(taps) < k:
+        return list(dict.fromkeys([*taps, out]))
+    used: list[int] = []
+    for j in range(1, k):  # at j/k of the way, moved on past a collision on small graphs
+        i = round(j * (len(taps) - 1) / k)
+        while i in used and i < len(taps) - 1:
+            i += 1
+        if i not in used:
+            used.append(i)
+    return list(dict.fromkeys([*(taps[i] for i in used), out]))
 
 
 def probe_images(n: int, height: int, width: int, seed: int = 0) -> torch.Tensor:

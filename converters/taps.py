@@ -21,6 +21,7 @@ ConvNeXt blocks).
 
 from __future__ import annotations
 
+import ast
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,12 +50,13 @@ class TapInfo:
     receptive_field: int
     is_global: bool = False  # True once every input pixel can affect every element
     index: int = field(default=0, compare=False)  # position in topological order
+    module: str = ""  # the torch module path that produced it ("layer1.0.conv1"), when the exporter kept it
 
     def as_dict(self) -> dict:
         return {
             "name": self.name, "alias": self.alias, "op_type": self.op_type,
             "shape": list(self.shape), "stride": self.stride,
-            "receptive_field": self.receptive_field, "global": self.is_global,
+            "receptive_field": self.receptive_field, "global": self.is_global, "module": self.module,
         }
 
 
@@ -77,6 +79,25 @@ def node_aliases(graph: onnx.GraphProto) -> list[str]:
         seen[base] = n + 1
         out.append(base if n == 0 else f"{base}_{n}")
     return out
+
+
+def node_module(node: onnx.NodeProto) -> str:
+    """The torch module path a node came from. The dynamo exporter records it in the node's
+    ``pkg.torch.onnx.name_scopes`` metadata (['', 'layer1', 'layer1.0', 'layer1.0.conv1', 'conv2d']);
+    the legacy exporter names nodes '/layer1/layer1.0/conv1/Conv' (module path, then the op)."""
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(p.value)
+            except (ValueError, SyntaxError):
+                break
+            if isinstance(scopes, list) and len(scopes) >= 2 and isinstance(scopes[-2], str):
+                return scopes[-2]
+            return ""
+    if node.name.startswith("/"):
+        parts = node.name.strip("/").split("/")
+        return parts[-2] if len(parts) >= 2 else ""
+    return ""
 
 
 def _shape_of(vi: onnx.ValueInfoProto) -> tuple[int | None, ...] | None:
@@ -138,7 +159,7 @@ def compute_taps(
                 name=out, alias=alias if len(node.output) == 1 else f"{alias}:{list(node.output).index(out)}",
                 op_type=node.op_type, shape=tuple(shape[1:]) if shape else (),
                 stride=g.stride, receptive_field=g.rf,
-                is_global=g.is_global, index=len(taps),
+                is_global=g.is_global, index=len(taps), module=node_module(node),
             ))
     return taps
 

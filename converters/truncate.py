@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import operator
+
 import onnx
+import torch
+import torch.fx
 from onnx import helper
 
 
@@ -44,3 +48,36 @@ def extract_subgraph(model: onnx.ModelProto, input_name: str, outputs: list[str]
     out = helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     out.producer_name = model.producer_name
     return out
+
+
+def truncate_fx(full: torch.fx.GraphModule, value_name: str) -> torch.fx.GraphModule:
+    """The part of ``full`` (converted with ``attach_onnx_mapping=True``) that computes ONNX value
+    ``value_name``, as a GraphModule whose submodules are *shared* with ``full`` (no weight copies).
+    Dead-code elimination drops every node the value does not depend on, so only the prefix runs."""
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    out = graph.graph_copy(full.graph, env, return_output_node=False)
+    del out
+    target = None
+    for node in full.graph.nodes:
+        if node.op != "call_module":
+            continue
+        mapping = getattr(full.get_submodule(node.target), "onnx_mapping", None)
+        if mapping is None or value_name not in mapping.outputs:
+            continue
+        target = env[node]
+        if len(mapping.outputs) > 1:
+            target = graph.call_function(operator.getitem, (target, mapping.outputs.index(value_name)))
+        break
+    if target is None:
+        raise KeyError(f"value {value_name!r} is not computed by the converted graph")
+    for node in list(graph.nodes):
+        if node.op == "output":
+            graph.erase_node(node)
+    graph.output(target)
+    module = torch.fx.GraphModule(full, graph)
+    module.graph.eliminate_dead_code()  # needs the owning module for its purity checks
+    module.delete_all_unused_submodules()
+    module.graph.lint()
+    module.recompile()
+    return module

@@ -1,0 +1,95 @@
+"""``preimage inspect MODEL.onnx [--json]``: what the service would make of a model, as plain data.
+
+``inspect_model`` never raises for a bad model: it returns ``{"ok": False, "error": ...}`` so the CLI
+can print the reason and exit non-zero. ``format_inspection`` renders the dict for people.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from pathlib import Path
+
+from converters.errors import ModelError
+from converters.loading import LoadLimits
+from converters.spec import Preprocessing
+
+
+def inspect_model(path: str | Path | bytes, preprocessing: Preprocessing | None = None,
+                  limits: LoadLimits | None = None) -> dict:
+    """Input spec, preprocessing, ops, taps and the parity report of a model; JSON-serializable."""
+    from converters.model import load_model
+    from converters.parity import ParityError
+
+    source = "<bytes>" if isinstance(path, (bytes, bytearray)) else str(path)
+    result: dict = {"model": source, "ok": False, "error": None}
+    try:
+        model = load_model(path, preprocessing=preprocessing, limits=limits)
+    except ParityError as exc:
+        result["error"] = str(exc).splitlines()[0]
+        result["parity"] = exc.report.as_dict()
+        return result
+    except ModelError as exc:
+        result["error"] = str(exc)
+        return result
+    g = model.onnx.graph
+    opset = {o.domain or "ai.onnx": o.version for o in model.onnx.opset_import}
+    result.update({
+        "ok": True,
+        "producer": f"{model.onnx.producer_name} {model.onnx.producer_version}".strip(),
+        "opset": opset,
+        "input": {"name": model.input_name, "batch": model.batch, **{
+            k: v for k, v in dataclasses.asdict(model.preprocessing).items()
+            if k in ("layout", "height", "width", "dtype")}},
+        "preprocessing": {**dataclasses.asdict(model.preprocessing),
+                          "mean_rgb255": list(model.preprocessing.mean_rgb255),
+                          "source": model.preprocessing_source},
+        "ops": dict(sorted(collections.Counter(n.op_type for n in g.node).items())),
+        "nodes": len(g.node),
+        "parameters": int(sum(_numel(t) for t in g.initializer)),
+        "taps": [t.as_dict() for t in model.taps],
+        "output_tap": model.output_tap.alias,
+        "parity": model.parity.as_dict() if model.parity is not None else None,
+    })
+    return result
+
+
+def _numel(t) -> int:
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n
+
+
+def format_inspection(info: dict, max_taps: int = 400) -> str:
+    """A human-readable rendering of ``inspect_model``'s result."""
+    lines = [f"model: {info['model']}"]
+    if not info["ok"]:
+        lines.append(f"NOT SERVABLE: {info['error']}")
+        if info.get("parity"):
+            lines += [f"  {t['alias']}: relative error {t['rel_error']:.2e}" for t in info["parity"]["taps"]]
+        return "\n".join(lines)
+    inp, pre = info["input"], info["preprocessing"]
+    size = f"{inp['height']}×{inp['width']}" if inp["height"] else "dynamic H×W"
+    lines += [
+        f"producer: {info['producer'] or '?'}; opset {info['opset']}; {info['nodes']} nodes, "
+        f"{info['parameters']:,} parameters",
+        f"input: {inp['name']!r} {inp['layout']} {size} {inp['dtype']}, batch {inp['batch'] or 'any'}",
+        f"preprocessing ({pre['source']}): {pre['channel_order']}, ×{pre['scale']:.6g}, mean {pre['mean']}, "
+        f"std {pre['std']}",
+        "ops: " + ", ".join(f"{k}×{v}" for k, v in info["ops"].items()),
+        f"taps ({len(info['taps'])}; stride / receptive field in input pixels, * = global):",
+    ]
+    for t in info["taps"][:max_taps]:
+        mod = f"  [{t['module']}]" if t["module"] else ""
+        star = "*" if t["global"] else " "
+        lines.append(f"  {t['alias']:<48} {t['op_type']:<18} {str(t['shape']):<18} "
+                     f"s{t['stride']:<4} rf{t['receptive_field']}{star}{mod}")
+    if len(info["taps"]) > max_taps:
+        lines.append(f"  ... {len(info['taps']) - max_taps} more")
+    p = info["parity"]
+    if p:
+        lines.append(f"parity vs onnxruntime: {'ok' if p['ok'] else 'FAILED'} (tolerance {p['tolerance']:g}, "
+                     f"input {p['input_shape']})")
+        lines += [f"  {t['alias']}: {t['rel_error']:.2e}" for t in p["taps"]]
+    return "\n".join(lines)
