@@ -9,10 +9,11 @@ from onnx import TensorProto, helper, numpy_helper
 SIZE = 32  # input height and width
 
 
-def conv_net(seed: int = 0, dense_out: int = 10, name: str = "tiny") -> bytes:
+def conv_net(seed: int = 0, dense_out: int = 10, name: str = "tiny", batch: int | str = "N") -> bytes:
     """image(N×3×32×32) → conv1(8, s2) → relu1 → conv2(8) → relu2 → flatten → fc(dense_out) → logits.
 
     ``dense_out`` sets the size: the fc weight is 2048 × dense_out floats (4096 → 33.5 MB).
+    ``batch=1`` makes a fixed-batch graph, as many exporters write.
     """
     rng = np.random.default_rng(seed)
 
@@ -48,8 +49,8 @@ def conv_net(seed: int = 0, dense_out: int = 10, name: str = "tiny") -> bytes:
     graph = helper.make_graph(
         nodes,
         name,
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", dense_out])],
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [batch, 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, dense_out])],
         initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="preimage-tests")

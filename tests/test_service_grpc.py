@@ -187,6 +187,12 @@ def test_dynamic_size_model(client: PreimageClient) -> None:
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "16384 pixels" in err.value.details()
 
 
+def test_fixed_batch_model_runs_batched_requests(client: PreimageClient) -> None:
+    client.upload(conv_net(seed=9, batch=1), name="batch1")
+    run = client.maximize("batch1", "relu2", [0, 1, 2], channel_max=1.0, **FAST).wait()
+    assert [r.description for r in run.results] == ["channel 0", "channel 1", "channel 2"]
+
+
 def test_same_seed_same_image(client: PreimageClient, tiny: pb.Model) -> None:
     first = client.maximize("tiny", "relu1", [1], seed=5, **FAST).wait().results[0].png
     again = client.maximize("tiny", "relu1", [1], seed=5, **FAST).wait().results[0].png
