@@ -38,8 +38,13 @@ PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "rocket", "coins", "moon",
 # The paper's Table 1 (CVPR 2015), as recalled in SPEC.md: mean, std of the normalized error in %.
 PAPER = {"hog": (28.10, 7.9), "hogb": (10.67, 5.1), "dsift": (10.89, 7.5)}
 HOGGLE = (66.20, 13.7)
-LABELS = {"hog": "HOG", "hogb": "HOGb", "dsift": "DSIFT", "hog_dalaltriggs": "HOG (Dalal-Triggs)",
-          "hog_via_hogb": "HOG, minimized through HOGb"}
+LABELS = {
+    "hog": "HOG",
+    "hogb": "HOGb",
+    "dsift": "DSIFT",
+    "hog_dalaltriggs": "HOG (Dalal-Triggs)",
+    "hog_via_hogb": "HOG, minimized through HOGb",
+}
 # Rows that invert one representation's Φ0 while descending through another: (Φ, Φ used for the descent).
 SURROGATES = {"hog_via_hogb": ("hog", "hogb")}
 PAPER["hog_via_hogb"] = PAPER["hog"]
@@ -56,7 +61,7 @@ def load_photo(name: str, size: int) -> np.ndarray:
     h, w = image.shape[:2]
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
-    image = image[top:top + side, left:left + side, :3]
+    image = image[top : top + side, left : left + side, :3]
     image = resize(image, (size, size), anti_aliasing=True, preserve_range=True)
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
@@ -74,7 +79,7 @@ def hog_glyphs(grey: np.ndarray, glyph: int = 16) -> np.ndarray:
     with torch.no_grad():
         hog = module(torch.from_numpy(grey.astype(np.float32))[None, None])[0].numpy()
     n = module.num_orientations
-    weights = hog[:n] + hog[n:2 * n] + hog[2 * n:3 * n]  # n×h×w, per undirected orientation
+    weights = hog[:n] + hog[n : 2 * n] + hog[2 * n : 3 * n]  # n×h×w, per undirected orientation
     yy, xx = np.mgrid[0:glyph, 0:glyph].astype(np.float64) - (glyph - 1) / 2
     bars = []
     for o in range(n):
@@ -89,7 +94,7 @@ def hog_glyphs(grey: np.ndarray, glyph: int = 16) -> np.ndarray:
         for c in range(cols):
             cell_max = weights[:, r, c].max()
             cell = np.tensordot(weights[:, r, c], bars, axes=1)  # overlapping bars add up; cap them
-            canvas[r * glyph:(r + 1) * glyph, c * glyph:(c + 1) * glyph] = np.minimum(cell, cell_max)
+            canvas[r * glyph : (r + 1) * glyph, c * glyph : (c + 1) * glyph] = np.minimum(cell, cell_max)
     canvas /= max(canvas.max(), 1e-12)
     return np.round(canvas * 255).astype(np.uint8)
 
@@ -111,16 +116,27 @@ def invert_all(row: str, photos: dict[str, np.ndarray], model_dir: Path, args: a
     with torch.no_grad():
         for i, image in enumerate(photos.values()):
             targets.append(phi(from_uint8(image, mean_t)[None])[0])
-            problems.append(Problem(Objective.invert(targets[-1]),
-                                    EnergyParams(loss_weight=args.loss_weight, steps=args.steps,
-                                                 refine_steps=args.refine),
-                                    seed=args.seed + i))
+            problems.append(
+                Problem(
+                    Objective.invert(targets[-1]),
+                    EnergyParams(loss_weight=args.loss_weight, steps=args.steps, refine_steps=args.refine),
+                    seed=args.seed + i,
+                )
+            )
     size = args.size
     start = time.perf_counter()
-    results = minimize(phi_opt, problems, height=size, width=size, stride=representation_stride(name),
-                       mean_rgb255=mean, report_every=max(args.steps // 4, 1),
-                       on_step=lambda e: print(f"  {row} step {e.step}/{e.total} E={e.terms['energy']:.4g}",
-                                               flush=True) if e.handle == 0 else None)
+    results = minimize(
+        phi_opt,
+        problems,
+        height=size,
+        width=size,
+        stride=representation_stride(name),
+        mean_rgb255=mean,
+        report_every=max(args.steps // 4, 1),
+        on_step=lambda e: (
+            print(f"  {row} step {e.step}/{e.total} E={e.terms['energy']:.4g}", flush=True) if e.handle == 0 else None
+        ),
+    )
     seconds = time.perf_counter() - start
     errors = []
     with torch.no_grad():
@@ -160,7 +176,7 @@ def save_grid(path: Path, photos: dict[str, np.ndarray], runs: dict[str, dict]) 
         tiles = [image, np.repeat(glyph[:, :, None], 3, axis=2)] + inverted
         for c, tile in enumerate(tiles):
             y, x = pad + r * (size + pad), pad + c * (size + pad)
-            grid[y:y + size, x:x + size] = tile
+            grid[y : y + size, x : x + size] = tile
     Image.fromarray(grid).save(path)
 
 
@@ -176,15 +192,15 @@ def table(runs: dict[str, dict], args: argparse.Namespace) -> str:
         paper = PAPER.get(name)
         paper_text = f"{paper[0]:.2f} ± {paper[1]:.1f}" if paper else "—"
         below = ("yes" if run["mean"] < paper[0] else "no") if paper else "—"
-        lines.append(f"| {LABELS[name]} | {run['mean']:.2f} ± {run['std']:.2f} | {paper_text} | {below} | "
-                     f"{run['seconds']:.0f} |")
+        lines.append(
+            f"| {LABELS[name]} | {run['mean']:.2f} ± {run['std']:.2f} | {paper_text} | {below} | {run['seconds']:.0f} |"
+        )
     lines.append(f"| HOGgle (Vondrick et al., HOG) | — | {HOGGLE[0]:.2f} ± {HOGGLE[1]:.1f} | | |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--steps", type=int, default=300)
@@ -199,13 +215,15 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     model_dir = args.model_dir or args.out / "models"
-    photos = {name: load_photo(name, args.size) for name in PHOTOS[:args.images]}
+    photos = {name: load_photo(name, args.size) for name in PHOTOS[: args.images]}
     runs = {}
     for name in args.representations.split(","):
         print(f"{LABELS[name]}: inverting {len(photos)} photos", flush=True)
         runs[name] = invert_all(name, photos, model_dir, args)
-        print(f"{LABELS[name]}: {runs[name]['mean']:.2f} ± {runs[name]['std']:.2f} % "
-              f"({runs[name]['seconds']:.0f} s)", flush=True)
+        print(
+            f"{LABELS[name]}: {runs[name]['mean']:.2f} ± {runs[name]['std']:.2f} % ({runs[name]['seconds']:.0f} s)",
+            flush=True,
+        )
     text = table(runs, args)
     print(text)
     (args.out / "shallow_inversion.md").write_text(text + "\n")

@@ -76,8 +76,7 @@ def test_uoctti_matches_vl_hog(photos, bilinear):
     paper = HogUoctti(bilinear=bilinear)  # the 27 dims the paper (and the exported model) keeps
     errors = []
     for (name, size), grey in photos.items():
-        ref = vlfeat.vl_hog(grey, cell_size=8, num_orientations=9, variant=vlfeat.VL_HOG_UOCTTI,
-                            bilinear=bilinear)
+        ref = vlfeat.vl_hog(grey, cell_size=8, num_orientations=9, variant=vlfeat.VL_HOG_UOCTTI, bilinear=bilinear)
         assert ref.shape == (31, (size[0] + 4) // 8, (size[1] + 4) // 8)
         errors.append(assert_parity(run(full, grey), ref, f"{name} {size}"))
         assert_parity(run(paper, grey), ref[:27], f"{name} {size} (27 dims)")
@@ -100,8 +99,14 @@ def test_dalal_triggs_matches_skimage(photos, block):
     module = HogDalalTriggs(cell_size=8, num_orientations=9, block_size=block)
     errors = []
     for (name, size), grey in photos.items():
-        ref = skimage_hog(grey, orientations=9, pixels_per_cell=(8, 8), cells_per_block=(block, block),
-                          block_norm="L2-Hys", feature_vector=False)
+        ref = skimage_hog(
+            grey,
+            orientations=9,
+            pixels_per_cell=(8, 8),
+            cells_per_block=(block, block),
+            block_norm="L2-Hys",
+            feature_vector=False,
+        )
         ref = ref.reshape(ref.shape[0], ref.shape[1], -1).transpose(2, 0, 1)  # (b, b, n) → channels first
         errors.append(assert_parity(run(module, grey), ref, f"{name} {size}"))
     report(f"Dalal-Triggs block {block}", errors)
@@ -152,8 +157,7 @@ def test_border_conventions():
     assert not np.allclose(run(dalal, base), run(dalal, bumped))
     sift = DenseSift(bin_size=5, step=3)
     assert not np.allclose(run(sift, base), run(sift, bumped))
-    ref_dalal = [skimage_hog(im, 9, (8, 8), (2, 2), block_norm="L2-Hys", feature_vector=False)
-                 for im in (base, bumped)]
+    ref_dalal = [skimage_hog(im, 9, (8, 8), (2, 2), block_norm="L2-Hys", feature_vector=False) for im in (base, bumped)]
     assert not np.allclose(*ref_dalal)
 
 

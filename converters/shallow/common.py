@@ -52,8 +52,9 @@ def triangle_cell_kernel(cell_size: int) -> np.ndarray:
     return np.maximum(0.0, 1.0 - np.abs(offset)).astype(np.float32)
 
 
-def bin_cells_bilinear(votes: torch.Tensor, cell_size: int, kernel: torch.Tensor,
-                       border: int, channels: int) -> torch.Tensor:
+def bin_cells_bilinear(
+    votes: torch.Tensor, cell_size: int, kernel: torch.Tensor, border: int, channels: int
+) -> torch.Tensor:
     """Accumulate per-pixel ``votes`` (B×K×h×w) into cells by bilinear spatial interpolation.
 
     ``votes`` covers the image minus ``border`` pixels on every side (the pixels where a gradient is

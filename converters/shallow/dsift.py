@@ -62,8 +62,9 @@ class DenseSift(torch.nn.Module):
     uses the exact root.
     """
 
-    def __init__(self, bin_size: int = 8, step: int = 4, num_bins: int = 4, num_orientations: int = 8,
-                 window_size: float = 2.0) -> None:
+    def __init__(
+        self, bin_size: int = 8, step: int = 4, num_bins: int = 4, num_orientations: int = 8, window_size: float = 2.0
+    ) -> None:
         super().__init__()
         if bin_size < 1 or step < 1:
             raise ValueError("bin_size and step must be positive")
@@ -98,12 +99,22 @@ class DenseSift(torch.nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         t, nb = self.num_orientations, self.num_bins
-        gx = torch.cat([image[:, :, :, 1:2] - image[:, :, :, 0:1],
-                        0.5 * (image[:, :, :, 2:] - image[:, :, :, :-2]),
-                        image[:, :, :, -1:] - image[:, :, :, -2:-1]], dim=3)
-        gy = torch.cat([image[:, :, 1:2, :] - image[:, :, 0:1, :],
-                        0.5 * (image[:, :, 2:, :] - image[:, :, :-2, :]),
-                        image[:, :, -1:, :] - image[:, :, -2:-1, :]], dim=2)
+        gx = torch.cat(
+            [
+                image[:, :, :, 1:2] - image[:, :, :, 0:1],
+                0.5 * (image[:, :, :, 2:] - image[:, :, :, :-2]),
+                image[:, :, :, -1:] - image[:, :, :, -2:-1],
+            ],
+            dim=3,
+        )
+        gy = torch.cat(
+            [
+                image[:, :, 1:2, :] - image[:, :, 0:1, :],
+                0.5 * (image[:, :, 2:, :] - image[:, :, :-2, :]),
+                image[:, :, -1:, :] - image[:, :, -2:-1, :],
+            ],
+            dim=2,
+        )
         g2 = gx * gx + gy * gy
         # vl_fast_sqrt_f returns 0 below 1e-8.
         mod = torch.where(g2 < 1e-8, torch.zeros_like(g2), magnitude(g2))

@@ -55,20 +55,34 @@ class ShallowSpec:
 SHALLOW_MODELS: dict[str, ShallowSpec] = {
     spec.name: spec
     for spec in (
-        ShallowSpec("hog", "HogUoctti", {"cell_size": 8, "num_orientations": 9, "bilinear": False},
-                    "HOG UoCTTI (vl_hog), cell 8, 9 orientations, 27 dims, hard orientation assignment",
-                    "VLFeat 0.9.21 vl_hog, VlHogVariantUoctti (first 27 dims)"),
-        ShallowSpec("hogb", "HogUoctti", {"cell_size": 8, "num_orientations": 9, "bilinear": True},
-                    "HOGb: HOG UoCTTI with bilinear orientation assignment, cell 8, 27 dims",
-                    "VLFeat 0.9.21 vl_hog, VlHogVariantUoctti, bilinear orientations (first 27 dims)"),
-        ShallowSpec("hog_dalaltriggs", "HogDalalTriggs",
-                    {"cell_size": 8, "num_orientations": 9, "block_size": 2},
-                    "HOG Dalal-Triggs (skimage.feature.hog), cell 8, 2x2 blocks, 9 orientations, L2-Hys",
-                    "skimage.feature.hog(block_norm='L2-Hys'), feature_vector=False"),
-        ShallowSpec("dsift", "DenseSift", {"bin_size": 8, "step": 4, "num_bins": 4, "num_orientations": 8,
-                                           "window_size": 2.0},
-                    "dense SIFT (vl_dsift), 4x4 bins of 8 px, 8 orientations, step 4, Gaussian window",
-                    "VLFeat 0.9.21 vl_dsift_process, Gaussian window"),
+        ShallowSpec(
+            "hog",
+            "HogUoctti",
+            {"cell_size": 8, "num_orientations": 9, "bilinear": False},
+            "HOG UoCTTI (vl_hog), cell 8, 9 orientations, 27 dims, hard orientation assignment",
+            "VLFeat 0.9.21 vl_hog, VlHogVariantUoctti (first 27 dims)",
+        ),
+        ShallowSpec(
+            "hogb",
+            "HogUoctti",
+            {"cell_size": 8, "num_orientations": 9, "bilinear": True},
+            "HOGb: HOG UoCTTI with bilinear orientation assignment, cell 8, 27 dims",
+            "VLFeat 0.9.21 vl_hog, VlHogVariantUoctti, bilinear orientations (first 27 dims)",
+        ),
+        ShallowSpec(
+            "hog_dalaltriggs",
+            "HogDalalTriggs",
+            {"cell_size": 8, "num_orientations": 9, "block_size": 2},
+            "HOG Dalal-Triggs (skimage.feature.hog), cell 8, 2x2 blocks, 9 orientations, L2-Hys",
+            "skimage.feature.hog(block_norm='L2-Hys'), feature_vector=False",
+        ),
+        ShallowSpec(
+            "dsift",
+            "DenseSift",
+            {"bin_size": 8, "step": 4, "num_bins": 4, "num_orientations": 8, "window_size": 2.0},
+            "dense SIFT (vl_dsift), 4x4 bins of 8 px, 8 orientations, step 4, Gaussian window",
+            "VLFeat 0.9.21 vl_dsift_process, Gaussian window",
+        ),
     )
 }
 
@@ -100,16 +114,24 @@ def export_onnx(name: str, path: str | Path, example_size: tuple[int, int] = (64
             # cap()/floor() make scalar constants with torch.tensor; the tracer flags them needlessly.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(
-                module, (example,), str(tmp),
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
-                              OUTPUT_NAME: {0: "batch", 2: "rows", 3: "cols"}},
-                opset_version=OPSET, do_constant_folding=True, dynamo=False,
+                module,
+                (example,),
+                str(tmp),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={
+                    INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
+                    OUTPUT_NAME: {0: "batch", 2: "rows", 3: "cols"},
+                },
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,
             )
         proto = onnx.load(str(tmp))
         meta = dict(preprocessing_metadata())
-        meta["preimage.shallow"] = json.dumps({"name": spec.name, "class": spec.cls, "params": spec.params,
-                                               "reference": spec.reference})
+        meta["preimage.shallow"] = json.dumps(
+            {"name": spec.name, "class": spec.cls, "params": spec.params, "reference": spec.reference}
+        )
         meta["preimage.description"] = spec.description
         for key, value in meta.items():
             entry = proto.metadata_props.add()
@@ -127,8 +149,7 @@ def export_onnx(name: str, path: str | Path, example_size: tuple[int, int] = (64
 
 def _digest(name: str) -> str:
     spec = SHALLOW_MODELS[name]
-    text = json.dumps([_EXPORT_VERSION, torch.__version__, onnx.__version__, spec.cls, spec.params],
-                      sort_keys=True)
+    text = json.dumps([_EXPORT_VERSION, torch.__version__, onnx.__version__, spec.cls, spec.params], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -148,5 +169,4 @@ def bundled_shallow_models(directory: str | Path) -> list:
     """The shallow models as ``converters.bundled.BundledModel`` entries (exported on first use)."""
     from converters.bundled import BundledModel
 
-    return [BundledModel(name, path, SHALLOW_MODELS[name].description)
-            for name, path in export_all(directory).items()]
+    return [BundledModel(name, path, SHALLOW_MODELS[name].description) for name, path in export_all(directory).items()]

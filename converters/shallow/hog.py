@@ -53,8 +53,9 @@ class HogUoctti(torch.nn.Module):
     bilinear mode to about 2e-5 (relative) rather than to float rounding.
     """
 
-    def __init__(self, cell_size: int = 8, num_orientations: int = 9, bilinear: bool = False,
-                 texture: bool = False) -> None:
+    def __init__(
+        self, cell_size: int = 8, num_orientations: int = 9, bilinear: bool = False, texture: bool = False
+    ) -> None:
         super().__init__()
         if cell_size < 1 or num_orientations < 1:
             raise ValueError("cell_size and num_orientations must be positive")
@@ -90,8 +91,8 @@ class HogUoctti(torch.nn.Module):
             best_value = strength[:, 0:1]
             best = torch.zeros_like(best_value)
             for k in range(1, n):
-                better = strength[:, k:k + 1] > best_value
-                best_value = torch.where(better, strength[:, k:k + 1], best_value)
+                better = strength[:, k : k + 1] > best_value
+                best_value = torch.where(better, strength[:, k : k + 1], best_value)
                 best = torch.where(better, torch.full_like(best, float(k)), best)
             onehot = (best == self.axes).to(gx.dtype)
             negative = (score < 0).to(gx.dtype)
@@ -194,7 +195,7 @@ class HogDalalTriggs(torch.nn.Module):
         pieces = []
         for dy in range(b):
             for dx in range(b):
-                pieces.append(hist[:, :, dy:rows - (b - 1) + dy, dx:cols - (b - 1) + dx])
+                pieces.append(hist[:, :, dy : rows - (b - 1) + dy, dx : cols - (b - 1) + dx])
         blocks = torch.cat(pieces, dim=1)
         eps2 = 1e-10
         blocks = blocks / torch.sqrt(torch.sum(blocks * blocks, dim=1, keepdim=True) + eps2)

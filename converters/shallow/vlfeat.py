@@ -21,23 +21,38 @@ class VLFeatUnavailable(RuntimeError):
 
 
 class _DsiftGeometry(ctypes.Structure):
-    _fields_ = [("numBinT", ctypes.c_int), ("numBinX", ctypes.c_int), ("numBinY", ctypes.c_int),
-                ("binSizeX", ctypes.c_int), ("binSizeY", ctypes.c_int)]
+    _fields_ = [
+        ("numBinT", ctypes.c_int),
+        ("numBinX", ctypes.c_int),
+        ("numBinY", ctypes.c_int),
+        ("binSizeX", ctypes.c_int),
+        ("binSizeY", ctypes.c_int),
+    ]
 
 
 class _DsiftFilter(ctypes.Structure):
     _fields_ = [
-        ("imWidth", ctypes.c_int), ("imHeight", ctypes.c_int),
-        ("stepX", ctypes.c_int), ("stepY", ctypes.c_int),
-        ("boundMinX", ctypes.c_int), ("boundMinY", ctypes.c_int),
-        ("boundMaxX", ctypes.c_int), ("boundMaxY", ctypes.c_int),
+        ("imWidth", ctypes.c_int),
+        ("imHeight", ctypes.c_int),
+        ("stepX", ctypes.c_int),
+        ("stepY", ctypes.c_int),
+        ("boundMinX", ctypes.c_int),
+        ("boundMinY", ctypes.c_int),
+        ("boundMaxX", ctypes.c_int),
+        ("boundMaxY", ctypes.c_int),
         ("geom", _DsiftGeometry),
         ("useFlatWindow", ctypes.c_int),
         ("windowSize", ctypes.c_double),
-        ("numFrames", ctypes.c_int), ("descrSize", ctypes.c_int),
-        ("frames", ctypes.c_void_p), ("descrs", ctypes.POINTER(ctypes.c_float)),
-        ("numBinAlloc", ctypes.c_int), ("numFrameAlloc", ctypes.c_int), ("numGradAlloc", ctypes.c_int),
-        ("grads", ctypes.c_void_p), ("convTmp1", ctypes.c_void_p), ("convTmp2", ctypes.c_void_p),
+        ("numFrames", ctypes.c_int),
+        ("descrSize", ctypes.c_int),
+        ("frames", ctypes.c_void_p),
+        ("descrs", ctypes.POINTER(ctypes.c_float)),
+        ("numBinAlloc", ctypes.c_int),
+        ("numFrameAlloc", ctypes.c_int),
+        ("numGradAlloc", ctypes.c_int),
+        ("grads", ctypes.c_void_p),
+        ("convTmp1", ctypes.c_void_p),
+        ("convTmp2", ctypes.c_void_p),
     ]
 
 
@@ -53,8 +68,9 @@ def library() -> ctypes.CDLL:
         except OSError as exc:
             errors.append(f"{name}: {exc}")
     else:
-        raise VLFeatUnavailable("cannot load VLFeat's libvl (apt-get install -y libvlfeat1): "
-                                + ("; ".join(errors) or "not found"))
+        raise VLFeatUnavailable(
+            "cannot load VLFeat's libvl (apt-get install -y libvlfeat1): " + ("; ".join(errors) or "not found")
+        )
     size_t, p = ctypes.c_size_t, ctypes.c_void_p
     fptr = ctypes.POINTER(ctypes.c_float)
     lib.vl_hog_new.restype = p
@@ -80,8 +96,13 @@ def _image(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def vl_hog(image: np.ndarray, cell_size: int = 8, num_orientations: int = 9, variant: int = VL_HOG_UOCTTI,
-           bilinear: bool = False) -> np.ndarray:
+def vl_hog(
+    image: np.ndarray,
+    cell_size: int = 8,
+    num_orientations: int = 9,
+    variant: int = VL_HOG_UOCTTI,
+    bilinear: bool = False,
+) -> np.ndarray:
     """HOG of a grey H×W image as VLFeat computes it: array D×h×w (float32)."""
     lib = library()
     image = _image(image)
@@ -89,8 +110,7 @@ def vl_hog(image: np.ndarray, cell_size: int = 8, num_orientations: int = 9, var
     hog = lib.vl_hog_new(variant, num_orientations, 0)
     try:
         lib.vl_hog_set_use_bilinear_orientation_assignments(hog, int(bilinear))
-        lib.vl_hog_put_image(hog, image.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), width, height, 1,
-                             cell_size)
+        lib.vl_hog_put_image(hog, image.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), width, height, 1, cell_size)
         shape = (lib.vl_hog_get_dimension(hog), lib.vl_hog_get_height(hog), lib.vl_hog_get_width(hog))
         out = np.zeros(shape, dtype=np.float32)
         lib.vl_hog_extract(hog, out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
