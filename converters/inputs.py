@@ -74,6 +74,8 @@ META_MEAN = "preimage.mean"  # comma-separated floats, model channel order, unit
 META_STD = "preimage.std"
 META_SCALE = "preimage.scale"  # float, default 1/255
 META_CHANNEL_ORDER = "preimage.channel_order"  # RGB | BGR | GRAY
+META_HEIGHT = "preimage.height"  # nominal size of a dynamic-size graph (ignored if the graph fixes it
+META_WIDTH = "preimage.width"  # to the same value; an error if it fixes another)
 
 
 def _floats(key: str, text: str) -> tuple[float, ...]:
@@ -94,6 +96,12 @@ def preprocessing_from_metadata(model: onnx.ModelProto) -> dict:
         (found["scale"],) = _floats(META_SCALE, meta[META_SCALE])[:1] or (1 / 255,)
     if META_CHANNEL_ORDER in meta:
         found["channel_order"] = meta[META_CHANNEL_ORDER].strip().upper()
+    for key, name in ((META_HEIGHT, "height"), (META_WIDTH, "width")):
+        if key in meta:
+            try:
+                found[name] = int(meta[key])
+            except ValueError as exc:
+                raise ModelError(f"metadata_props {key!r} must be an integer, got {meta[key]!r}") from exc
     return found
 
 

@@ -93,3 +93,6 @@ def format_inspection(info: dict, max_taps: int = 400) -> str:
                      f"input {p['input_shape']})")
         lines += [f"  {t['alias']}: {t['rel_error']:.2e}" for t in p["taps"]]
     return "\n".join(lines)
+
+
+format_report = format_inspection  # the name service/cli.py uses

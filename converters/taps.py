@@ -95,8 +95,12 @@ def node_module(node: onnx.NodeProto) -> str:
                 return scopes[-2]
             return ""
     if node.name.startswith("/"):
-        parts = node.name.strip("/").split("/")
-        return parts[-2] if len(parts) >= 2 else ""
+        # Scope components are names relative to their parent, except that children of containers
+        # come qualified ("layer2" / "layer2.0" / "conv1"): rebuild the dotted path from them.
+        path = ""
+        for part in node.name.strip("/").split("/")[:-1]:
+            path = part if not path or part.startswith(path + ".") else f"{path}.{part}"
+        return path
     return ""
 
 
