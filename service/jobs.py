@@ -1,13 +1,11 @@
 """Visualization jobs: from a validated request to a stream of progress events and results.
 
 ``build_job`` turns an Invert/Maximize/Caricature request into a ``Job`` (every check that can fail
-happens here, before any optimization starts); ``JobRunner`` runs jobs with admission control and
-hands their events to the RPC through a queue.
+happens here, before any optimization starts). ``service.scheduler.Scheduler`` runs jobs, batching
+compatible ones, and hands their events to the RPC through the ``JobHandle``'s queue.
 
-Why a queue between the job and the RPC thread: the job's loop is the only place that knows the
-optimizer's step, and the RPC only relays. Continuous batching (issue 6) replaces the runner's
-one-thread-per-job loop with a scheduler that steps many jobs' rows in one ``Minimizer``; the
-``submit → JobHandle(events, cancel)`` contract stays the same.
+Why a queue between the job and the RPC thread: the scheduler's loop is the only place that knows
+the optimizer's step, and the RPC only relays.
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +26,6 @@ from PIL import Image
 from service.api.preimage.v1 import preimage_pb2 as pb
 from service.energy import (
     EnergyParams,
-    Minimizer,
     Objective,
     Problem,
     Result,
@@ -429,98 +425,6 @@ class JobHandle:
             if kind == "error":
                 raise message
             yield kind, message
-
-
-class JobRunner:
-    """Runs jobs on a fixed number of worker threads, refusing work beyond a bounded queue."""
-
-    def __init__(self, max_running: int = 1, max_queued: int = 8, on_end: Callable[[JobHandle], None] | None = None):
-        self.max_running = max_running
-        self.max_queued = max_queued
-        self._pool = ThreadPoolExecutor(max_workers=max_running, thread_name_prefix="job")
-        self._lock = threading.Lock()
-        self._pending = 0  # running + queued
-        self.on_end = on_end
-
-    def submit(self, job: Job) -> JobHandle:
-        with self._lock:
-            if self._pending >= self.max_running + self.max_queued:
-                raise exhausted(
-                    f"server busy: {self._pending} jobs running or queued "
-                    f"(limit {self.max_running + self.max_queued}); retry in a few seconds"
-                )
-            self._pending += 1
-        handle = JobHandle(job)
-        self._pool.submit(self._run, handle)
-        return handle
-
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-    def _run(self, handle: JobHandle) -> None:
-        try:
-            if not handle.cancelled:  # cancelled while queued: never start
-                run_job(handle)
-        except BaseException as exc:  # delivered to the RPC, which maps it to a status
-            handle.emit("error", exc)
-        finally:
-            handle.stats.end_time = handle.stats.end_time or time.monotonic()
-            with self._lock:
-                self._pending -= 1
-            handle._events.put(_DONE)
-            if self.on_end is not None:
-                self.on_end(handle)
-
-
-def run_job(handle: JobHandle) -> None:
-    """Optimize every problem of the job as one batch, emitting progress and results as they come."""
-    job = handle.job
-    start = time.monotonic()
-    jitters = [p.params.resolved(job.task, job.height, job.width, job.stride).jitter or 1 for p in job.problems]
-    mini = Minimizer(
-        job.phi,
-        height=job.height,
-        width=job.width,
-        stride=job.stride,
-        mean_rgb255=job.mean_rgb255,
-        device=job.device,
-        max_jitter=max(jitters),
-    )
-    handles = [mini.add(p) for p in job.problems]
-    index_of = {h: i for i, h in enumerate(handles)}
-    results: dict[int, Result] = {}
-    parity = job.parity()
-    while mini.rows:
-        if handle.cancelled:  # checked before every step: a cancel costs at most the step in flight
-            break
-        finished = mini.step()
-        handle._step += 1
-        for h, result in finished:
-            results[index_of[h]] = result
-            handle.emit("result", _result_message(job, index_of[h], result, parity))
-        for row in mini.rows:
-            report = bool(job.report_every) and row.step % job.report_every == 0
-            preview = bool(job.preview_every) and row.step % job.preview_every == 0
-            if report or preview:  # progress() syncs with the device: only on reporting steps
-                ev = mini.progress(row.handle)
-                msg = pb.ProgressEvent(
-                    target_index=index_of[row.handle], step=ev.step, total_steps=ev.total, terms=ev.terms
-                )
-                if preview:
-                    msg.preview_png = png_bytes(mini.current_image(row.handle))
-                handle.emit("progress", msg)
-    handle.stats.end_time = time.monotonic()
-    handle.stats.steps = handle._step
-    handle.stats.cancelled = handle.cancelled
-    handle.stats.seconds = handle.stats.end_time - start
-    if handle.cancelled:
-        return
-    summary = pb.RunSummary(
-        model_id=job.model_id, tap=job.tap_name, seconds=handle.stats.seconds, device=str(job.device)
-    )
-    if job.contact_sheet and len(results) > 1:
-        summary.contact_sheet_png = png_bytes(contact_sheet([results[i].image_uint8 for i in sorted(results)]))
-    handle.emit("summary", summary)
 
 
 def _result_message(job: Job, index: int, result: Result, parity: float | None) -> pb.VisualizationResult:

@@ -6,9 +6,11 @@ finish or are cancelled, so a short job never waits for a long one (each row kee
 hyperparameters, schedule and seeded generators). Several batches take turns, one step each.
 
 Admission: a job is queued (bounded; RESOURCE_EXHAUSTED with a retry hint beyond it) and admitted
-when its rows fit the batch's bounds: at most ``max_rows`` rows and ``max_pixels`` pixels of
-images per batch (a stand-in for the activation memory, which grows with rows × H × W). Pending
-jobs are admitted round-robin over tenants, so one team's burst does not starve the others.
+into a compatible batch that has room (at most ``max_rows`` rows and ``max_pixels`` pixels per
+batch: the pixels stand in for activation memory, which grows with rows × H × W), else into a new
+batch while everything running stays under ``max_total_pixels``. A job larger than a batch's
+bounds (the request validator already caps it) runs in a batch of its own when there is room.
+Pending jobs are admitted round-robin over tenants, so one team's burst does not starve others.
 
 Same contract as the one-job-per-thread runner it replaces: ``submit(job) -> JobHandle`` whose
 ``events()`` yield progress and results, ``cancel()`` stops within one step.
@@ -37,6 +39,7 @@ class SchedulerLimits:
 
     max_rows: int = 16  # rows (problems) per batch
     max_pixels: int = 16 * 224 * 224  # Σ H·W over a batch's rows
+    max_total_pixels: int = 64 * 224 * 224  # Σ H·W over every running row
     max_queued: int = 32  # jobs waiting for admission
 
 
@@ -85,7 +88,7 @@ class Scheduler:
         self.on_end = on_end
         self._cond = threading.Condition()
         self._pending: dict[str, collections.deque[_JobState]] = collections.OrderedDict()
-        self._batches: dict[tuple, _Batch] = {}
+        self._batches: list[_Batch] = []
         self._stopped = False
         self.steps_run = 0  # batch steps, for metrics and tests
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)
@@ -95,12 +98,6 @@ class Scheduler:
     # -- the RPC side ---------------------------------------------------------------------------
     def submit(self, job: Job, tenant: str = "") -> JobHandle:
         """Queue a job; raises RESOURCE_EXHAUSTED when the queue is full."""
-        rows = len(job.problems)
-        if rows > self.limits.max_rows or rows * job.height * job.width > self.limits.max_pixels:
-            raise exhausted(
-                f"this request has {rows} targets of {job.height}×{job.width} pixels; one batch holds at most "
-                f"{self.limits.max_rows} targets and {self.limits.max_pixels} pixels: split it into smaller requests"
-            )
         parity = job.parity()  # onnxruntime work: done here, on the RPC thread, not in the loop
         with self._cond:
             queued = sum(len(q) for q in self._pending.values())
@@ -119,7 +116,7 @@ class Scheduler:
 
     def running_rows(self) -> int:
         with self._cond:
-            return sum(len(b.minimizer) for b in self._batches.values())
+            return sum(len(b.minimizer) for b in self._batches)
 
     def shutdown(self) -> None:
         with self._cond:
@@ -127,9 +124,7 @@ class Scheduler:
             self._cond.notify()
         self._thread.join(timeout=10)
         with self._cond:
-            states = [s for q in self._pending.values() for s in q] + [
-                s for b in self._batches.values() for s in b.jobs
-            ]
+            states = [s for q in self._pending.values() for s in q] + [s for b in self._batches for s in b.jobs]
             self._pending.clear()
             self._batches.clear()
         for state in states:
@@ -159,14 +154,21 @@ class Scheduler:
     def _place(self, state: _JobState) -> bool:
         job = state.job
         key = batch_key(job)
-        batch = self._batches.get(key)
-        rows = len(job.problems)
-        if batch is not None and (
-            len(batch.minimizer) + rows > self.limits.max_rows
-            or batch.pixels() + rows * job.height * job.width > self.limits.max_pixels
-        ):
-            return False
+        rows, pixels = len(job.problems), len(job.problems) * job.height * job.width
+        batch = next(
+            (
+                b
+                for b in self._batches
+                if b.key == key
+                and len(b.minimizer) + rows <= self.limits.max_rows
+                and b.pixels() + pixels <= self.limits.max_pixels
+            ),
+            None,
+        )
         if batch is None:
+            running = sum(b.pixels() for b in self._batches)
+            if self._batches and running + pixels > self.limits.max_total_pixels:
+                return False  # waits until running rows finish
             minimizer = Minimizer(
                 job.phi,
                 height=job.height,
@@ -176,7 +178,8 @@ class Scheduler:
                 device=job.device,
                 max_jitter=_pad_of(job) + 1,
             )
-            batch = self._batches[key] = _Batch(key, minimizer)
+            batch = _Batch(key, minimizer)
+            self._batches.append(batch)
         try:
             for index, problem in enumerate(job.problems):
                 state.rows[batch.minimizer.add(problem)] = index
@@ -198,16 +201,14 @@ class Scheduler:
                 if self._stopped:
                     return
                 self._admit()
-                batches = list(self._batches.values())
+                batches = list(self._batches)
                 if not batches:  # everything pending is waiting for room; nothing can run
                     self._cond.wait(timeout=0.05)
                     continue
             for batch in batches:
                 self._step(batch)
             with self._cond:
-                for batch in batches:
-                    if not len(batch.minimizer) and not batch.jobs:
-                        self._batches.pop(batch.key, None)
+                self._batches = [b for b in self._batches if len(b.minimizer) or b.jobs]
 
     def _step(self, batch: _Batch) -> None:
         mini = batch.minimizer
@@ -277,14 +278,17 @@ class Scheduler:
         if isinstance(exc, torch.OutOfMemoryError):
             exc = exhausted(f"out of device memory with {len(batch.minimizer)} images in one batch; retry later")
         with self._cond:
-            self._batches.pop(batch.key, None)
+            self._batches = [b for b in self._batches if b is not batch]
         for state in batch.jobs:
             state.handle.emit("error", exc)
             self._finish(state)
         batch.jobs.clear()
 
     def _finish(self, state: _JobState) -> None:
-        state.handle.stats.end_time = state.handle.stats.end_time or time.monotonic()
+        stats = state.handle.stats
+        stats.end_time = stats.end_time or time.monotonic()
+        stats.cancelled = state.handle.cancelled
+        stats.steps = stats.steps or state.handle._step
         state.handle._events.put(_DONE)
         if self.on_end is not None:
             self.on_end(state.handle)
@@ -295,5 +299,5 @@ class Scheduler:
             return {
                 "queued": sum(len(q) for q in self._pending.values()),
                 "batches": len(self._batches),
-                "rows": sum(len(b.minimizer) for b in self._batches.values()),
+                "rows": sum(len(b.minimizer) for b in self._batches),
             }

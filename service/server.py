@@ -1,7 +1,8 @@
 """The gRPC server: PreimageService plus grpc.health.v1 and server reflection.
 
 A sync ``grpc.server`` with a thread pool: RPC threads only validate and relay, the optimizations
-run on the JobRunner's threads (service/jobs.py), so a slow job never blocks health checks or
+run on the scheduler's loop thread (service/scheduler.py: continuous batching of compatible
+jobs), so a slow job never blocks health checks or
 model management. Cancellation and deadlines reach a job through ``context.add_callback`` (called
 by gRPC when the RPC ends for any reason) and stop it before its next step.
 
@@ -33,7 +34,8 @@ from service.api.preimage.v1 import preimage_pb2 as pb
 from service.api.preimage.v1 import preimage_pb2_grpc as pb_grpc
 from service.convert_worker import WorkerLimits, load_requested, vet_model, warm_up
 from service.errors import configure_logging, exhausted, invalid, rpc_handler
-from service.jobs import JobHandle, JobLimits, JobRunner, JobStats, build_job
+from service.jobs import JobHandle, JobLimits, JobStats, build_job
+from service.scheduler import Scheduler, SchedulerLimits
 from service.store import ConvertedCache, ModelRecord, ModelStore
 
 log = logging.getLogger("preimage.server")
@@ -65,8 +67,7 @@ class ServerConfig:
     store_dir: Path
     device: str | None = None  # None: cuda when available, else cpu
     rpc_threads: int = 16
-    max_running_jobs: int = 1
-    max_queued_jobs: int = 8
+    scheduler: SchedulerLimits = field(default_factory=SchedulerLimits)  # batch bounds, queue length
     converted_cache_size: int = 4
     max_model_bytes: int = 1 << 30
     job_limits: JobLimits = field(default_factory=JobLimits)
@@ -158,7 +159,7 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
         self.store = store
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cache = ConvertedCache(lambda r: _load_converted(store, r), capacity=config.converted_cache_size)
-        self.runner = JobRunner(config.max_running_jobs, config.max_queued_jobs, on_end=self._job_ended)
+        self.runner = Scheduler(config.scheduler, on_end=self._job_ended)
         self._parity: dict[tuple[str, str], float] = {}
         self._parity_lock = threading.Lock()
         self._vet_slots = threading.Semaphore(1)  # one conversion child at a time: each can use GBs
@@ -457,7 +458,7 @@ def serve(address: str = "localhost:50051", store_dir: str | Path | None = None,
     """Run the server until SIGINT/SIGTERM: what ``preimage serve`` calls.
 
     ``store_dir`` defaults to $PREIMAGE_STORE, else ~/.local/share/preimage/store. ``options`` are
-    ServerConfig fields (device, max_running_jobs, seed_bundled, ...).
+    ServerConfig fields (device, scheduler, seed_bundled, ...).
     """
     import os
 

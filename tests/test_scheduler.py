@@ -116,15 +116,26 @@ def test_cancel_stops_within_one_step_and_frees_the_batch(phi) -> None:
 def test_a_full_queue_is_refused_with_resource_exhausted(phi) -> None:
     from service.errors import ServiceError
 
-    scheduler = Scheduler(SchedulerLimits(max_rows=1, max_queued=1))
+    limits = SchedulerLimits(max_rows=1, max_pixels=SIZE * SIZE, max_total_pixels=SIZE * SIZE, max_queued=1)
+    scheduler = Scheduler(limits)
     try:
         first = scheduler.submit(_job(phi, 100000, [1]))
         time.sleep(0.1)
-        scheduler.submit(_job(phi, 10, [2]))  # waits: the batch is full
+        second = scheduler.submit(_job(phi, 10, [2]))  # waits: no room for another row
         with pytest.raises(ServiceError, match="retry"):
             scheduler.submit(_job(phi, 10, [3]))
-        with pytest.raises(ServiceError, match="split"):
-            scheduler.submit(_job(phi, 10, [4, 5]))
+        assert scheduler.describe()["queued"] == 1
         first.cancel()
+        results, _ = _collect(second)  # admitted once the first left
+        assert len(results) == 1
+    finally:
+        scheduler.shutdown()
+
+
+def test_a_job_larger_than_a_batch_runs_alone(phi) -> None:
+    scheduler = Scheduler(SchedulerLimits(max_rows=2))
+    try:
+        results, _ = _collect(scheduler.submit(_job(phi, 5, [1, 2, 3])))
+        assert sorted(r[2].target_index for r in results) == [0, 1, 2]
     finally:
         scheduler.shutdown()

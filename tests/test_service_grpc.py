@@ -43,7 +43,6 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     config = ServerConfig(
         store_dir=tmp_path_factory.mktemp("store"),
         seed_bundled=False,
-        max_running_jobs=2,
         job_limits=JobLimits(max_input_pixels=256 * 256, max_pixels=128 * 128, max_steps=100_000),
     )
     running = start_server("127.0.0.1:0", config)

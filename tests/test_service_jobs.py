@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import io
-import threading
-import time
 
 import grpc
 import numpy as np
 import pytest
 from PIL import Image
 
-from service import jobs
 from service.api.preimage.v1 import preimage_pb2 as pb
 from service.energy import EnergyParams
 from service.errors import ServiceError
-from service.jobs import JobLimits, JobRunner, contact_sheet, decode_image, energy_params, params_message
+from service.jobs import JobLimits, contact_sheet, decode_image, energy_params, params_message
 
 
 def test_unset_params_keep_the_paper_defaults() -> None:
@@ -83,19 +80,3 @@ def test_contact_sheet_layout() -> None:
     sheet = contact_sheet(tiles, gap=1)
     assert sheet.shape == (2 * 4 + 1, 3 * 6 + 2, 3)  # 3 columns, 2 rows
     assert (sheet[:4, 7:13] == 1).all() and (sheet[5:, 14:] == 255).all()
-
-
-def test_runner_refuses_beyond_its_queue(monkeypatch: pytest.MonkeyPatch) -> None:
-    release = threading.Event()
-    monkeypatch.setattr(jobs, "run_job", lambda handle: release.wait(10))
-    runner = JobRunner(max_running=1, max_queued=1)
-    first, second = runner.submit(object()), runner.submit(object())  # type: ignore[arg-type]
-    with pytest.raises(ServiceError) as err:
-        runner.submit(object())  # type: ignore[arg-type]
-    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry" in err.value.message
-    second.cancel()  # cancelled while queued: never starts
-    release.set()
-    assert list(first.events()) == [] and list(second.events()) == []
-    time.sleep(0.05)
-    runner.submit(object()).cancel()  # room again  # type: ignore[arg-type]
-    runner.shutdown()
