@@ -8,6 +8,7 @@ worker process; that isolation is the service's job (see DESIGN.md), these check
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -73,33 +74,55 @@ def parse(raw: bytes) -> onnx.ModelProto:
     return model
 
 
-def iter_tensors(graph: onnx.GraphProto):
-    """Every TensorProto stored in a graph: initializers, sparse initializers, Constant attributes and
-    tensors in subgraphs (If/Loop bodies), with a label saying where it sits."""
-    for t in graph.initializer:
-        yield f"initializer {t.name!r}", t
-    for st in graph.sparse_initializer:
-        yield f"sparse initializer {st.values.name!r}", st.values
-        yield f"sparse initializer indices {st.indices.name!r}", st.indices
-    for node in graph.node:
+def _node_tensors(nodes, where_prefix: str = ""):
+    for node in nodes:
         for a in node.attribute:
-            where = f"attribute {a.name!r} of node {node.name or node.op_type!r}"
+            where = f"{where_prefix}attribute {a.name!r} of node {node.name or node.op_type!r}"
             if a.HasField("t"):
                 yield where, a.t
             for t in a.tensors:
                 yield where, t
-            if a.HasField("sparse_tensor"):
-                yield where, a.sparse_tensor.values
             if a.HasField("g"):
                 yield from iter_tensors(a.g)
             for sub in a.graphs:
                 yield from iter_tensors(sub)
 
 
+def iter_tensors(graph: onnx.GraphProto):
+    """Every dense TensorProto stored in a graph: initializers, Constant attributes and tensors in
+    subgraphs (If/Loop bodies), with a label saying where it sits."""
+    for t in graph.initializer:
+        yield f"initializer {t.name!r}", t
+    yield from _node_tensors(graph.node)
+
+
+def check_sparse(model: onnx.ModelProto) -> None:
+    """Sparse tensors are refused outright: densifying one allocates its declared dense size, which an
+    upload can set to anything, and no vision exporter emits them."""
+    graphs = [model.graph]
+    while graphs:
+        g = graphs.pop()
+        if len(g.sparse_initializer):
+            raise ModelError(f"the model stores sparse initializers ({g.sparse_initializer[0].values.name!r}); "
+                             "re-export with dense weights")
+        nodes = list(g.node)
+        if g is model.graph:
+            nodes += [n for f in model.functions for n in f.node]
+        for node in nodes:
+            for a in node.attribute:
+                if a.HasField("sparse_tensor") or len(a.sparse_tensors):
+                    raise ModelError(f"node {node.name or node.op_type!r} holds a sparse tensor; "
+                                     "re-export with dense constants")
+                if a.HasField("g"):
+                    graphs.append(a.g)
+                graphs.extend(a.graphs)
+
+
 def check_tensors(model: onnx.ModelProto, limits: LoadLimits) -> None:
     """Refuse external data and tensors whose declared size is absurd or disagrees with their bytes."""
     total = 0
-    for where, t in iter_tensors(model.graph):
+    function_tensors = _node_tensors([n for f in model.functions for n in f.node], "function ")
+    for where, t in itertools.chain(iter_tensors(model.graph), function_tensors):
         if t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data):
             loc = next((e.value for e in t.external_data if e.key == "location"), "?")
             raise ModelError(
@@ -173,6 +196,7 @@ def load_untrusted(data: bytes | str | Path, limits: LoadLimits) -> onnx.ModelPr
     n_nodes = len(model.graph.node) + sum(len(f.node) for f in model.functions)
     if n_nodes > limits.max_nodes:
         raise ModelError(f"the model has {n_nodes} nodes; the limit is {limits.max_nodes}")
+    check_sparse(model)
     check_tensors(model, limits)
     check_domains(model)
     check_opset(model, limits)

@@ -116,6 +116,31 @@ def test_huge_computed_value() -> None:
     _refused(data, "1e+12", "'big'")
 
 
+def test_sparse_initializer_is_refused() -> None:
+    values = numpy_helper.from_array(np.ones(1, dtype=np.float32), "w")
+    indices = numpy_helper.from_array(np.zeros((1, 4), dtype=np.int64), "w_idx")
+    sparse = helper.make_sparse_tensor(values, indices, [10**6, 10**6, 1, 1])
+    g = helper.make_graph([helper.make_node("Add", ["input", "w"], ["out"])], "g",
+                          [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", "c", "h", "w"])],
+                          sparse_initializer=[sparse])
+    data = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    _refused(data, "sparse")
+
+
+def test_external_data_inside_a_local_function(tiny: bytes) -> None:
+    t = TensorProto(name="c", data_type=TensorProto.FLOAT, dims=[4], data_location=TensorProto.EXTERNAL)
+    t.external_data.append(onnx.StringStringEntryProto(key="location", value="/etc/passwd"))
+    fn = helper.make_function("local", "AddC", ["x"], ["y"],
+                              [helper.make_node("Constant", [], ["c"], value=t),
+                               helper.make_node("Add", ["x", "c"], ["y"])],
+                              [helper.make_opsetid("", 17)])
+    data = _image_graph([helper.make_node("AddC", ["input"], ["out"], domain="local")], domains=["local"])
+    m = onnx.load_from_string(data)
+    m.functions.append(fn)
+    _refused(m.SerializeToString(), "external data", "/etc/passwd")
+
+
 def test_tensor_bytes_disagree_with_dims() -> None:
     t = numpy_helper.from_array(np.ones((1, 3, 8, 8), dtype=np.float32), "w")
     t.dims[:] = [1, 3, 8, 9]

@@ -77,3 +77,13 @@ def test_architecture_converts_with_parity_and_gradient(exported, arch: str, exp
         model.representation(tap.name)(xg).square().mean().backward()
     assert xg.grad is not None and torch.isfinite(xg.grad).all()
     assert float(xg.grad.abs().max()) > 0
+
+
+@pytest.mark.parametrize("arch", ["vit_small"])  # convnext_small passes too (bench); kept out for time
+def test_dynamo_opset_21(arch: str) -> None:
+    # opset 20+ brings Gelu as one op and version bumps of Reshape/Cast/Shape/… (converters/ops.py)
+    data = export(build(arch), dynamo=True, opset=21, size=ARCH_BY_NAME[arch].size)
+    model = load_model(data)
+    assert {o.version for o in model.onnx.opset_import if o.domain in ("", "ai.onnx")} == {21}
+    assert any(n.op_type == "Gelu" for n in model.onnx.graph.node)
+    assert model.parity.ok and model.parity.max_rel_error < 1e-4

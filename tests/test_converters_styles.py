@@ -183,3 +183,20 @@ def test_fixed_batch_graph_runs_in_chunks() -> None:
     together = rep(x)
     one_by_one = torch.cat([rep(x[i:i + 1]) for i in range(3)])
     torch.testing.assert_close(together, one_by_one)
+
+
+def test_local_functions_are_inlined(resnet18_onnx: onnx.ModelProto) -> None:
+    m = onnx.ModelProto()
+    m.CopyFrom(resnet18_onnx)
+    # every Relu becomes a call of a model-local function (as some exporters emit for submodules)
+    fn = helper.make_function("my.funcs", "MyRelu", ["x"], ["y"], [helper.make_node("Relu", ["x"], ["y"])],
+                              [helper.make_opsetid("", 17)])
+    m.functions.append(fn)
+    m.opset_import.append(helper.make_opsetid("my.funcs", 1))
+    for node in m.graph.node:
+        if node.op_type == "Relu":
+            node.op_type, node.domain = "MyRelu", "my.funcs"
+    onnx.checker.check_model(m)
+    model = load_model(m.SerializeToString())
+    _assert_parity(model)
+    assert not any(n.domain == "my.funcs" for n in model.onnx.graph.node)
