@@ -35,13 +35,29 @@ def _describe(vi: onnx.ValueInfoProto) -> str:
     return f"{vi.name!r} ({onnx.TensorProto.DataType.Name(t.elem_type)} [{', '.join(dims)}])"
 
 
-def _as_image(vi: onnx.ValueInfoProto) -> InputSpec | None:
+def _conv_channels(model: onnx.ModelProto, name: str) -> int | None:
+    """Input channels of the first Conv reading ``name`` directly (its weight is C_out × C_in/g × k × k)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Conv" and node.input and node.input[0] == name and node.input[1] in inits:
+            groups = next((a.i for a in node.attribute if a.name == "group"), 1)
+            return int(inits[node.input[1]].dims[1]) * groups
+    return None
+
+
+def _as_image(vi: onnx.ValueInfoProto, model: onnx.ModelProto | None = None) -> InputSpec | None:
     if not vi.type.HasField("tensor_type"):
         return None
     dtype = _DTYPES.get(vi.type.tensor_type.elem_type)
     dims = _dims(vi)
     if dtype is None or len(dims) != 4:
         return None
+    if dims[1] is None and dims[3] is None and model is not None:
+        # Every dimension dynamic (some exporters do this): a Conv reading the input says it is NCHW
+        # and how many channels it has.
+        channels = _conv_channels(model, vi.name)
+        if channels in (1, 3):
+            return InputSpec(vi.name, "NCHW", channels, dims[2], dims[3], dtype, dims[0])
     # Channels first wins when both look plausible (a 3×H×3 image is less likely than a 3-channel one).
     if dims[1] in (1, 3):
         return InputSpec(vi.name, "NCHW", dims[1], dims[2], dims[3], dtype, dims[0])
@@ -56,7 +72,7 @@ def detect_input(model: onnx.ModelProto) -> tuple[str, InputSpec]:
     inputs = [vi for vi in g.input if vi.name not in inits]
     if not inputs:
         raise ModelError("the model has no inputs: nothing to feed an image to")
-    images = [(vi, s) for vi in inputs if (s := _as_image(vi)) is not None]
+    images = [(vi, s) for vi in inputs if (s := _as_image(vi, model)) is not None]
     described = ", ".join(_describe(vi) for vi in inputs)
     if not images:
         raise ModelError(

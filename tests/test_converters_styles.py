@@ -200,3 +200,15 @@ def test_local_functions_are_inlined(resnet18_onnx: onnx.ModelProto) -> None:
     model = load_model(m.SerializeToString())
     _assert_parity(model)
     assert not any(n.domain == "my.funcs" for n in model.onnx.graph.node)
+
+
+def test_fully_dynamic_input_dims(resnet18_onnx: onnx.ModelProto) -> None:
+    m = onnx.ModelProto()
+    m.CopyFrom(resnet18_onnx)
+    for i, d in enumerate(m.graph.input[0].type.tensor_type.shape.dim):
+        d.Clear()
+        d.dim_param = "NCHW"[i]
+    model = load_model(m.SerializeToString())
+    assert model.preprocessing.layout == "NCHW" and model.preprocessing.channels == 3
+    assert model.preprocessing.height is None and model.batch is None
+    _assert_parity(model)
