@@ -10,9 +10,12 @@ import onnxruntime as ort
 import pytest
 import torch
 import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from converters.errors import UnknownTap
 from converters.model import load_model
+from converters.representation import Preprocess
 from converters.spec import Preprocessing
 from converters.truncate import extract_subgraph
 
@@ -78,3 +81,31 @@ def test_preprocessing_arithmetic() -> None:
     pre = Preprocessing(mean=(103.94, 116.78, 123.68), std=(1, 1, 1), scale=1.0, channel_order="BGR")
     assert pre.mean_rgb255 == pytest.approx((123.68, 116.78, 103.94))
     assert Preprocessing().mean_rgb255 == pytest.approx((0.485 * 255, 0.456 * 255, 0.406 * 255))
+
+
+_pos = st.floats(0.05, 3.0)
+_mean = st.floats(-1.0, 200.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(order=st.sampled_from(["RGB", "BGR", "GRAY"]), layout=st.sampled_from(["NCHW", "NHWC"]),
+       scale=st.sampled_from([1 / 255, 1.0, 2 / 255]), mean=st.tuples(_mean, _mean, _mean),
+       std=st.tuples(_pos, _pos, _pos), seed=st.integers(0, 2**16))
+def test_preprocess_matches_the_formula(order, layout, scale, mean, std, seed) -> None:
+    n = 1 if order == "GRAY" else 3
+    pre = Preprocessing(mean=mean[:n], std=std[:n], scale=scale, channel_order=order, layout=layout)
+    pixels = torch.rand(2, 3, 5, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 255
+    x = (pixels - torch.tensor(pre.mean_rgb255, dtype=torch.float64).view(1, 3, 1, 1)).float()
+    got = Preprocess(pre)(x).double()
+    if order == "GRAY":
+        chans = (0.299 * pixels[:, 0] + 0.587 * pixels[:, 1] + 0.114 * pixels[:, 2]).unsqueeze(1)
+    else:
+        chans = pixels.flip(1) if order == "BGR" else pixels
+    want = (chans * scale - torch.tensor(mean[:n], dtype=torch.float64).view(1, n, 1, 1)) / torch.tensor(
+        std[:n], dtype=torch.float64).view(1, n, 1, 1)
+    if layout == "NHWC":
+        want = want.permute(0, 2, 3, 1)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3 * max(1.0, 255 * scale / min(std)))
+    # the mean colour is what the energy subtracts: x = 0 is the model's mean input
+    zero = Preprocess(pre)(torch.zeros(1, 3, 2, 2)).double()
+    assert zero.abs().max() < 1e-3 * max(1.0, 255 * scale / min(std[:n]))
