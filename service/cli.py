@@ -121,9 +121,27 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from service.config import ConfigError, resolve
     from service.server import serve
 
-    serve(args.address, args.store, device=args.device, seed_bundled=not args.no_bundled)
+    # Flags override the environment, which overrides the file (docs/operations.md).
+    flags = {
+        "address": args.address,
+        "store_dir": Path(args.store) if args.store else None,
+        "device": args.device,
+        "seed_bundled": False if args.no_bundled else None,
+        "metrics_port": args.metrics_port,
+        "shutdown_grace": args.shutdown_grace,
+    }
+    try:
+        address, config = resolve(args.config, overrides=flags)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "store_dir"}
+    serve(address, config.store_dir, **options)
     return 0
 
 
@@ -227,8 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="the .onnx file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_inspect)
-    p = sub.add_parser("serve", help="run the gRPC server")
-    p.add_argument("--address", default="localhost:50051")
+    p = sub.add_parser("serve", help="run the gRPC server (settings: docs/operations.md)")
+    p.add_argument("--config", default=None, help="TOML settings file (default $PREIMAGE_CONFIG)")
+    p.add_argument("--address", default=None, help="host:port to listen on (default localhost:50051)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    p.add_argument("--shutdown-grace", type=float, default=None, help="seconds from SIGTERM to exit (default 30)")
     p.add_argument(
         "--store", default=None, help="store directory (default $PREIMAGE_STORE or ~/.local/share/preimage/store)"
     )

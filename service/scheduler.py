@@ -25,11 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import torch
 
 from service.api.preimage.v1 import preimage_pb2 as pb
 from service.energy import Minimizer, Result
-from service.errors import exhausted
+from service.errors import ServiceError, exhausted
 from service.jobs import _DONE, Job, JobHandle, _result_message, contact_sheet, png_bytes
 
 
@@ -90,6 +91,8 @@ class Scheduler:
         self._pending: dict[str, collections.deque[_JobState]] = collections.OrderedDict()
         self._batches: list[_Batch] = []
         self._stopped = False
+        self._closed: str | None = None  # why new jobs are refused (shutting down), None: open
+        self.on_step: Callable[[int], None] | None = None  # images in the batch, after each step (metrics)
         self.steps_run = 0  # batch steps, for metrics and tests
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
@@ -100,6 +103,8 @@ class Scheduler:
         """Queue a job; raises RESOURCE_EXHAUSTED when the queue is full."""
         parity = job.parity()  # onnxruntime work: done here, on the RPC thread, not in the loop
         with self._cond:
+            if self._closed is not None:
+                raise ServiceError(grpc.StatusCode.UNAVAILABLE, self._closed)
             queued = sum(len(q) for q in self._pending.values())
             if queued >= self.limits.max_queued:
                 raise exhausted(
@@ -109,6 +114,31 @@ class Scheduler:
             self._pending.setdefault(tenant, collections.deque()).append(_JobState(handle, tenant, parity))
             self._cond.notify()
         return handle
+
+    def close(self, reason: str) -> None:
+        """Refuse new jobs with UNAVAILABLE ``reason`` (graceful shutdown); running ones go on."""
+        with self._cond:
+            self._closed = reason
+
+    def idle(self) -> bool:
+        """No job queued or running."""
+        with self._cond:
+            return not self._pending and not any(b.jobs for b in self._batches)
+
+    def cancel_all(self, reason: str) -> int:
+        """End every queued and running job with UNAVAILABLE ``reason``; returns how many.
+
+        The error is queued before the cancel, so each RPC ends with this status (retryable on
+        another replica) rather than a bare CANCELLED; the loop drops the rows at its next step.
+        """
+        with self._cond:
+            states = [s for q in self._pending.values() for s in q] + [s for b in self._batches for s in b.jobs]
+        for state in states:
+            state.handle.emit("error", ServiceError(grpc.StatusCode.UNAVAILABLE, reason))
+            state.handle.cancel()
+        with self._cond:
+            self._cond.notify()
+        return len(states)
 
     def queued(self) -> int:
         with self._cond:
@@ -223,6 +253,8 @@ class Scheduler:
             return
         self.steps_run += 1
         self.batch_sizes.append(len(mini) + len(finished))
+        if self.on_step is not None:
+            self.on_step(len(mini) + len(finished))
         owner = {row: state for state in batch.jobs for row in state.rows}
         for row, result in finished:
             state = owner.get(row)

@@ -73,6 +73,9 @@ class ServerConfig:
     job_limits: JobLimits = field(default_factory=JobLimits)
     worker_limits: WorkerLimits = field(default_factory=WorkerLimits)
     seed_bundled: bool = True
+    metrics_port: int | None = None  # Prometheus /metrics on this HTTP port (0: any free one); None: off
+    metrics_address: str = "0.0.0.0"  # the interface /metrics listens on
+    shutdown_grace: float = 30.0  # seconds from SIGTERM to exit: jobs may finish, then are cancelled
 
 
 def _load_converted(store: ModelStore, record: ModelRecord) -> Any:
@@ -395,11 +398,16 @@ class RunningServer:
     port: int
     servicer: PreimageServicer
     health: health.HealthServicer
+    metrics: Any = None  # service.metrics.Metrics when ServerConfig.metrics_port is set
+    metrics_port: int | None = None
 
     def stop(self, grace: float | None = 2.0) -> None:
         self.health.enter_graceful_shutdown()
         self.servicer.runner.shutdown()
         self.server.stop(grace).wait()
+        if self.metrics is not None:
+            self.metrics.stop()
+        self.servicer.store.close()
 
 
 def server_options() -> list[tuple[str, int]]:
@@ -440,6 +448,12 @@ def start_server(address: str, config: ServerConfig) -> RunningServer:
         servicer.runner.shutdown()
         raise RuntimeError(f"cannot listen on {address}: is another server using that port?")
     server.start()
+    metrics, metrics_port = None, None
+    if config.metrics_port is not None:
+        from service.metrics import Metrics  # prometheus-client is needed only with metrics on
+
+        metrics = Metrics(servicer)
+        metrics_port = metrics.start(config.metrics_address, config.metrics_port)
     log.info(
         "serving",
         extra={
@@ -451,7 +465,7 @@ def start_server(address: str, config: ServerConfig) -> RunningServer:
             }
         },
     )
-    return RunningServer(server, port, servicer, health_servicer)
+    return RunningServer(server, port, servicer, health_servicer, metrics, metrics_port)
 
 
 def serve(address: str = "localhost:50051", store_dir: str | Path | None = None, **options: Any) -> None:
@@ -473,16 +487,18 @@ def serve(address: str = "localhost:50051", store_dir: str | Path | None = None,
         )
     warm_up()  # a long-running server: import torch in the conversion fork server now, not on upload 1
     running = start_server(address, config)
-    stopped = threading.Event()
+    stopped, hurry = threading.Event(), threading.Event()  # first signal: drain; second: cancel jobs now
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopped.set())
+        signal.signal(sig, lambda *_: (hurry if stopped.is_set() else stopped).set())
     print(
         f"preimage server listening on {address.rsplit(':', 1)[0]}:{running.port} (store: {config.store_dir})",
         flush=True,
     )
     while not stopped.wait(1.0):
         pass
-    running.stop()
+    from service.lifecycle import graceful_stop
+
+    graceful_stop(running, config.shutdown_grace, hurry)
 
 
 def main(argv: list[str] | None = None) -> None:

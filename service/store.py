@@ -4,7 +4,17 @@ Layout under the store root::
 
     blobs/<sha256>.onnx   the model bytes, exactly as uploaded
     meta/<sha256>.json    a ModelRecord; a model exists (is listed) iff this file exists
-    staging/              uploads being received; emptied at start-up
+    staging/<replica>/    uploads being received, one folder per server process
+    staging/<replica>.lock   held (flock) while that process lives
+    .lock                 held (flock) while the store is changed
+
+Several server processes (replicas) may share one store directory on one host (a docker volume;
+NFSv4 with working locks also does). Every change (commit, update, delete, the start-up cleanup)
+holds ``.lock``, so one replica's check-then-publish cannot interleave with another's: two replicas
+receiving the same bytes store one model, and the cleanup never takes a blob that another replica
+is about to publish for an orphan. Each replica stages into its own folder; the cleanup removes
+only folders whose owner is gone (their lock can be taken). Converted graphs live in each
+replica's memory (``ConvertedCache``); nothing converted is shared.
 
 Every file is written to a temporary name, fsynced and renamed into place, then the directory is
 fsynced, so a crash leaves either the old state or the new one. The metadata is written last
@@ -19,10 +29,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import re
+import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -160,17 +173,80 @@ class ModelStore:
         self.max_model_bytes = max_model_bytes
         self.blobs = self.root / "blobs"
         self.meta = self.root / "meta"
-        self.staging = self.root / "staging"
-        for d in (self.blobs, self.meta, self.staging):
+        self.staging_root = self.root / "staging"
+        for d in (self.blobs, self.meta, self.staging_root):
             d.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._recover()
+        self._lock_depth = 0
+        self._store_lock_fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        with self._exclusive():
+            # Claim a staging folder of our own before cleaning, so the cleanup cannot take it.
+            prefix = f"{socket.gethostname()}-{os.getpid()}-"
+            self.staging = Path(tempfile.mkdtemp(dir=self.staging_root, prefix=prefix))
+            self._staging_lock_fd = os.open(f"{self.staging}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(self._staging_lock_fd, fcntl.LOCK_EX)
+            self._recover()
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """This process's threads (RLock) and other processes (flock on .lock) wait their turn."""
+        with self._lock:
+            if self._lock_depth == 0:
+                fcntl.flock(self._store_lock_fd, fcntl.LOCK_EX)
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+                if self._lock_depth == 0:
+                    fcntl.flock(self._store_lock_fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        """Give up this replica's staging folder (its leftovers become removable)."""
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self.staging)
+        for name in ("_staging_lock_fd", "_store_lock_fd"):
+            fd = getattr(self, name, None)
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                setattr(self, name, None)
+        with contextlib.suppress(OSError):
+            os.unlink(f"{self.staging}.lock")
+
+    def _dead_staging(self) -> Iterator[Path]:
+        """Staging folders (and stray files) whose process is gone: their lock can be taken."""
+        for entry in self.staging_root.iterdir():
+            if entry == self.staging or entry.suffix == ".lock":
+                continue
+            lock = Path(f"{entry}.lock")
+            try:
+                fd = os.open(lock, os.O_RDWR)
+            except FileNotFoundError:  # no lock file: the layout before replicas, or a stray file
+                yield entry
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live replica's uploads
+            finally:
+                os.close(fd)  # closing drops the lock we may have taken
+            yield entry
 
     def _recover(self) -> None:
-        """Drop what an interrupted write left behind: staged uploads, temp files, orphan blobs."""
-        for leftover in self.staging.iterdir():
+        """Drop what an interrupted write left behind: staged uploads, temp files, orphan blobs.
+
+        Runs under ``_exclusive``: no replica is between publishing a blob and its metadata, so a
+        blob without metadata is an orphan, and a temp file belongs to a write that died.
+        """
+        for leftover in list(self._dead_staging()):
             with contextlib.suppress(OSError):
-                leftover.unlink()
+                if leftover.is_dir():
+                    shutil.rmtree(leftover)
+                else:
+                    leftover.unlink()
+            with contextlib.suppress(OSError):
+                os.unlink(f"{leftover}.lock")
         for directory in (self.blobs, self.meta):
             for tmp in directory.glob(".*.tmp"):
                 with contextlib.suppress(OSError):
@@ -195,7 +271,7 @@ class ModelStore:
         """Make a staged (already fsynced) file a stored model. Returns (record, already_existed)."""
         if not SHA256_RE.match(record.id):
             raise ValueError(f"not a sha256 id: {record.id!r}")
-        with self._lock:
+        with self._exclusive():
             existing = self._read(record.id)
             if existing is not None:
                 with contextlib.suppress(FileNotFoundError):
@@ -219,13 +295,13 @@ class ModelStore:
             return self.commit(staged.path, record_for(sha, staged.size))
 
     def update(self, record: ModelRecord) -> None:
-        with self._lock:
+        with self._exclusive():
             if self._read(record.id) is None:
                 raise ModelNotFound(f"model {record.id} is not in the store")
             atomic_write(self._meta_path(record.id), record.to_json().encode())
 
     def delete(self, ref: str, allow_bundled: bool = False) -> ModelRecord:
-        with self._lock:
+        with self._exclusive():
             record = self.get(ref)
             if record.bundled and not allow_bundled:
                 raise ModelProtected(
