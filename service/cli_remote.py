@@ -31,7 +31,7 @@ DEFAULT_SERVER = "localhost:50051"
 ALL_COMMANDS = ("upload", "models", "taps", "delete", "invert", "maximize", "caricature")
 _ORDER_NAMES = {pb.CHANNEL_ORDER_RGB: "RGB", pb.CHANNEL_ORDER_BGR: "BGR", pb.CHANNEL_ORDER_GRAY: "GRAY"}
 _ENERGY_HELP = {
-    "loss_weight": "C, weight of the loss (default 300 invert, 1 otherwise)",
+    "loss_weight": "C, weight of the loss (default 300 invert, 3e4 maximize, 100 caricature)",
     "alpha": "α of the α-norm (default 6)",
     "lambda_alpha": "λ_α (default 1)",
     "beta": "β of TV^β (default 2)",
