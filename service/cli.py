@@ -102,9 +102,8 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from converters.inspect import inspect_model
-
     from converters.errors import ModelError
+    from converters.inspect import inspect_model
 
     try:
         report = inspect_model(args.model)
@@ -218,13 +217,7 @@ def _add_local_visualization(sub: Any, task: str) -> None:
             default=None,
             help="M_k of the paper's normalization (default: measured on reference photos)",
         )
-    p.add_argument("--height", type=int, default=None, help="output height (default: the model's)")
-    p.add_argument("--width", type=int, default=None, help="output width (default: the model's)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
-    p.add_argument("--report-every", type=int, default=None, help="progress every N steps (default 10)")
-    p.add_argument("--tensor", action="store_true", help="also save the float result as .npy")
-    p.add_argument("-o", "--out", default=None, help="output PNG (several results: PATH-<i>.png + contact sheet)")
-    p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    cli_remote.add_run_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object with outputs and figures")
     add_server_argument(p)
     add_energy_arguments(p)

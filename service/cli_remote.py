@@ -77,7 +77,7 @@ def add_energy_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=kind, default=None, help=_ENERGY_HELP.get(field.name))
 
 
-def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, default=None, help="output height (default: the model's)")
     parser.add_argument("--width", type=int, default=None, help="output width (default: the model's)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
@@ -122,7 +122,7 @@ def add_remote_commands(subparsers: Any, skip: Iterable[str] = ()) -> None:
             p.add_argument("images", nargs="+", help=target_help)
             if task == "invert":
                 p.add_argument("--mask-center", type=int, default=0, help="keep a central k×k window of features")
-            _add_run_arguments(p)
+            add_run_arguments(p)
             add_energy_arguments(p)
     if p := command("maximize", "find images that excite channels/neurons of a tap on the server"):
         p.add_argument("model", help="model id, id prefix or name")
@@ -130,7 +130,7 @@ def add_remote_commands(subparsers: Any, skip: Iterable[str] = ()) -> None:
         p.add_argument("--channel", action="append", default=[], help="channel(s): 3, 0-15 or 1,4,9 (repeatable)")
         p.add_argument("--neuron", action="append", default=[], help="neuron c,y,x (repeatable)")
         p.add_argument("--channel-max", type=float, default=None, help="M_k of the paper's normalization")
-        _add_run_arguments(p)
+        add_run_arguments(p)
         add_energy_arguments(p)
 
 
