@@ -134,16 +134,32 @@ class Run:
 class PreimageClient:
     """Calls a preimage server. ``timeout`` (seconds) applies to every call unless given per call."""
 
-    def __init__(self, address: str, timeout: float | None = None, channel: grpc.Channel | None = None):
+    def __init__(
+        self,
+        address: str,
+        timeout: float | None = None,
+        channel: grpc.Channel | None = None,
+        *,
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ):
+        """``token``: the team's bearer token (sent as `authorization: Bearer ...` on every call);
+        ``credentials``: TLS (``grpc.ssl_channel_credentials(ca, key, cert)`` for mutual TLS)."""
+        from service.auth import with_token
+
         self.address = address
         self.timeout = timeout
-        self.channel = channel or grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ],
-        )
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        if channel is None:
+            if credentials is not None:
+                channel = grpc.secure_channel(address, credentials, options=options)
+            else:
+                channel = grpc.insecure_channel(address, options=options)
+        self._raw_channel = channel
+        self.channel = with_token(channel, token)
         self.stub = pb_grpc.PreimageServiceStub(self.channel)
 
     def __enter__(self) -> PreimageClient:
@@ -170,6 +186,8 @@ class PreimageClient:
         chunk_bytes: int = CHUNK_BYTES,
         on_chunk: Callable[[int, int], None] | None = None,
         timeout: float | None = None,
+        shared_with: Iterable[str] = (),
+        public: bool = False,
     ) -> pb.UploadModelResponse:
         """Upload an ONNX file (path or bytes) in chunks; ``on_chunk(sent, total)`` reports progress.
 
@@ -188,6 +206,8 @@ class PreimageClient:
                 labels=list(labels),
                 size_bytes=total,
                 description=description,
+                shared_with=list(shared_with),
+                public=public,
             )
             yield pb.UploadModelRequest(metadata=meta)
             digest, sent = hashlib.sha256(), 0
@@ -210,6 +230,13 @@ class PreimageClient:
 
     def delete(self, model: str, timeout: float | None = None) -> pb.Model:
         return self.stub.DeleteModel(pb.DeleteModelRequest(model=model), timeout=self._timeout(timeout)).model
+
+    def share(
+        self, model: str, shared_with: Iterable[str] = (), public: bool = False, timeout: float | None = None
+    ) -> pb.Model:
+        """Replace who else may read and use one of your models (named tenants, or everyone)."""
+        request = pb.ShareModelRequest(model=model, shared_with=list(shared_with), public=public)
+        return self.stub.ShareModel(request, timeout=self._timeout(timeout)).model
 
     def taps(self, model: str, timeout: float | None = None) -> pb.ListTapsResponse:
         return self.stub.ListTaps(pb.ListTapsRequest(model=model), timeout=self._timeout(timeout))

@@ -90,6 +90,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._pending: dict[str, collections.deque[_JobState]] = collections.OrderedDict()
         self._batches: list[_Batch] = []
+        self._max_running: dict[str, int] = {}  # per-tenant quota max_concurrent_jobs (latest submit's)
         self._stopped = False
         self._closed: str | None = None  # why new jobs are refused (shutting down), None: open
         self.on_step: Callable[[int], None] | None = None  # images in the batch, after each step (metrics)
@@ -99,12 +100,25 @@ class Scheduler:
         self._thread.start()
 
     # -- the RPC side ---------------------------------------------------------------------------
-    def submit(self, job: Job, tenant: str = "") -> JobHandle:
-        """Queue a job; raises RESOURCE_EXHAUSTED when the queue is full."""
+    def submit(
+        self, job: Job, tenant: str = "", max_running: int | None = None, max_queued: int | None = None
+    ) -> JobHandle:
+        """Queue a job; raises RESOURCE_EXHAUSTED when the queue is full.
+
+        ``max_running``/``max_queued``: the tenant's quotas. At most ``max_running`` of its jobs are
+        admitted at once (the rest wait their turn); a job that would have to wait beyond
+        ``max_queued`` is refused, naming the quota.
+        """
         parity = job.parity()  # onnxruntime work: done here, on the RPC thread, not in the loop
         with self._cond:
             if self._closed is not None:
                 raise ServiceError(grpc.StatusCode.UNAVAILABLE, self._closed)
+            if max_running is None:
+                self._max_running.pop(tenant, None)
+            else:
+                self._max_running[tenant] = max_running
+            if max_running is not None or max_queued is not None:
+                self._check_tenant_quota(tenant, max_running, max_queued)
             queued = sum(len(q) for q in self._pending.values())
             if queued >= self.limits.max_queued:
                 raise exhausted(
@@ -114,6 +128,23 @@ class Scheduler:
             self._pending.setdefault(tenant, collections.deque()).append(_JobState(handle, tenant, parity))
             self._cond.notify()
         return handle
+
+    def _running(self, tenant: str) -> int:
+        return sum(1 for b in self._batches for s in b.jobs if s.tenant == tenant)
+
+    def _check_tenant_quota(self, tenant: str, max_running: int | None, max_queued: int | None) -> None:
+        from service.quotas import quota_error
+
+        if max_running == 0:  # such a job would wait forever
+            raise quota_error(tenant, "may not run jobs on this server", "max_concurrent_jobs", 0)
+        if max_queued is None:  # only the running cap: extra jobs wait (the server-wide queue bounds them)
+            return
+        running, waiting = self._running(tenant), len(self._pending.get(tenant, ()))
+        free = 0 if max_running is None else max(0, max_running - running)
+        if waiting >= max_queued + free:
+            cap = f" (quota max_concurrent_jobs={max_running})" if max_running is not None else ""
+            what = f"{running} jobs running{cap} and {waiting} waiting"
+            raise quota_error(tenant, what, "max_queued_jobs", max_queued)
 
     def close(self, reason: str) -> None:
         """Refuse new jobs with UNAVAILABLE ``reason`` (graceful shutdown); running ones go on."""
@@ -170,9 +201,12 @@ class Scheduler:
             for tenant in list(self._pending):
                 queue = self._pending[tenant]
                 state = queue[0]
+                limit = self._max_running.get(tenant)
                 if state.handle.cancelled:  # cancelled while queued: never starts
                     queue.popleft()
                     self._finish(state)
+                elif limit is not None and self._running(tenant) >= limit:
+                    pass  # the tenant's quota max_concurrent_jobs: waits for one of its jobs to end
                 elif self._place(state):
                     queue.popleft()
                     progress = True

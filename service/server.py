@@ -32,9 +32,21 @@ from grpc_reflection.v1alpha import reflection
 
 from service.api.preimage.v1 import preimage_pb2 as pb
 from service.api.preimage.v1 import preimage_pb2_grpc as pb_grpc
+from service.auth import (
+    AuthConfig,
+    Authenticator,
+    AuthInterceptor,
+    Principal,
+    can_read,
+    can_write,
+    check_listen,
+    check_share_list,
+    server_credentials,
+)
 from service.convert_worker import WorkerLimits, load_requested, vet_model, warm_up
-from service.errors import configure_logging, exhausted, invalid, rpc_handler
+from service.errors import ServiceError, configure_logging, exhausted, invalid, rpc_handler
 from service.jobs import JobHandle, JobLimits, JobStats, build_job
+from service.quotas import StorageQuotas
 from service.scheduler import Scheduler, SchedulerLimits
 from service.store import ConvertedCache, ModelRecord, ModelStore
 
@@ -73,6 +85,7 @@ class ServerConfig:
     job_limits: JobLimits = field(default_factory=JobLimits)
     worker_limits: WorkerLimits = field(default_factory=WorkerLimits)
     seed_bundled: bool = True
+    auth: AuthConfig = field(default_factory=AuthConfig)  # tokens, TLS; default: open, loopback only
     metrics_port: int | None = None  # Prometheus /metrics on this HTTP port (0: any free one); None: off
     metrics_address: str = "0.0.0.0"  # the interface /metrics listens on
     shutdown_grace: float = 30.0  # seconds from SIGTERM to exit: jobs may finish, then are cancelled
@@ -144,7 +157,23 @@ def model_message(r: ModelRecord) -> pb.Model:
         created_at=created,
         description=r.description,
         parity=r.parity,
+        owner=r.owner,
+        shared_with=r.shared_with,
+        public=r.public or r.bundled,
     )
+
+
+def tenant_model_id(tenant: str, content_sha256: str) -> str:
+    """A tenant's id for uploaded bytes: the bytes' sha256 on open servers, else scoped to the tenant.
+
+    No deduplication across tenants: a shared id (or "already existed") would tell a team that
+    another team holds exactly these bytes.
+    """
+    if not tenant:
+        return content_sha256
+    import hashlib
+
+    return hashlib.sha256(f"preimage-tenant\0{tenant}\0{content_sha256}".encode()).hexdigest()
 
 
 def _check_name(name: str) -> str:
@@ -165,6 +194,8 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
         self.runner = Scheduler(config.scheduler, on_end=self._job_ended)
         self._parity: dict[tuple[str, str], float] = {}
         self._parity_lock = threading.Lock()
+        self.auth = Authenticator(config.auth)
+        self.storage_quotas = StorageQuotas()
         self._vet_slots = threading.Semaphore(1)  # one conversion child at a time: each can use GBs
         # How recent jobs ended (stats only: a handle would keep the job's tensors alive).
         self.recent_jobs: deque[FinishedJob] = deque(maxlen=64)
@@ -176,9 +207,17 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "metadata":
             raise invalid("the first message of an upload must be `metadata` (name, preprocessing, labels)")
+        principal = self._principal(context, fields)
         meta = first.metadata
         name = _check_name(meta.name)
         fields["name"] = name
+        shared_with = check_share_list(list(meta.shared_with))
+        # Early, only what can never fit (the tenant's whole byte quota): re-sending a model already
+        # stored stays idempotent even at the quota, so the count and the room left are checked once
+        # the bytes (hence the id) are known, before the expensive vetting.
+        quota_cap = principal.quota.max_model_bytes
+        if quota_cap is not None and meta.size_bytes > quota_cap:
+            self.storage_quotas.check(principal.quota, principal.tenant, [], meta.size_bytes)
         if meta.size_bytes > self.store.max_model_bytes:
             raise exhausted(
                 f"the model is {meta.size_bytes} bytes; this server stores models up to "
@@ -194,6 +233,9 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
                 if part == "chunk":
                     if claimed is not None:
                         raise invalid("a chunk arrived after `finish`: finish must be the last message")
+                    if quota_cap is not None and staged.size + len(msg.chunk) > quota_cap:
+                        # The size may be undeclared: stop receiving what can never fit.
+                        self.storage_quotas.check(principal.quota, principal.tenant, [], staged.size + len(msg.chunk))
                     staged.write(msg.chunk)
                 elif part == "finish":
                     claimed = msg.finish.sha256.strip().lower()
@@ -210,9 +252,11 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
                 )
             if staged.size == 0:
                 raise invalid("the upload has no bytes: send the ONNX file in `chunk` messages")
-            existing = self.store.find(actual)
+            model_id = tenant_model_id(principal.tenant, actual)
+            existing = self.store.find(model_id)
             if existing is not None:
                 return pb.UploadModelResponse(model=model_message(existing), already_existed=True)
+            self.storage_quotas.check(principal.quota, principal.tenant, self.store.list(), staged.size)
             # Wait for a conversion slot, but not for a client that has gone away.
             while not self._vet_slots.acquire(timeout=0.5):
                 if not context.is_active():
@@ -222,7 +266,7 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
             finally:
                 self._vet_slots.release()
             record = ModelRecord(
-                id=actual,
+                id=model_id,
                 name=name,
                 size_bytes=staged.size,
                 requested_preprocessing=requested,
@@ -233,31 +277,50 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
                 output_tap=answer["output_tap"],
                 parity=answer["parity"],
                 description=meta.description[:2000],
+                owner=principal.tenant,
+                shared_with=shared_with,
+                public=meta.public,
             )
-            record, existed = self.store.commit(staged.path, record)
+            # Checked again under the tenant's lock: parallel uploads must not both take the last slot.
+            with self.storage_quotas.lock(principal.tenant):
+                if self.store.find(model_id) is None:
+                    self.storage_quotas.check(principal.quota, principal.tenant, self.store.list(), staged.size)
+                record, existed = self.store.commit(staged.path, record)
         return pb.UploadModelResponse(model=model_message(record), already_existed=existed)
 
     @rpc_handler
     def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext, fields) -> pb.GetModelResponse:
         fields["model"] = request.model
-        return pb.GetModelResponse(model=model_message(self.store.get(request.model)))
+        return pb.GetModelResponse(model=model_message(self._get(request.model, context, fields)))
 
     @rpc_handler
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext, fields):
-        records = [r for r in self.store.list() if r.name.startswith(request.name_prefix)]
+        principal = self._principal(context, fields)
+        records = [
+            r for r in self.store.list(lambda r: can_read(principal, r)) if r.name.startswith(request.name_prefix)
+        ]
         return pb.ListModelsResponse(models=[model_message(r) for r in records])
 
     @rpc_handler
     def DeleteModel(self, request: pb.DeleteModelRequest, context: grpc.ServicerContext, fields):
         fields["model"] = request.model
-        record = self.store.delete(request.model)
+        principal = self._principal(context, fields)
+        record = self._get(request.model, context, fields)
+        if not can_write(principal, record):
+            raise ServiceError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"model {record.name!r} ({record.id[:12]}) is shared with you read-only; only its owner can delete it"
+                if not record.bundled
+                else f"model {record.name!r} ({record.id[:12]}) ships with the server and cannot be deleted",
+            )
+        record = self.store.delete(record.id)
         self.cache.evict(record.id)
         return pb.DeleteModelResponse(model=model_message(record))
 
     @rpc_handler
     def ListTaps(self, request: pb.ListTapsRequest, context: grpc.ServicerContext, fields) -> pb.ListTapsResponse:
         fields["model"] = request.model
-        record = self.store.get(request.model)
+        record = self._get(request.model, context, fields)
         converted = self.cache.get(record)
         pre = converted.preprocessing
         taps = [
@@ -285,19 +348,33 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
     # -- visualizations -------------------------------------------------------------------------
     def _visualize(self, task: str, request: Any, context: grpc.ServicerContext, fields, response_cls) -> Iterator:
         fields.update(model=request.model, tap=request.tap, task=task)
-        record = self.store.get(request.model)
+        principal = self._principal(context, fields)
+        record = self._get(request.model, context, fields)
         converted = self.cache.get(record)
-        job = build_job(
-            task,
-            request,
-            converted,
-            record.id,
-            self.device,
-            self.config.job_limits,
-            parity=lambda tap: self._tap_parity(record.id, converted, tap),
-        )
+        limits = principal.quota.job_limits(self.config.job_limits)
+        try:
+            job = build_job(
+                task,
+                request,
+                converted,
+                record.id,
+                self.device,
+                limits,
+                parity=lambda tap: self._tap_parity(record.id, converted, tap),
+            )
+        except ServiceError as exc:
+            if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and limits != self.config.job_limits:
+                # The limit hit may be the tenant's quota rather than the server's: name them.
+                q = principal.quota
+                tighter = {"max_image_pixels": q.max_image_pixels, "max_steps": q.max_steps}
+                named = ", ".join(f"{k}={v}" for k, v in tighter.items() if v is not None)
+                raise exhausted(f"{exc.message} (tenant {principal.tenant!r} quota {named})") from exc
+            raise
         fields.update(targets=len(job.problems), size=f"{job.height}x{job.width}")
-        handle = self.runner.submit(job)
+        quota = principal.quota
+        handle = self.runner.submit(
+            job, principal.tenant, max_running=quota.max_concurrent_jobs, max_queued=quota.max_queued_jobs
+        )
         # Runs when the RPC ends for any reason (client cancel, deadline, completion); cancelling a
         # finished job is a no-op. If the RPC already ended, add_callback returns False.
         if not context.add_callback(handle.cancel):
@@ -318,7 +395,32 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
     def Caricature(self, request: pb.CaricatureRequest, context: grpc.ServicerContext, fields):
         yield from self._visualize("caricature", request, context, fields, pb.CaricatureResponse)
 
+    @rpc_handler
+    def ShareModel(self, request: pb.ShareModelRequest, context: grpc.ServicerContext, fields):
+        fields["model"] = request.model
+        principal = self._principal(context, fields)
+        record = self._get(request.model, context, fields)
+        if not can_write(principal, record):
+            raise ServiceError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"model {record.name!r} ({record.id[:12]}) is not yours to share: only its owner can",
+            )
+        record.shared_with = check_share_list(list(request.shared_with))
+        record.public = request.public
+        self.store.update(record)
+        return pb.ShareModelResponse(model=model_message(record))
+
     # -- helpers --------------------------------------------------------------------------------
+    def _principal(self, context: grpc.ServicerContext, fields: dict[str, Any]) -> Principal:
+        principal = self.auth.authenticate(context.invocation_metadata())
+        if principal.tenant:
+            fields["tenant"] = principal.tenant
+        return principal
+
+    def _get(self, ref: str, context: grpc.ServicerContext, fields: dict[str, Any]) -> ModelRecord:
+        """The model ``ref`` names among those the caller may read; others do not exist for it."""
+        principal = self._principal(context, fields)
+        return self.store.get(ref, lambda r: can_read(principal, r))
     def _tap_parity(self, model_id: str, converted: Any, tap: str) -> float | None:
         key = (model_id, tap)
         with self._parity_lock:
@@ -422,14 +524,18 @@ def server_options() -> list[tuple[str, int]]:
 
 def start_server(address: str, config: ServerConfig) -> RunningServer:
     """Start serving on ``address`` ("host:port"; port 0 picks a free one) and return at once."""
+    check_listen(address, config.auth)  # an open server (no tokens) may only listen on loopback
     store = ModelStore(config.store_dir, max_model_bytes=config.max_model_bytes)
     # The conversion fork server starts on the first upload (or a bundled model not yet stored);
     # short-lived embedded servers (the CLI's local commands) never pay for it. serve() warms it.
     if config.seed_bundled:
         seed_bundled(store, config.worker_limits)
     servicer = PreimageServicer(config, store)
+    credentials = server_credentials(config.auth)
     server = grpc.server(
-        ThreadPoolExecutor(max_workers=config.rpc_threads, thread_name_prefix="rpc"), options=server_options()
+        ThreadPoolExecutor(max_workers=config.rpc_threads, thread_name_prefix="rpc"),
+        options=server_options(),
+        interceptors=[AuthInterceptor(servicer.auth)],
     )
     pb_grpc.add_PreimageServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
@@ -441,7 +547,7 @@ def start_server(address: str, config: ServerConfig) -> RunningServer:
         server,
     )
     try:
-        port = server.add_insecure_port(address)
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError:
         port = 0
     if port == 0:

@@ -85,6 +85,11 @@ class ModelRecord:
     bundled: bool = False
     description: str = ""
     created_at: float = field(default_factory=time.time)
+    # Tenancy (service/auth.py): the uploading tenant ("" on open servers and for bundled models),
+    # who else may read/use it, and whether everyone may.
+    owner: str = ""
+    shared_with: list[str] = field(default_factory=list)
+    public: bool = False
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
@@ -325,23 +330,30 @@ class ModelStore:
         """The model with exactly this id, or None."""
         return self._read(model_id) if SHA256_RE.match(model_id) else None
 
-    def list(self) -> list[ModelRecord]:
+    def list(self, visible: Callable[[ModelRecord], bool] | None = None) -> list[ModelRecord]:
+        """Every stored model, or those ``visible`` accepts (a tenant's view of the store)."""
         records = []
         for path in self.meta.glob("*.json"):
             with contextlib.suppress(FileNotFoundError, ValueError, TypeError):
                 records.append(ModelRecord.from_json(path.read_text()))
+        if visible is not None:
+            records = [r for r in records if visible(r)]
         return sorted(records, key=lambda r: (not r.bundled, r.name, r.id))
 
-    def get(self, ref: str) -> ModelRecord:
-        """A model by id, unique id prefix (≥ 8 hex characters) or unique name."""
+    def get(self, ref: str, visible: Callable[[ModelRecord], bool] | None = None) -> ModelRecord:
+        """A model by id, unique id prefix (≥ 8 hex characters) or unique name.
+
+        With ``visible``, models it rejects do not exist for this lookup: same NOT_FOUND, not named
+        in the hint, not counted for ambiguity (a tenant cannot probe another's models).
+        """
         ref = ref.strip()
         if not ref:
             raise ModelNotFound("no model given: pass a model id or name (see ListModels)")
         if SHA256_RE.match(ref):
             record = self._read(ref)
-            if record is not None:
+            if record is not None and (visible is None or visible(record)):
                 return record
-        records = self.list()
+        records = self.list(visible)
         by_name = [r for r in records if r.name == ref]
         if len(by_name) == 1:
             return by_name[0]

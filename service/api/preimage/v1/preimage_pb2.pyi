@@ -211,8 +211,13 @@ class Model(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     PARITY_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    SHARED_WITH_FIELD_NUMBER: _builtins.int
+    PUBLIC_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """The model's id: the lowercase hex sha256 of its ONNX bytes."""
+    """The model's id: the lowercase hex sha256 of its ONNX bytes on an open server and for bundled
+    models; for a tenant's upload, a sha256 of the tenant and those bytes (each tenant its own copy).
+    """
     name: _builtins.str
     """Human-readable name given at upload (not necessarily unique; ids are)."""
     size_bytes: _builtins.int
@@ -231,6 +236,10 @@ class Model(_message.Message):
     """Largest relative error ||torch - onnxruntime|| / ||onnxruntime|| over the taps checked when the
     model was stored (a few taps spread over the graph, the output included).
     """
+    owner: _builtins.str
+    """The tenant (team) that uploaded the model; empty for bundled models and open servers."""
+    public: _builtins.bool
+    """True when every tenant may read and use the model (bundled models are public)."""
     @_builtins.property
     def preprocessing(self) -> Global___Preprocessing:
         """The preprocessing the service uses for this model (every field resolved)."""
@@ -242,6 +251,10 @@ class Model(_message.Message):
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """When the model was stored."""
+
+    @_builtins.property
+    def shared_with(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tenants the owner shared the model with (read and use, not delete)."""
 
     def __init__(
         self,
@@ -258,10 +271,13 @@ class Model(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         description: _builtins.str = ...,
         parity: _builtins.float | None = ...,
+        owner: _builtins.str = ...,
+        shared_with: _abc.Iterable[_builtins.str] | None = ...,
+        public: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_parity", b"_parity", "created_at", b"created_at", "parity", b"parity", "preprocessing", b"preprocessing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_parity", b"_parity", "bundled", b"bundled", "created_at", b"created_at", "description", b"description", "id", b"id", "labels", b"labels", "name", b"name", "output_tap", b"output_tap", "parity", b"parity", "preprocessing", b"preprocessing", "preprocessing_source", b"preprocessing_source", "size_bytes", b"size_bytes", "tap_count", b"tap_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_parity", b"_parity", "bundled", b"bundled", "created_at", b"created_at", "description", b"description", "id", b"id", "labels", b"labels", "name", b"name", "output_tap", b"output_tap", "owner", b"owner", "parity", b"parity", "preprocessing", b"preprocessing", "preprocessing_source", b"preprocessing_source", "public", b"public", "shared_with", b"shared_with", "size_bytes", b"size_bytes", "tap_count", b"tap_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__parity: _TypeAlias = _typing.Literal["parity"]  # noqa: Y015
     _WhichOneofArgType__parity: _TypeAlias = _typing.Literal["_parity", b"_parity"]  # noqa: Y015
@@ -280,6 +296,8 @@ class UploadModelMetadata(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    SHARED_WITH_FIELD_NUMBER: _builtins.int
+    PUBLIC_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Human-readable name of the model (1-200 printable characters)."""
     size_bytes: _builtins.int
@@ -288,6 +306,8 @@ class UploadModelMetadata(_message.Message):
     """
     description: _builtins.str
     """Free-text description of the model."""
+    public: _builtins.bool
+    """Make the model readable and usable by every tenant."""
     @_builtins.property
     def preprocessing(self) -> Global___Preprocessing:
         """How images are fed to the model; unset fields come from the model's metadata or defaults."""
@@ -295,6 +315,10 @@ class UploadModelMetadata(_message.Message):
     @_builtins.property
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Class labels in output order (for example the lines of a labels.txt file); may be empty."""
+
+    @_builtins.property
+    def shared_with(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tenants that may read and use the model besides its owner (see ShareModel)."""
 
     def __init__(
         self,
@@ -304,10 +328,12 @@ class UploadModelMetadata(_message.Message):
         labels: _abc.Iterable[_builtins.str] | None = ...,
         size_bytes: _builtins.int = ...,
         description: _builtins.str = ...,
+        shared_with: _abc.Iterable[_builtins.str] | None = ...,
+        public: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["preprocessing", b"preprocessing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "labels", b"labels", "name", b"name", "preprocessing", b"preprocessing", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "labels", b"labels", "name", b"name", "preprocessing", b"preprocessing", "public", b"public", "shared_with", b"shared_with", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -538,6 +564,62 @@ class DeleteModelResponse(_message.Message):
 Global___DeleteModelResponse: _TypeAlias = DeleteModelResponse  # noqa: Y015
 
 @_typing.final
+class ShareModelRequest(_message.Message):
+    """ShareModelRequest replaces the sharing of one of the caller's models."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    SHARED_WITH_FIELD_NUMBER: _builtins.int
+    PUBLIC_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model's id, a unique id prefix of at least 8 characters, or its unique name."""
+    public: _builtins.bool
+    """Whether every tenant may read and use the model."""
+    @_builtins.property
+    def shared_with(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The tenants that may read and use the model (replaces the previous list; empty: nobody)."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        shared_with: _abc.Iterable[_builtins.str] | None = ...,
+        public: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "public", b"public", "shared_with", b"shared_with"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShareModelRequest: _TypeAlias = ShareModelRequest  # noqa: Y015
+
+@_typing.final
+class ShareModelResponse(_message.Message):
+    """ShareModelResponse describes the model with its new sharing."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model(self) -> Global___Model:
+        """The model."""
+
+    def __init__(
+        self,
+        *,
+        model: Global___Model | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShareModelResponse: _TypeAlias = ShareModelResponse  # noqa: Y015
+
+@_typing.final
 class ListTapsRequest(_message.Message):
     """ListTapsRequest names the model whose taps to list."""
 
@@ -672,7 +754,7 @@ class EnergyParams(_message.Message):
     MOMENTUM_FIELD_NUMBER: _builtins.int
     DECAY_FIELD_NUMBER: _builtins.int
     loss_weight: _builtins.float
-    """C, the weight of the loss term. Default: 300 for inversion, 1 for maximization/caricature."""
+    """C, the weight of the loss term. Default: 300 for inversion, 3e4 for maximization, 100 for caricature."""
     alpha: _builtins.float
     """alpha, the exponent of the alpha-norm regularizer. Default 6."""
     lambda_alpha: _builtins.float

@@ -79,6 +79,11 @@ class PreimageServiceStub:
                 request_serializer=preimage_dot_v1_dot_preimage__pb2.CaricatureRequest.SerializeToString,
                 response_deserializer=preimage_dot_v1_dot_preimage__pb2.CaricatureResponse.FromString,
                 _registered_method=True)
+        self.ShareModel = channel.unary_unary(
+                '/preimage.v1.PreimageService/ShareModel',
+                request_serializer=preimage_dot_v1_dot_preimage__pb2.ShareModelRequest.SerializeToString,
+                response_deserializer=preimage_dot_v1_dot_preimage__pb2.ShareModelResponse.FromString,
+                _registered_method=True)
 
 
 class PreimageServiceServicer:
@@ -151,6 +156,14 @@ class PreimageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ShareModel(self, request, context):
+        """ShareModel sets who else may read and use one of the caller's models: named tenants, or
+        everyone (public). Sharing is read-only: only the owner (or an admin) deletes or re-shares.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PreimageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -193,6 +206,11 @@ def add_PreimageServiceServicer_to_server(servicer, server):
                     servicer.Caricature,
                     request_deserializer=preimage_dot_v1_dot_preimage__pb2.CaricatureRequest.FromString,
                     response_serializer=preimage_dot_v1_dot_preimage__pb2.CaricatureResponse.SerializeToString,
+            ),
+            'ShareModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareModel,
+                    request_deserializer=preimage_dot_v1_dot_preimage__pb2.ShareModelRequest.FromString,
+                    response_serializer=preimage_dot_v1_dot_preimage__pb2.ShareModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -416,6 +434,33 @@ class PreimageService:
             '/preimage.v1.PreimageService/Caricature',
             preimage_dot_v1_dot_preimage__pb2.CaricatureRequest.SerializeToString,
             preimage_dot_v1_dot_preimage__pb2.CaricatureResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/preimage.v1.PreimageService/ShareModel',
+            preimage_dot_v1_dot_preimage__pb2.ShareModelRequest.SerializeToString,
+            preimage_dot_v1_dot_preimage__pb2.ShareModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -69,6 +69,10 @@ class PreimageServiceStub:
     """Caricature starts from each given image and exaggerates what the tap sees in it.
     Streams progress, then one result per image.
     """
+    ShareModel: _grpc.UnaryUnaryMultiCallable[_preimage_pb2.ShareModelRequest, _preimage_pb2.ShareModelResponse]
+    """ShareModel sets who else may read and use one of the caller's models: named tenants, or
+    everyone (public). Sharing is read-only: only the owner (or an admin) deletes or re-shares.
+    """
 
 @_typing.type_check_only
 class PreimageServiceAsyncStub(PreimageServiceStub):
@@ -105,6 +109,10 @@ class PreimageServiceAsyncStub(PreimageServiceStub):
     Caricature: _aio.UnaryStreamMultiCallable[_preimage_pb2.CaricatureRequest, _preimage_pb2.CaricatureResponse]  # type: ignore[assignment]
     """Caricature starts from each given image and exaggerates what the tap sees in it.
     Streams progress, then one result per image.
+    """
+    ShareModel: _aio.UnaryUnaryMultiCallable[_preimage_pb2.ShareModelRequest, _preimage_pb2.ShareModelResponse]  # type: ignore[assignment]
+    """ShareModel sets who else may read and use one of the caller's models: named tenants, or
+    everyone (public). Sharing is read-only: only the owner (or an admin) deletes or re-shares.
     """
 
 class PreimageServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -187,6 +195,16 @@ class PreimageServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_preimage_pb2.CaricatureResponse], _abc.AsyncIterator[_preimage_pb2.CaricatureResponse]]:
         """Caricature starts from each given image and exaggerates what the tap sees in it.
         Streams progress, then one result per image.
+        """
+
+    @_abc_1.abstractmethod
+    def ShareModel(
+        self,
+        request: _preimage_pb2.ShareModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_preimage_pb2.ShareModelResponse, _abc.Awaitable[_preimage_pb2.ShareModelResponse]]:
+        """ShareModel sets who else may read and use one of the caller's models: named tenants, or
+        everyone (public). Sharing is read-only: only the owner (or an admin) deletes or re-shares.
         """
 
 def add_PreimageServiceServicer_to_server(servicer: PreimageServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
