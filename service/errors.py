@@ -21,6 +21,7 @@ from service.convert_worker import VetError
 from service.store import AmbiguousModel, ModelNotFound, ModelProtected, UploadTooLarge
 
 log = logging.getLogger("preimage.server")
+MAX_STATUS_MESSAGE = 4000  # characters
 
 
 class ServiceError(Exception):
@@ -78,6 +79,10 @@ def _fail(context: grpc.ServicerContext, exc: BaseException, fields: dict[str, A
         code, message = grpc.StatusCode.INTERNAL, f"internal error (reference {ref} in the server log)"
     else:
         code, message = known
+    # Messages echo what the client sent (names, taps); a status message beyond gRPC's 16 KiB
+    # metadata cap would reach the client as a bare "Stream removed" instead of this code.
+    if len(message) > MAX_STATUS_MESSAGE:
+        message = message[:MAX_STATUS_MESSAGE] + "… (truncated)"
     fields.update(code=code.name, message=message)
     context.abort(code, message)
 

@@ -110,7 +110,9 @@ def decode_image(data: bytes, index: int, limits: JobLimits) -> np.ndarray:
         rgb = img.convert("RGB")
     except ServiceError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # Pillow's own cap fires in open(), before ours
+        raise exhausted(f"images[{index}] is too large to decode: {exc}") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
         raise invalid(f"images[{index}] is not an image Pillow can read (send PNG or JPEG bytes): {exc}") from exc
     return np.asarray(rgb, dtype=np.uint8)
 
@@ -245,6 +247,15 @@ def build_job(
         raise exhausted(
             f"{resolved.steps} + {resolved.refine_steps} steps is more than this server's limit of {limits.max_steps}"
         )
+    # The minimizer pads the image by the jitter: an absurd T would allocate (H+T)×(W+T) pixels.
+    if resolved.jitter is not None and resolved.jitter > max(height, width):
+        raise invalid(
+            f"params.jitter {resolved.jitter} is larger than the image ({height}×{width}); use ≤ the tap's stride"
+        )
+    if request_has(request, "channel_max") and not (
+        math.isfinite(request.channel_max) and request.channel_max >= 0
+    ):
+        raise invalid(f"channel_max must be a finite number > 0 (0 or unset: measured), got {request.channel_max}")
     mean = converted.preprocessing.mean_rgb255
     mean_t = torch.tensor(mean, dtype=torch.float32)
     phi = converted.representation(tap).to(device)
@@ -255,6 +266,8 @@ def build_job(
     if images:
         starts = torch.stack([from_uint8(resize(img, height, width), mean_t) for img in images])
         phi0 = _run_phi(phi, starts.to(device), tap.alias).cpu()
+        if not torch.isfinite(phi0).all():
+            raise invalid(f"the model's tap {tap.alias!r} is not finite (NaN/Inf) on the given image(s)")
         mask = _mask(request.mask, phi0.shape[1:]) if task == "invert" else None
         for i in range(len(images)):
             try:
@@ -325,6 +338,11 @@ def build_job(
         parity=(lambda: parity(tap.name)) if parity is not None else (lambda: None),
         seeds=[p.seed for p in problems],
     )
+
+
+def request_has(request: Any, name: str) -> bool:
+    """Whether ``request`` (any of the three) has the optional field ``name`` set."""
+    return name in request.DESCRIPTOR.fields_by_name and request.HasField(name)
 
 
 def _seed(seed0: int, index: int) -> int:

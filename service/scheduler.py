@@ -19,6 +19,7 @@ Same contract as the one-job-per-thread runner it replaces: ``submit(job) -> Job
 from __future__ import annotations
 
 import collections
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -30,7 +31,7 @@ import torch
 
 from service.api.preimage.v1 import preimage_pb2 as pb
 from service.energy import Minimizer, Result
-from service.errors import ServiceError, exhausted
+from service.errors import ServiceError, exhausted, invalid
 from service.jobs import _DONE, Job, JobHandle, _result_message, contact_sheet, png_bytes
 
 
@@ -70,6 +71,20 @@ class _Batch:
 
 def _pad_of(job: Job) -> int:
     return max(p.params.resolved(job.task, job.height, job.width, job.stride).jitter or 1 for p in job.problems) - 1
+
+
+def _finite(result: Result) -> bool:
+    numbers = [result.objective_value, *result.terms.values()]
+    return bool(torch.isfinite(result.image).all()) and all(math.isfinite(v) for v in numbers)
+
+
+def _diverged(job: Job, index: int, result: Result) -> Exception:
+    # The model's fault or the settings', not the server's: INVALID_ARGUMENT with what to try.
+    return invalid(
+        f"target {index} ({job.descriptions[index]}) at tap {job.tap_name!r} became non-finite (NaN/Inf) "
+        f"within {result.steps_run} steps: the model's gradient is not finite somewhere on the way to this "
+        "tap (sqrt, log or a division at 0?) or the settings diverge (try a smaller learning_rate)"
+    )
 
 
 def batch_key(job: Job) -> tuple:
@@ -292,9 +307,12 @@ class Scheduler:
         owner = {row: state for state in batch.jobs for row in state.rows}
         for row, result in finished:
             state = owner.get(row)
-            if state is None:  # a row of a job refused at admission
+            if state is None or state not in batch.jobs:  # refused at admission, or already failed
                 continue
             index = state.rows[row]
+            if not state.handle.cancelled and not _finite(result):
+                self._fail_job(batch, state, _diverged(state.job, index, result))
+                continue
             state.results[index] = result
             if not state.handle.cancelled:
                 state.handle.emit("result", _result_message(state.job, index, result, state.parity))
@@ -338,6 +356,14 @@ class Scheduler:
                 images = [state.results[i].image_uint8 for i in sorted(state.results)]
                 summary.contact_sheet_png = png_bytes(contact_sheet(images))
             handle.emit("summary", summary)
+        self._finish(state)
+
+    def _fail_job(self, batch: _Batch, state: _JobState, exc: BaseException) -> None:
+        """End one job of a batch with an error; the batch's other jobs go on."""
+        for row in state.rows:
+            batch.minimizer.cancel(row)
+        batch.jobs.remove(state)
+        state.handle.emit("error", exc)
         self._finish(state)
 
     def _fail_batch(self, batch: _Batch, exc: BaseException) -> None:
