@@ -30,6 +30,8 @@ _ITEMSIZE = {
     onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.UINT32: 4, onnx.TensorProto.UINT64: 8,
     onnx.TensorProto.BFLOAT16: 2,
 }
+_PACKED_4BIT = {getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1")
+                if hasattr(onnx.TensorProto, name)}
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,12 @@ def check_tensors(model: onnx.ModelProto, limits: LoadLimits) -> None:
         elif t.data_type != onnx.TensorProto.STRING:
             stored = max(len(t.float_data), len(t.int32_data), len(t.int64_data), len(t.double_data),
                          len(t.uint64_data))
-            if stored != n and not (n == 0 and stored == 0):
+            expected = n
+            if t.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128):
+                expected = 2 * n  # real and imaginary parts
+            elif t.data_type in _PACKED_4BIT:
+                expected = (n + 1) // 2  # two 4-bit values per entry
+            if stored != expected:
                 raise ModelError(f"{where} declares {n} elements but holds {stored}: corrupt tensor")
     if total > limits.max_total_elements:
         raise ModelError(f"the model's tensors hold {total:.3g} elements; the limit is "
