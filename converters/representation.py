@@ -20,23 +20,32 @@ class Preprocess(nn.Module):
         self.channel_order = pre.channel_order
         self.layout = pre.layout
         self.half = pre.dtype == "float16"
-        self.scale = float(pre.scale)
-        mean_rgb255 = torch.tensor(pre.mean_rgb255, dtype=torch.float32).view(1, 3, 1, 1)
-        self.register_buffer("mean_rgb255", mean_rgb255)
         n = pre.channels
-        self.register_buffer("mean", torch.tensor(pre.mean, dtype=torch.float32).view(1, n, 1, 1))
-        self.register_buffer("inv_std", 1.0 / torch.tensor(pre.std, dtype=torch.float32).view(1, n, 1, 1))
-        self.register_buffer("gray", torch.tensor(GRAY_WEIGHTS, dtype=torch.float32).view(1, 3, 1, 1))
+        # model = (to_channels(x + mean_rgb255) · scale − mean) / std = to_channels(x) · a + b with
+        # a = scale/std and b = (to_channels(mean_rgb255) · scale − mean)/std (to_channels is linear).
+        # b is 0 up to rounding since mean_rgb255 is derived from mean; it is kept for generality.
+        # One fused multiply-add instead of four elementwise passes over the image.
+        mean_px = torch.tensor(pre.mean_rgb255, dtype=torch.float64)
+        gray = torch.tensor(GRAY_WEIGHTS, dtype=torch.float64)
+        if self.channel_order == "GRAY":
+            mean_px = (mean_px * gray).sum().view(1)
+        elif self.channel_order == "BGR":
+            mean_px = mean_px.flip(0)
+        std = torch.tensor(pre.std, dtype=torch.float64)
+        a = pre.scale / std
+        b = (mean_px * pre.scale - torch.tensor(pre.mean, dtype=torch.float64)) / std
+        self.register_buffer("a", a.float().view(1, n, 1, 1))
+        self.register_buffer("b", b.float().view(1, n, 1, 1))
+        self.register_buffer("gray", gray.float().view(1, 3, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected an energy-space image B×3×H×W, got shape {tuple(x.shape)}")
-        pixels = x + self.mean_rgb255
         if self.channel_order == "GRAY":
-            pixels = (pixels * self.gray).sum(dim=1, keepdim=True)
+            x = (x * self.gray).sum(dim=1, keepdim=True)
         elif self.channel_order == "BGR":
-            pixels = pixels.flip(1)
-        y = (pixels * self.scale - self.mean) * self.inv_std
+            x = x.flip(1)
+        y = torch.addcmul(self.b, x, self.a)
         if self.layout == "NHWC":
             y = y.permute(0, 2, 3, 1)
         if self.half:
