@@ -134,6 +134,7 @@ def _serve(args: argparse.Namespace) -> int:
         "seed_bundled": False if args.no_bundled else None,
         "metrics_port": args.metrics_port,
         "shutdown_grace": args.shutdown_grace,
+        "auth.tokens_file": Path(args.tokens) if args.tokens else None,
     }
     try:
         address, config = resolve(args.config, overrides=flags)
@@ -250,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="host:port to listen on (default localhost:50051)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
     p.add_argument("--shutdown-grace", type=float, default=None, help="seconds from SIGTERM to exit (default 30)")
+    p.add_argument("--tokens", default=None, help="tenants' tokens file (service/auth.py); required off loopback")
     p.add_argument(
         "--store", default=None, help="store directory (default $PREIMAGE_STORE or ~/.local/share/preimage/store)"
     )

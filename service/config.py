@@ -66,6 +66,10 @@ HELP: dict[str, str] = {
     "worker_limits.extra_address_space": "bytes of address space a model's conversion child may add",
     "worker_limits.cpu_seconds": "CPU seconds of a model's conversion child",
     "worker_limits.wall_seconds": "wall-clock seconds of a model's conversion child",
+    "auth.tokens_file": "tenants' token hashes (JSON, service/auth.py); unset: open, loopback addresses only",
+    "auth.tls_cert": "PEM certificate: serve TLS only",
+    "auth.tls_key": "PEM private key of `auth.tls_cert`",
+    "auth.tls_client_ca": "PEM CA: also require client certificates it signed (mutual TLS)",
 }
 
 

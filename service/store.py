@@ -219,6 +219,10 @@ class ModelStore:
         with contextlib.suppress(OSError):
             os.unlink(f"{self.staging}.lock")
 
+    def __del__(self) -> None:  # a store object dropped without close() must not look alive forever
+        with contextlib.suppress(Exception):  # a half-built object, or interpreter teardown
+            self.close()
+
     def _dead_staging(self) -> Iterator[Path]:
         """Staging folders (and stray files) whose process is gone: their lock can be taken."""
         for entry in self.staging_root.iterdir():

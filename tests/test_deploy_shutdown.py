@@ -45,7 +45,7 @@ def test_sigterm_drains_then_cancels_and_exits_zero_within_grace(tmp_path: Path)
 
             # The short job's steps: done a second or two after the signal even on a busy box; the
             # long one could not finish in many grace periods.
-            threads = [threading.Thread(target=run, args=("short", 60)), threading.Thread(target=run, args=("long", 9000))]
+            threads = [threading.Thread(target=run, args=(name, n)) for name, n in (("short", 60), ("long", 9000))]
             for t in threads:
                 t.start()
             for event in progress.values():
