@@ -113,6 +113,11 @@ def export_onnx(name: str, path: str | Path, example_size: tuple[int, int] = (64
         with warnings.catch_warnings():
             # cap()/floor() make scalar constants with torch.tensor; the tracer flags them needlessly.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            # The legacy (TorchScript) exporter is chosen on purpose, as for the bundled model: it keeps
+            # height and width dynamic with plain ops. Its deprecation and folding notes are noise here.
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+            warnings.filterwarnings("ignore", message="Constant folding - Only steps=1.*")
+            warnings.filterwarnings("ignore", message="The feature will be removed.*")
             torch.onnx.export(
                 module,
                 (example,),
