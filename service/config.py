@@ -152,6 +152,8 @@ def _parse(setting: Setting, raw: Any, source: str) -> Any:
         if base is bool:
             if isinstance(raw, bool):
                 return raw
+            if not isinstance(raw, str):  # TOML has booleans: 1 or "1" there is more likely a mistake
+                raise ValueError(f"{raw!r} is not a boolean (true/false)")
             text = str(raw).strip().lower()
             if text in ("1", "true", "yes", "on"):
                 return True
