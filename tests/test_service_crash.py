@@ -46,13 +46,13 @@ def free_port() -> int:
 class ServerProcess:
     """`preimage serve` in its own process group, so SIGKILL takes its conversion children too."""
 
-    def __init__(self, store: Path, log: Path) -> None:
+    def __init__(self, store: Path, log: Path, extra: list[str] | None = None) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREIMAGE_")}
         env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
         cmd = [sys.executable, "-m", "service.cli", "serve", "--address", self.address, "--store", str(store),
-               "--no-bundled", "--device", "cpu"]  # fmt: skip
+               "--no-bundled", "--device", "cpu", *(extra or [])]  # fmt: skip
         self.log = open(log, "ab")  # noqa: SIM115 - closed in kill()
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=self.log, start_new_session=True)
 
