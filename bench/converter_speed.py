@@ -1,8 +1,9 @@
 """Forward+backward time of the converted graph over the native torch module, and of a truncated
-representation (early tap) over the full graph. One run, ratios only (these machines are noisy; the
-calls are interleaved so that drifts in machine load hit both sides alike).
+representation (early tap) over the full graph. One run, ratios only (these machines are noisy: the
+calls are interleaved so that drifts in machine load hit every side alike, and each side's best
+repetition is used).
 
-    python bench/converter_speed.py [--size 224] [--reps 15] [--threads 1] [--device cpu]
+    python bench/converter_speed.py [--size 224] [--reps 30] [--threads 1] [--device cpu]
 
 Models: torchvision resnet18 (random weights) and, when converters/bundled.py is present, the bundled
 EfficientNet-Lite0 (its native module from converters.bundled.load_pretrained).
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import statistics
 import sys
 import time
 import warnings
@@ -32,21 +32,23 @@ def fwd_bwd(fn, x: torch.Tensor) -> None:
     fn(x).float().square().mean().backward()
 
 
-def timed_pair(a, b, x_a: torch.Tensor, x_b: torch.Tensor, reps: int, device: str) -> tuple[float, float]:
-    """Median seconds of a and b, run alternately after a warm-up."""
+def timed(calls: list[tuple], reps: int, device: str) -> list[float]:
+    """Best-of-``reps`` seconds of each (fn, x), the calls interleaved round-robin after a warm-up.
+    The minimum, not the median: on a shared machine other jobs only ever add time, so the fastest
+    repetition is the best estimate of each graph's own cost."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for _ in range(3):
-        fwd_bwd(a, x_a)
-        fwd_bwd(b, x_b)
-    ta, tb = [], []
+        for fn, x in calls:
+            fwd_bwd(fn, x)
+    times: list[list[float]] = [[] for _ in calls]
     for _ in range(reps):
-        for fn, x, acc in ((a, x_a, ta), (b, x_b, tb)):
+        for (fn, x), acc in zip(calls, times, strict=True):
             sync()
             t0 = time.perf_counter()
             fwd_bwd(fn, x)
             sync()
             acc.append(time.perf_counter() - t0)
-    return statistics.median(ta), statistics.median(tb)
+    return [min(t) for t in times]
 
 
 def _export(module: torch.nn.Module, size: int) -> bytes:
@@ -65,22 +67,21 @@ def bench_model(name: str, native: torch.nn.Module, data: bytes | Path, size: in
     full = model.representation(model.output_tap).to(device)
     x = (torch.rand(1, 3, size, size) * 160 - 80).to(device)  # energy space
     model_in = full.preprocess(x).detach()
-    t_native, t_graph = timed_pair(native, full.graph, model_in, model_in, reps, device)
-    print(f"{name}: converted graph / native module, forward+backward, 1×3×{size}×{size}: "
-          f"{t_graph / t_native:.3f}  (native {t_native * 1e3:.1f} ms, converted {t_graph * 1e3:.1f} ms)")
-    _, t_rep = timed_pair(native, full, model_in, x, reps, device)
-    print(f"{name}: representation incl. preprocessing / native module: {t_rep / t_native:.3f}")
     tap = model.tap(early) if early else model.taps[len(model.taps) // 8]
     part = model.representation(tap).to(device)
-    t_part, t_full = timed_pair(part, full, x, x, reps, device)
+    t_native, t_graph, t_rep, t_part = timed(
+        [(native, model_in), (full.graph, model_in), (full, x), (part, x)], reps, device)
+    print(f"{name}: converted graph / native module, forward+backward, 1×3×{size}×{size}: "
+          f"{t_graph / t_native:.3f}  (native {t_native * 1e3:.1f} ms, converted {t_graph * 1e3:.1f} ms)")
+    print(f"{name}: representation incl. preprocessing / native module: {t_rep / t_native:.3f}")
     print(f"{name}: truncated at {tap.alias} (tap {tap.index + 1}/{len(model.taps)}, stride {tap.stride}) / "
-          f"full graph: {t_part / t_full:.3f}")
+          f"full representation: {t_part / t_rep:.3f}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
