@@ -568,6 +568,7 @@ def start_server(address: str, config: ServerConfig) -> RunningServer:
                 "port": port,
                 "store": str(config.store_dir),
                 "device": str(servicer.device),
+                "metrics_port": metrics_port,
             }
         },
     )
