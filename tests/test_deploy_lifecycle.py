@@ -1,0 +1,65 @@
+"""graceful_stop in-process: an idle server stops at once; a second signal (``hurry``) cancels
+running jobs without waiting out the grace period."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from service.client import PreimageClient
+from service.lifecycle import cancel_margin, graceful_stop
+from service.server import ServerConfig, start_server
+from tests._service_models import conv_net
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def test_cancel_margin() -> None:
+    assert cancel_margin(30) == 2.0 and cancel_margin(4) == 1.0 and cancel_margin(0) == 0
+
+
+def test_idle_server_stops_at_once(tmp_path: Path) -> None:
+    running = start_server("127.0.0.1:0", ServerConfig(store_dir=tmp_path, seed_bundled=False))
+    figures = graceful_stop(running, grace=30)
+    assert figures["cancelled_jobs"] == 0 and figures["seconds"] < 2.0
+
+
+def test_second_signal_cancels_without_waiting_for_the_grace(tmp_path: Path) -> None:
+    running = start_server("127.0.0.1:0", ServerConfig(store_dir=tmp_path, seed_bundled=False))
+    hurry = threading.Event()
+    with PreimageClient(f"127.0.0.1:{running.port}", timeout=120) as client:
+        client.upload(conv_net(seed=2), name="tiny")
+        started, outcome = threading.Event(), {}
+
+        def run() -> None:
+            job = client.maximize("tiny", "conv2", [0], steps=9000, refine_steps=0, report_every=1)
+            try:
+                for _ in job:
+                    started.set()
+            except grpc.RpcError as err:
+                outcome["error"] = err
+            started.set()
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        assert started.wait(60)
+        stopper = threading.Thread(target=lambda: outcome.setdefault("figures", graceful_stop(running, 300, hurry)))
+        began = time.monotonic()
+        stopper.start()
+        time.sleep(0.5)  # draining: the job keeps running, the 300 s grace is far away
+        assert stopper.is_alive() and "error" not in outcome
+        hurry.set()
+        stopper.join(30)
+        thread.join(30)
+    assert not stopper.is_alive() and time.monotonic() - began < 10
+    assert outcome["figures"]["cancelled_jobs"] == 1
+    assert outcome["error"].code() == grpc.StatusCode.UNAVAILABLE
+    assert "cancelled on a second stop signal" in outcome["error"].details()
