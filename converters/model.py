@@ -12,6 +12,7 @@ from onnx2torch import convert
 
 from converters import ops as _ops  # noqa: F401  (registers our extra onnx2torch converters)
 from converters.errors import ModelError, UnknownTap
+from converters.freeze import freeze_constant_args
 from converters.inputs import detect_input, fixed_shape_copy, resolve_preprocessing
 from converters.loading import LoadLimits, load_untrusted
 from converters.normalize import normalize
@@ -73,6 +74,7 @@ class ConvertedModel:
                 self._full = convert(self.onnx, attach_onnx_mapping=True)
             except Exception as exc:  # onnx2torch raises NotImplementedError, KeyError, ...
                 raise ModelError(f"cannot convert the model to torch: {type(exc).__name__}: {exc}") from exc
+            freeze_constant_args(self._full)
             self._full.requires_grad_(False)
             self._full.eval()
         return self._full

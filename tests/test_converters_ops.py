@@ -135,3 +135,33 @@ def test_new_attribute_is_refused_not_ignored() -> None:
 
 def test_supported_ops_doc_is_current() -> None:
     assert supported_ops.main(["--check"]) == 0, "run: python -m converters.supported_ops"
+
+
+@pytest.mark.parametrize(("mode", "pads"),
+                         [("constant", [0, 0, 1, 2, 0, 0, 2, 1]), ("reflect", [0, 0, 1, 1, 0, 0, 2, 2])])
+def test_constant_pad_and_split_inputs_are_frozen(mode: str, pads) -> None:
+    # Pad-13 and Split-13 read pads/sizes from tensors; with constant inputs the converted graph
+    # must not read them on the host at every call (GPU sync), and must still match onnxruntime.
+    from onnx2torch.node_converters.pad import OnnxPadDynamic
+    from onnx2torch.node_converters.split import OnnxSplit13
+
+    from converters.model import load_model
+
+    x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    nodes = [helper.make_node("Pad", ["x", "pads"], ["p"], mode=mode),
+             helper.make_node("Split", ["p", "s"], ["a", "b"], axis=1),
+             helper.make_node("Conv", ["a", "w"], ["y"])]
+    inits = [_ints("pads", pads), _ints("s", [1, 2]),
+             numpy_helper.from_array(np.ones((4, 1, 3, 3), dtype=np.float32), "w")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    m = onnx.shape_inference.infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)],
+                                                            ir_version=8))
+    model = load_model(m.SerializeToString())
+    assert model.parity.ok
+    rep = model.representation(model.output_tap)
+    kinds = {type(mod) for mod in rep.modules()}
+    assert OnnxPadDynamic not in kinds and OnnxSplit13 not in kinds
+    want = ort_session(m).run(None, {"x": x})[0]
+    got = rep.graph(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
