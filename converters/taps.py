@@ -14,6 +14,7 @@ receptive field in input pixels, computed from the graph (not by probing):
 * Everything else (elementwise, concat, normalization over channels, transposes, reshapes that keep
   tokens) keeps the largest stride / receptive field among its image-dependent inputs.
 
+Upsampling (Resize, ConvTranspose, DepthToSpace) is not modelled: it keeps its input's geometry.
 Spatial axes are tracked through Transpose; after a Reshape to rank ≥ 3 the layout is unknown and the
 last axis is taken to be the channel axis (true of transformer tokens B×N×C and of channels-last
 ConvNeXt blocks).
