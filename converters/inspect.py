@@ -18,7 +18,8 @@ from converters.spec import Preprocessing
 def inspect_model(path: str | Path | bytes, preprocessing: Preprocessing | None = None,
                   limits: LoadLimits | None = None) -> dict:
     """Input spec, preprocessing, ops, taps and the parity report of a model; JSON-serializable."""
-    from converters.model import load_model
+    from converters.inputs import detect_input
+    from converters.model import NOMINAL_SIZE, load_model
     from converters.parity import ParityError
 
     source = "<bytes>" if isinstance(path, (bytes, bytearray)) else str(path)
@@ -33,14 +34,17 @@ def inspect_model(path: str | Path | bytes, preprocessing: Preprocessing | None 
         result["error"] = str(exc)
         return result
     g = model.onnx.graph
+    _, spec = detect_input(model.onnx)
     opset = {o.domain or "ai.onnx": o.version for o in model.onnx.opset_import}
     result.update({
         "ok": True,
         "producer": f"{model.onnx.producer_name} {model.onnx.producer_version}".strip(),
         "opset": opset,
-        "input": {"name": model.input_name, "batch": model.batch, **{
-            k: v for k, v in dataclasses.asdict(model.preprocessing).items()
-            if k in ("layout", "height", "width", "dtype")}},
+        # height/width: the graph's (None when dynamic); nominal_*: the size taps are described at
+        "input": {"name": model.input_name, "batch": model.batch, "layout": spec.layout,
+                  "height": spec.height, "width": spec.width, "dtype": spec.dtype,
+                  "nominal_height": model.preprocessing.height or NOMINAL_SIZE,
+                  "nominal_width": model.preprocessing.width or NOMINAL_SIZE},
         "preprocessing": {**dataclasses.asdict(model.preprocessing),
                           "mean_rgb255": list(model.preprocessing.mean_rgb255),
                           "source": model.preprocessing_source},
@@ -70,7 +74,8 @@ def format_inspection(info: dict, max_taps: int = 400) -> str:
             lines += [f"  {t['alias']}: relative error {t['rel_error']:.2e}" for t in info["parity"]["taps"]]
         return "\n".join(lines)
     inp, pre = info["input"], info["preprocessing"]
-    size = f"{inp['height']}×{inp['width']}" if inp["height"] else "dynamic H×W"
+    size = (f"{inp['height']}×{inp['width']}" if inp["height"] else
+            f"dynamic H×W (nominal {inp['nominal_height']}×{inp['nominal_width']})")
     lines += [
         f"producer: {info['producer'] or '?'}; opset {info['opset']}; {info['nodes']} nodes, "
         f"{info['parameters']:,} parameters",
