@@ -22,6 +22,7 @@ from service.store import AmbiguousModel, ModelNotFound, ModelProtected, UploadT
 
 log = logging.getLogger("preimage.server")
 MAX_STATUS_MESSAGE = 4000  # characters
+MAX_LOGGED_FIELD = 300  # characters of one string field of an rpc log line
 
 
 class ServiceError(Exception):
@@ -94,6 +95,9 @@ def rpc_handler(method: Callable) -> Callable:
     def log_end(context: grpc.ServicerContext, start: float, fields: dict[str, Any]) -> None:
         fields.setdefault("code", "OK" if context.is_active() else "CANCELLED")
         fields["seconds"] = round(time.monotonic() - start, 4)
+        for key, value in fields.items():  # names and taps are the client's: keep log lines bounded
+            if isinstance(value, str) and len(value) > MAX_LOGGED_FIELD:
+                fields[key] = value[:MAX_LOGGED_FIELD] + "…"
         log.info("rpc", extra={"fields": {"method": name, "peer": context.peer(), **fields}})
 
     if inspect.isgeneratorfunction(method):

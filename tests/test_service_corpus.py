@@ -383,6 +383,28 @@ def test_bad_input(server: Any, client: PreimageClient, models: dict[str, str], 
     assert "Traceback" not in message and "internal error" not in message
 
 
+def test_log_lines_stay_bounded(client: PreimageClient, models: dict[str, str]) -> None:
+    import logging
+
+    from service.errors import JsonFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("preimage.server")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        with pytest.raises(grpc.RpcError):
+            maximize([0], tap="r" * 100_000)(client, models)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    lines = stream.getvalue().splitlines()
+    assert lines and max(len(line) for line in lines) < 6000  # the tap is cut to 300, the message to 4000
+
+
 def test_server_survives_the_corpus(server: Any, client: PreimageClient, models: dict[str, str]) -> None:
     # Runs after the corpus (pytest keeps file order): health, listing and a normal request still work.
     with grpc.insecure_channel(client.address) as channel:
