@@ -145,7 +145,7 @@ def load_model(
     (``converters.parity``); a mismatch raises ParityError (a ModelError) carrying the report, which
     is kept as ``model.parity`` otherwise. Pass ``verify=False`` only for models already verified."""
     model = load_untrusted(data, limits or LoadLimits())
-    model = normalize(model)
+    model = normalize(model, copy=False)
     input_name, spec = detect_input(model)
     pre, source = resolve_preprocessing(model, spec, preprocessing)
     hw = (pre.height or NOMINAL_SIZE, pre.width or NOMINAL_SIZE)

@@ -254,10 +254,15 @@ def remove_dead(model: onnx.ModelProto) -> None:
     g.value_info.extend(vis)
 
 
-def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
+def normalize(model: onnx.ModelProto, copy: bool = True) -> onnx.ModelProto:
+    """The normalized model. ``copy=False`` rewrites ``model`` in place (load_model owns its proto and
+    saves a full copy of the weights that way)."""
     model = inline_functions(model)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    if copy:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+    else:
+        out = model
     constants_to_initializers(out)
     fold_identities(out)
     # Folding makes more shapes static (a Pad whose pads were computed), which lets more Shape nodes
@@ -272,14 +277,15 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     except onnx.checker.ValidationError as exc:  # a bug of ours, but say so rather than crash later
         first = str(exc).strip().splitlines()[0]
         raise ModelError(f"graph normalization produced an invalid graph: {first}") from exc
-    return with_inferred_shapes(out)
+    with_inferred_shapes(out)
+    return out
 
 
 def with_inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Store shapes (ranks at least) for every value. Some onnx2torch converters read the input's rank
     from value_info and silently misbehave without it (GlobalAveragePool averages over *all* axes when
     the rank is unknown), and plain inference loses ranks after a Reshape whose shape is computed:
-    data propagation recovers them."""
+    data propagation recovers them. Updates ``model`` in place and returns it."""
     m = skeleton(model)
     del m.graph.value_info[:]
     try:
@@ -287,8 +293,7 @@ def with_inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise ModelError(f"ONNX shape inference fails on the model: {first}") from exc
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    del out.graph.value_info[:]
-    out.graph.value_info.extend(inferred.graph.value_info)
-    return out
+    # in place: the value_info is small, the weights are not worth a copy
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    return model
