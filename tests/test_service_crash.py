@@ -77,7 +77,7 @@ class ServerProcess:
         self.log.close()
 
 
-def check_store(store: Path, client: PreimageClient, acknowledged: dict[str, str]) -> int:
+def check_store(store: Path, client: PreimageClient | _Listing, acknowledged: dict[str, str]) -> int:
     """Assert the store is consistent and holds every acknowledged upload; return the model count."""
     metas = {p.stem: json.loads(p.read_text()) for p in (store / "meta").glob("*.json")}
     blobs = {p.stem for p in (store / "blobs").glob("*.onnx")}
@@ -95,6 +95,48 @@ def check_store(store: Path, client: PreimageClient, acknowledged: dict[str, str
     missing = {name: model_id for name, model_id in acknowledged.items() if model_id not in listed}
     assert not missing, f"acknowledged uploads lost: {missing}"
     return len(metas)
+
+
+class _Listing:
+    """Stands in for a client in the checker's own test: lists what the metadata says."""
+
+    def __init__(self, ids: list[str]) -> None:
+        self.ids = ids
+
+    def models(self) -> list[pb.Model]:
+        return [pb.Model(id=i) for i in self.ids]
+
+
+def test_the_store_checker_catches_each_kind_of_damage(tmp_path: Path) -> None:
+    """The crash test is only as good as check_store: break a store each way and expect a failure."""
+    data = conv_net(seed=3)
+    good = hashlib.sha256(data).hexdigest()
+
+    def fresh() -> Path:
+        root = tmp_path / f"s{len(list(tmp_path.iterdir()))}"
+        (root / "meta").mkdir(parents=True)
+        (root / "blobs").mkdir()
+        (root / "blobs" / f"{good}.onnx").write_bytes(data)
+        (root / "meta" / f"{good}.json").write_text(json.dumps({"id": good, "size_bytes": len(data)}))
+        return root
+
+    check_store(fresh(), _Listing([good]), {"m": good})  # intact: passes
+    damage = {
+        "blob missing": lambda r: (r / "blobs" / f"{good}.onnx").unlink(),
+        "partial blob": lambda r: (r / "blobs" / f"{good}.onnx").write_bytes(data[:100]),
+        "orphan blob": lambda r: (r / "blobs" / f"{'0' * 64}.onnx").write_bytes(b"x"),
+        "temp file": lambda r: (r / "meta" / ".x.json.tmp").write_bytes(b""),
+    }
+    for name, hurt in damage.items():
+        root = fresh()
+        hurt(root)
+        with pytest.raises(AssertionError):
+            check_store(root, _Listing([good]), {"m": good})
+            pytest.fail(f"check_store missed: {name}")
+    with pytest.raises(AssertionError, match="acknowledged uploads lost"):
+        check_store(fresh(), _Listing([good]), {"m": good, "lost": "f" * 64})
+    with pytest.raises(AssertionError):  # the server lists something other than what is on disk
+        check_store(fresh(), _Listing([]), {})
 
 
 def staged_dirs(store: Path) -> list[Path]:
