@@ -54,9 +54,7 @@ def graceful_stop(running: RunningServer, grace: float, hurry: threading.Event |
     cancelled = 0
     if not runner.idle():
         why = (
-            "on a second stop signal"
-            if hurry is not None and hurry.is_set()
-            else f"after the {grace:g} s grace period"
+            "on a second stop signal" if hurry is not None and hurry.is_set() else f"after the {grace:g} s grace period"
         )
         cancelled = runner.cancel_all(
             f"the server is shutting down: the job was cancelled {why}; retry (another replica will take it)"
