@@ -77,7 +77,8 @@ def _visualize(args: argparse.Namespace) -> int:
 
     with contextlib.ExitStack() as stack:
         address = args.server or stack.enter_context(embedded_server())
-        client = stack.enter_context(PreimageClient(address, timeout=args.timeout))
+        token = os.environ.get("PREIMAGE_TOKEN") or None  # see cli_remote: not a flag, kept out of `ps`
+        client = stack.enter_context(PreimageClient(address, timeout=args.timeout, token=token))
         try:
             model = _resolve_model(client, args.model, args.json)
             args.model = model.id

@@ -153,7 +153,9 @@ def run_remote(args: argparse.Namespace) -> int:
     from service.client import PreimageClient
 
     try:
-        with PreimageClient(args.server, timeout=getattr(args, "timeout", None)) as client:
+        # A team's token from the environment, not a flag: flags end up in shell history and `ps`.
+        token = os.environ.get("PREIMAGE_TOKEN") or None
+        with PreimageClient(args.server, timeout=getattr(args, "timeout", None), token=token) as client:
             return COMMANDS[args.command](client, args)
     except grpc.RpcError as err:
         code = err.code()

@@ -300,3 +300,20 @@ def test_tls_and_mutual_tls(pki: Path, tmp_path: Path, tokens_file: Path, mutual
             assert code_of(c.models)[0] == grpc.StatusCode.UNAUTHENTICATED
     finally:
         running.stop(grace=None)
+
+
+def test_cli_sends_the_token_from_the_environment(
+    server: Any, secret: pb.Model, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.cli import main
+
+    address = f"127.0.0.1:{server.port}"
+    monkeypatch.delenv("PREIMAGE_TOKEN", raising=False)
+    assert main(["models", "--server", address, "--json"]) == 1
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+    monkeypatch.setenv("PREIMAGE_TOKEN", TOKENS["alice"])
+    assert main(["models", "--server", address, "--json"]) == 0
+    assert secret.id in capsys.readouterr().out
+    monkeypatch.setenv("PREIMAGE_TOKEN", TOKENS["bob"])
+    assert main(["taps", secret.id, "--server", address]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
