@@ -254,12 +254,17 @@ class AuthInterceptor(grpc.ServerInterceptor):
         try:
             self.authenticator.authenticate(details.invocation_metadata)
         except ServiceError as exc:
-            return _refusing(handler, exc.message)
+            return _refusing(handler, details.method, exc.message)
         return handler
 
 
-def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+def _refusing(handler: grpc.RpcMethodHandler, method: str, message: str) -> grpc.RpcMethodHandler:
     def abort(request: Any, context: grpc.ServicerContext) -> Any:
+        # Refused calls never reach rpc_handler: log them here (repeated failures from one peer
+        # are how token guessing shows up).
+        fields = {"method": method.rsplit("/", 1)[-1], "peer": context.peer(), "code": "UNAUTHENTICATED",
+                  "message": message}  # fmt: skip
+        log.warning("rpc", extra={"fields": fields})
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}

@@ -133,6 +133,16 @@ def test_missing_or_wrong_token_is_unauthenticated_on_every_rpc(server: Any, sec
             assert ("no token" if not token else "unknown") in msg, (name, msg)
 
 
+def test_refused_calls_are_logged(server: Any, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="preimage.auth"), client_for(server, None, "guess") as c:
+        code_of(c.models)
+    refused = [r for r in caplog.records if getattr(r, "fields", {}).get("code") == "UNAUTHENTICATED"]
+    assert refused and refused[0].fields["method"] == "ListModels" and refused[0].fields["peer"]
+    assert "guess" not in str(refused[0].fields)  # the token itself is never logged
+
+
 def test_health_needs_no_token(server: Any) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
