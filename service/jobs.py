@@ -252,9 +252,7 @@ def build_job(
         raise invalid(
             f"params.jitter {resolved.jitter} is larger than the image ({height}×{width}); use ≤ the tap's stride"
         )
-    if request_has(request, "channel_max") and not (
-        math.isfinite(request.channel_max) and request.channel_max >= 0
-    ):
+    if request_has(request, "channel_max") and not (math.isfinite(request.channel_max) and request.channel_max >= 0):
         raise invalid(f"channel_max must be a finite number > 0 (0 or unset: measured), got {request.channel_max}")
     mean = converted.preprocessing.mean_rgb255
     mean_t = torch.tensor(mean, dtype=torch.float32)

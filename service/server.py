@@ -421,6 +421,7 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
         """The model ``ref`` names among those the caller may read; others do not exist for it."""
         principal = self._principal(context, fields)
         return self.store.get(ref, lambda r: can_read(principal, r))
+
     def _tap_parity(self, model_id: str, converted: Any, tap: str) -> float | None:
         key = (model_id, tap)
         with self._parity_lock:
