@@ -305,14 +305,7 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
     def DeleteModel(self, request: pb.DeleteModelRequest, context: grpc.ServicerContext, fields):
         fields["model"] = request.model
         principal = self._principal(context, fields)
-        record = self._get(request.model, context, fields)
-        if not can_write(principal, record):
-            raise ServiceError(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"model {record.name!r} ({record.id[:12]}) is shared with you read-only; only its owner can delete it"
-                if not record.bundled
-                else f"model {record.name!r} ({record.id[:12]}) ships with the server and cannot be deleted",
-            )
+        record = self._owned(principal, request.model, context, fields, "delete")
         record = self.store.delete(record.id)
         self.cache.evict(record.id)
         return pb.DeleteModelResponse(model=model_message(record))
@@ -399,12 +392,7 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
     def ShareModel(self, request: pb.ShareModelRequest, context: grpc.ServicerContext, fields):
         fields["model"] = request.model
         principal = self._principal(context, fields)
-        record = self._get(request.model, context, fields)
-        if not can_write(principal, record):
-            raise ServiceError(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"model {record.name!r} ({record.id[:12]}) is not yours to share: only its owner can",
-            )
+        record = self._owned(principal, request.model, context, fields, "share")
         record.shared_with = check_share_list(list(request.shared_with))
         record.public = request.public
         self.store.update(record)
@@ -416,6 +404,21 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
         if principal.tenant:
             fields["tenant"] = principal.tenant
         return principal
+
+    def _owned(
+        self, principal: Principal, ref: str, context: grpc.ServicerContext, fields: dict[str, Any], action: str
+    ) -> ModelRecord:
+        """The model ``ref`` if the caller may change it (delete, share); PERMISSION_DENIED for a model
+        it can only read (it already knows that one exists, so saying so leaks nothing)."""
+        record = self._get(ref, context, fields)
+        if not can_write(principal, record):
+            reason = (
+                "ships with the server and cannot be changed"
+                if record.bundled
+                else f"is shared with you read-only; only its owner can {action} it"
+            )
+            raise ServiceError(grpc.StatusCode.PERMISSION_DENIED, f"model {record.name!r} ({record.id[:12]}) {reason}")
+        return record
 
     def _get(self, ref: str, context: grpc.ServicerContext, fields: dict[str, Any]) -> ModelRecord:
         """The model ``ref`` names among those the caller may read; others do not exist for it."""

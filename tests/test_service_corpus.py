@@ -31,6 +31,7 @@ from service.api.preimage.v1 import preimage_pb2_grpc as pb_grpc
 from service.client import PreimageClient
 from service.jobs import JobLimits
 from service.server import MAX_MESSAGE_BYTES, ServerConfig, start_server
+from tests._logs import captured_server_logs
 from tests._service_models import conv_net, external_data_net, fcn
 
 OK, INVALID, EXHAUSTED, NOT_FOUND = (
@@ -384,23 +385,9 @@ def test_bad_input(server: Any, client: PreimageClient, models: dict[str, str], 
 
 
 def test_log_lines_stay_bounded(client: PreimageClient, models: dict[str, str]) -> None:
-    import logging
-
-    from service.errors import JsonFormatter
-
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("preimage.server")
-    logger.addHandler(handler)
-    old_level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
+    with captured_server_logs() as stream:
         with pytest.raises(grpc.RpcError):
             maximize([0], tap="r" * 100_000)(client, models)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
     lines = stream.getvalue().splitlines()
     assert lines and max(len(line) for line in lines) < 6000  # the tap is cut to 300, the message to 4000
 

@@ -26,6 +26,7 @@ from service.api.preimage.v1 import preimage_pb2 as pb
 from service.client import PreimageClient
 from service.jobs import JobLimits
 from service.server import ServerConfig, start_server
+from tests._logs import captured_server_logs
 from tests._service_models import SIZE, conv_net, external_data_net, fcn
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -457,24 +458,11 @@ def test_other_calls_stay_responsive_during_a_job(server, client: PreimageClient
 
 def test_structured_logs(client: PreimageClient, tiny) -> None:
     import json
-    import logging
 
-    from service.errors import JsonFormatter
-
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("preimage.server")
-    logger.addHandler(handler)
-    old_level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
+    with captured_server_logs() as stream:
         client.get("tiny")
         with pytest.raises(grpc.RpcError):
             client.get("missing")
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     rpcs = [line for line in lines if line["msg"] == "rpc" and line["method"] == "GetModel"]
     assert [(r["model"], r["code"]) for r in rpcs] == [("tiny", "OK"), ("missing", "NOT_FOUND")]
