@@ -216,3 +216,21 @@ def test_adam_option_runs_and_improves() -> None:
 def test_bad_settings_are_refused_with_the_setting_named(bad: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(bad)).split("_")[0]):
         EnergyParams(**bad).validate()
+
+
+@pytest.mark.parametrize(("alpha", "beta"), [(6.0, 2.0), (2.0, 1.0), (6.0, 1.5)])
+@pytest.mark.parametrize("shared", [True, False])
+def test_closed_form_regularizer_gradients_match_autograd(alpha: float, beta: float, shared: bool) -> None:
+    from service.energy.regularizers import regularizer_terms_and_grads
+
+    x = torch.randn(2, 3, 9, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 60
+    b, v = torch.full((2,), 80.0, dtype=torch.float64), torch.full((2,), 80 / 6.5, dtype=torch.float64)
+    a = alpha if shared else torch.tensor([alpha, alpha], dtype=torch.float64)
+    bt = beta if shared else torch.tensor([beta, beta], dtype=torch.float64)
+    r_a, r_t, g_a, g_t = regularizer_terms_and_grads(x, a, b, bt, v)
+    xx = x.clone().requires_grad_(True)
+    ref_a, ref_t = alpha_norm(xx, a, b), total_variation(xx, bt, v)
+    (ga,) = torch.autograd.grad(ref_a.sum(), xx)
+    (gt,) = torch.autograd.grad(ref_t.sum(), xx)
+    assert torch.allclose(r_a, ref_a, rtol=1e-10) and torch.allclose(r_t, ref_t, rtol=1e-10)
+    assert torch.allclose(g_a, ga, rtol=1e-8, atol=1e-14) and torch.allclose(g_t, gt, rtol=1e-8, atol=1e-14)

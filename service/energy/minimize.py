@@ -29,6 +29,7 @@ from service.energy.regularizers import (
     jitter_crop,
     jitter_offset,
     project_bounded,
+    regularizer_terms_and_grads,
     total_variation,
 )
 
@@ -208,15 +209,31 @@ class Minimizer:
                 offsets.append(jitter_offset(row.generator, int(row.params.jitter or 1)))
         return offsets
 
-    def _energy(self, x: torch.Tensor, offsets: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+    def _energy_and_grad(self, offsets: list[tuple[int, int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """E's terms per row and ∂E/∂x: autograd through Φ for the loss, closed form for the priors."""
         s = self._state
+        x = s["x"].detach().requires_grad_(True)
         image = jitter_crop(x, offsets, self.height, self.width)
         phi = self.phi(image).float()
         loss = batched_loss(phi, s["target"], s["mask"], s["weights"], s["is_inv"])
-        r_alpha = alpha_norm(x, s["alpha"], s["b_norm"])
-        r_tv = total_variation(x, s["beta"], s["tv_norm"])
-        energy = s["C"] * loss + s["lambda_alpha"] * r_alpha + s["lambda_tv"] * r_tv
-        return {"energy": energy, "loss": loss, "alpha_norm": r_alpha, "tv": r_tv}
+        (grad,) = torch.autograd.grad((s["C"] * loss).sum(), x)
+        with torch.no_grad():
+            r_alpha, r_tv, grad_alpha, grad_tv = regularizer_terms_and_grads(
+                s["x"],
+                self._shared("alpha", lambda p: p.alpha),
+                s["b_norm"],
+                self._shared("beta", lambda p: p.beta),
+                s["tv_norm"],
+            )
+            view = (-1, 1, 1, 1)
+            grad.add_(s["lambda_alpha"].view(view) * grad_alpha).add_(s["lambda_tv"].view(view) * grad_tv)
+            energy = s["C"] * loss.detach() + s["lambda_alpha"] * r_alpha + s["lambda_tv"] * r_tv
+        return {"energy": energy, "loss": loss.detach(), "alpha_norm": r_alpha, "tv": r_tv}, grad
+
+    def _shared(self, name: str, value: Callable[[EnergyParams], float]) -> torch.Tensor | float:
+        """One float when every row has the same setting (known on the host), else the per-row tensor."""
+        values = {value(row.params) for row in self.rows}
+        return float(values.pop()) if len(values) == 1 else self._state[name]
 
     def step(self) -> list[tuple[int, Result]]:
         """Advance every active row by one step; return the rows that finished or were cancelled."""
@@ -231,9 +248,7 @@ class Minimizer:
                 s["G"][row_index].zero_()
                 s["t"][row_index] = 0
                 s["lr_scale"][row_index] = row.params.refine_lr_scale
-        x = s["x"].detach().requires_grad_(True)
-        terms = self._energy(x, self._crop_offsets())
-        (grad,) = torch.autograd.grad(terms["energy"].sum(), x)
+        terms, grad = self._energy_and_grad(self._crop_offsets())
         self._update(grad)
         stacked = torch.stack([terms[k].detach() for k in TERMS], dim=1)
         for row_index, row in enumerate(self.rows):
@@ -248,21 +263,28 @@ class Minimizer:
         s["t"] += 1
         momentum, decay = s["momentum"].view(view), s["decay"].view(view)
         lr, lr_scale = s["lr"].view(view), s["lr_scale"].view(view)
-        is_adam = s["is_adam"].view(view)
-        # Paper (IJCV code): G ← ρG + g²; μ ← mμ − g/(1/η + √G); the second stage scales the step.
-        g_sq = s["G"] * decay + grad * grad
-        paper_mu = s["mu"] * momentum - lr_scale * grad / (1.0 / lr + g_sq.sqrt())
-        # Adam (β1 = momentum, β2 = 0.999 style decay 1 − (1 − decay)/100), step in pixel units.
-        t = s["t"].view(view)
-        m = s["mu"] * momentum + (1 - momentum) * grad
-        beta2 = 1 - (1 - decay) / 100
-        v = s["G"] * beta2 + (1 - beta2) * grad * grad
-        m_hat = m / (1 - momentum.pow(t))
-        v_hat = v / (1 - beta2.pow(t))
-        adam_step = -lr * lr_scale * m_hat / (v_hat.sqrt() + 1e-8)
-        s["mu"] = torch.where(is_adam, m, paper_mu)
-        s["G"] = torch.where(is_adam, v, g_sq)
-        s["x"] = s["x"] + torch.where(is_adam, adam_step, paper_mu)
+        # Which rows use which rule is known on the host: compute only the rules in use (no sync).
+        kinds = {row.params.optimizer for row in self.rows}
+        if kinds == {"paper"}:
+            # Paper (IJCV code): G ← ρG + g²; μ ← mμ − s·g/(1/η + √G); in place, no temporaries kept.
+            s["G"].mul_(decay).addcmul_(grad, grad)
+            s["mu"].mul_(momentum).sub_(lr_scale * grad / (s["G"].sqrt() + 1.0 / lr))
+            s["x"].add_(s["mu"])
+        else:
+            g_sq = s["G"] * decay + grad * grad
+            paper_mu = s["mu"] * momentum - lr_scale * grad / (1.0 / lr + g_sq.sqrt())
+            # Adam (β1 = momentum, β2 = 1 − (1 − decay)/100, i.e. 0.999), step in pixel units.
+            t = s["t"].view(view)
+            m = s["mu"] * momentum + (1 - momentum) * grad
+            beta2 = 1 - (1 - decay) / 100
+            v = s["G"] * beta2 + (1 - beta2) * grad * grad
+            m_hat = m / (1 - momentum.pow(t))
+            v_hat = v / (1 - beta2.pow(t))
+            adam_step = -lr * lr_scale * m_hat / (v_hat.sqrt() + 1e-8)
+            is_adam = s["is_adam"].view(view)
+            s["mu"] = torch.where(is_adam, m, paper_mu)
+            s["G"] = torch.where(is_adam, v, g_sq)
+            s["x"] = s["x"] + torch.where(is_adam, adam_step, paper_mu)
         project_bounded(s["x"], s["bound"])
 
     # -- results --------------------------------------------------------------------------------
