@@ -212,12 +212,19 @@ class Minimizer:
     def _energy_and_grad(self, offsets: list[tuple[int, int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """E's terms per row and ∂E/∂x: autograd through Φ for the loss, closed form for the priors."""
         s = self._state
-        x = s["x"].detach().requires_grad_(True)
-        image = jitter_crop(x, offsets, self.height, self.width)
+        # The network sees each row's shifted crop; its gradient lands back on the crop's window of
+        # the padded variable (one zero buffer, no autograd through the slicing).
+        image = jitter_crop(s["x"], offsets, self.height, self.width).detach().requires_grad_(True)
         phi = self.phi(image).float()
         loss = batched_loss(phi, s["target"], s["mask"], s["weights"], s["is_inv"])
-        (grad,) = torch.autograd.grad((s["C"] * loss).sum(), x)
+        (grad_image,) = torch.autograd.grad((s["C"] * loss).sum(), image)
         with torch.no_grad():
+            if grad_image.shape == s["x"].shape:
+                grad = grad_image
+            else:
+                grad = torch.zeros_like(s["x"])
+                for i, (dy, dx) in enumerate(offsets):
+                    grad[i, :, dy : dy + self.height, dx : dx + self.width] = grad_image[i]
             r_alpha, r_tv, grad_alpha, grad_tv = regularizer_terms_and_grads(
                 s["x"],
                 self._shared("alpha", lambda p: p.alpha),
