@@ -31,6 +31,7 @@ import torch
 
 from service.api.preimage.v1 import preimage_pb2 as pb
 from service.energy import Minimizer, Result
+from service.energy.minimize import required_jitter
 from service.errors import ServiceError, exhausted, invalid
 from service.jobs import _DONE, Job, JobHandle, _result_message, contact_sheet, png_bytes
 
@@ -70,7 +71,7 @@ class _Batch:
 
 
 def _pad_of(job: Job) -> int:
-    return max(p.params.resolved(job.task, job.height, job.width, job.stride).jitter or 1 for p in job.problems) - 1
+    return required_jitter(job.problems, job.height, job.width, job.stride) - 1
 
 
 def _finite(result: Result) -> bool:

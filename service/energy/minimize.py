@@ -363,6 +363,13 @@ class Minimizer:
         raise KeyError(handle)
 
 
+def required_jitter(problems: Sequence[Problem], height: int, width: int, stride: int) -> int:
+    """The largest T among ``problems`` (defaults resolved): a batch holding them pads by T − 1."""
+    return max(
+        (int(p.params.resolved(p.objective.task, height, width, stride).jitter or 1) for p in problems), default=1
+    )
+
+
 def minimize(
     phi: Callable[[torch.Tensor], torch.Tensor],
     problems: Sequence[Problem],
@@ -377,7 +384,6 @@ def minimize(
     should_stop: Callable[[], bool] | None = None,
 ) -> list[Result]:
     """Run ``problems`` as one batch to the end (or until ``should_stop()``), in input order."""
-    jitters = [p.params.resolved(p.objective.task, height, width, stride).jitter or 1 for p in problems]
     mini = Minimizer(
         phi,
         height=height,
@@ -385,7 +391,7 @@ def minimize(
         stride=stride,
         mean_rgb255=mean_rgb255,
         device=device,
-        max_jitter=max(jitters, default=1),
+        max_jitter=required_jitter(problems, height, width, stride),
     )
     handles = [mini.add(p) for p in problems]
     results: dict[int, Result] = {}
