@@ -133,13 +133,17 @@ def ort_session(onnx_model, providers: list[str] | None = None):
 
 
 def check_parity(model, taps: list[TapInfo | str] | None = None, n_images: int = 2, seed: int = 0,
-                 device: str | torch.device = "cpu", rtol: float | None = None) -> ParityReport:
-    """Compare ``model`` (a ConvertedModel) with onnxruntime at ``taps`` (default: 3 spread taps)."""
+                 device: str | torch.device = "cpu", rtol: float | None = None,
+                 images: torch.Tensor | None = None) -> ParityReport:
+    """Compare ``model`` (a ConvertedModel) with onnxruntime at ``taps`` (default: 3 spread taps).
+
+    ``images`` (energy space, N×3×H×W) replaces the synthetic probe images, e.g. with photographs."""
     infos = [model.tap(t) for t in taps] if taps is not None else default_taps(model)
     pre = model.preprocessing
-    h = pre.height or PARITY_SIZE
-    w = pre.width or PARITY_SIZE
-    x = probe_images(n_images, h, w, seed)
+    if images is None:
+        x = probe_images(n_images, pre.height or PARITY_SIZE, pre.width or PARITY_SIZE, seed)
+    else:
+        x = images.detach().float().cpu()
     tol = rtol if rtol is not None else RTOL[pre.dtype]
     report = ParityReport(tolerance=tol, input_shape=list(x.shape), device=str(device))
     sub = extract_subgraph(model.onnx, model.input_name, [t.name for t in infos])

@@ -11,6 +11,7 @@ object either way, so a script moves from local to remote by one flag.
     preimage maximize --tap logits --channel 285 --out cat.png
     preimage caricature --tap /_blocks.4/Add --image coffee.jpg --out car.png
     preimage models --json | preimage inspect model.onnx --json | preimage serve
+    preimage check release.onnx --baseline previous.onnx --out report/   # CI gate (service/cli_check.py)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from service import cli_remote
+from service.cli_check import add_check_command
 from service.cli_remote import add_energy_arguments, add_remote_commands, add_server_argument
 
 DEFAULT_MODEL = "efficientnet_lite0"
@@ -265,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="first-stage steps (default: the paper's 300)")
     p.add_argument("--store", default=None, help="store directory")
     p.set_defaults(func=_demo)
+    add_check_command(sub)
     add_remote_commands(sub, skip={"models", *VISUALIZATIONS})
     return parser
 

@@ -241,6 +241,24 @@ class PreimageClient:
     def taps(self, model: str, timeout: float | None = None) -> pb.ListTapsResponse:
         return self.stub.ListTaps(pb.ListTapsRequest(model=model), timeout=self._timeout(timeout))
 
+    # -- release checks -------------------------------------------------------------------------
+    def check(
+        self,
+        model: str,
+        baseline: str = "",
+        *,
+        preset: str = "small",
+        taps: Sequence[str] = (),
+        seed: int | None = None,
+        timeout: float | None = None,
+        on_progress: Callable | None = None,
+        **thresholds: float,
+    ) -> CheckRun:
+        """Start a release check of ``model`` (against ``baseline``). Keywords: CheckThresholds fields."""
+        request = pb.CheckReleaseRequest(model=model, baseline=baseline, preset=preset, taps=list(taps),
+                                         thresholds=pb.CheckThresholds(**thresholds), seed=seed)
+        return CheckRun(self.stub.CheckRelease(request, timeout=self._timeout(timeout)), on_progress=on_progress)
+
     # -- visualizations -------------------------------------------------------------------------
     def invert(
         self,
@@ -298,6 +316,32 @@ class PreimageClient:
             params=params, options=options,
         )  # fmt: skip
         return Run(self.stub.Caricature(request, timeout=self._timeout(timeout)), on_progress=on_progress)
+
+
+@dataclass
+class CheckRun:
+    """A running release check: iterate for progress; ``html`` and ``report`` fill in at the end."""
+
+    call: Any
+    html: bytes = b""
+    report: pb.CheckReport | None = None
+    on_progress: Callable[[pb.CheckProgress], None] | None = None
+
+    def wait(self) -> CheckRun:
+        chunks: list[bytes] = []
+        for response in self.call:
+            kind = response.WhichOneof("event")
+            if kind == "progress" and self.on_progress is not None:
+                self.on_progress(response.progress)
+            elif kind == "html_chunk":
+                chunks.append(response.html_chunk)
+            elif kind == "report":
+                self.report = response.report
+        self.html = b"".join(chunks)
+        return self
+
+    def cancel(self) -> None:
+        self.call.cancel()
 
 
 def _chunks(model: bytes | str | Path, size: int) -> Iterator[bytes]:

@@ -197,6 +197,7 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
         self.auth = Authenticator(config.auth)
         self.storage_quotas = StorageQuotas()
         self._vet_slots = threading.Semaphore(1)  # one conversion child at a time: each can use GBs
+        self._check_slots = threading.Semaphore(1)  # one release check at a time (CheckRelease)
         # How recent jobs ended (stats only: a handle would keep the job's tensors alive).
         self.recent_jobs: deque[FinishedJob] = deque(maxlen=64)
         self.jobs_finished = 0
@@ -397,6 +398,28 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
         record.public = request.public
         self.store.update(record)
         return pb.ShareModelResponse(model=model_message(record))
+
+    # -- release checks -------------------------------------------------------------------------
+    @rpc_handler
+    def CheckRelease(self, request: pb.CheckReleaseRequest, context: grpc.ServicerContext, fields):
+        from service.release.stream import check_events
+
+        fields.update(model=request.model, baseline=request.baseline, preset=request.preset or "small", task="check")
+        if not request.model:
+            raise invalid("CheckRelease needs `model`: the id or name of the release to check")
+        record = self._get(request.model, context, fields)
+        base = self._get(request.baseline, context, fields) if request.baseline else None
+        converted = self.cache.get(record)
+        baseline = self.cache.get(base) if base is not None else None
+        # A check runs outside the scheduler (many layers, two models): one at a time per server,
+        # so a CI burst cannot starve the interactive jobs.
+        if not self._check_slots.acquire(blocking=False):
+            raise exhausted("a release check is already running on this server; retry in a minute")
+        try:
+            names = (record.name, base.name if base is not None else None)
+            yield from check_events(request, converted, baseline, self.device, names, context.is_active)
+        finally:
+            self._check_slots.release()
 
     # -- helpers --------------------------------------------------------------------------------
     def _principal(self, context: grpc.ServicerContext, fields: dict[str, Any]) -> Principal:

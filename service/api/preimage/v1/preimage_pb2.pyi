@@ -1630,3 +1630,216 @@ class CaricatureResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
 Global___CaricatureResponse: _TypeAlias = CaricatureResponse  # noqa: Y015
+
+@_typing.final
+class CheckThresholds(_message.Message):
+    """CheckThresholds are the limits that fail a release check. Unset: reported, not enforced
+    (parity_tolerance unset: the model dtype's default, 1e-4 for float32).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARITY_TOLERANCE_FIELD_NUMBER: _builtins.int
+    MAX_DRIFT_FIELD_NUMBER: _builtins.int
+    MAX_FEATURE_DRIFT_FIELD_NUMBER: _builtins.int
+    MAX_CHANGED_FRACTION_FIELD_NUMBER: _builtins.int
+    CHANNEL_CORRELATION_FIELD_NUMBER: _builtins.int
+    parity_tolerance: _builtins.float
+    """Largest relative error ‖torch − onnxruntime‖/‖onnxruntime‖ allowed at any checked tap."""
+    max_drift: _builtins.float
+    """Largest visual drift of a layer: feature distance of the same visualization from both releases."""
+    max_feature_drift: _builtins.float
+    """Largest feature drift of a layer on the reference photographs."""
+    max_changed_fraction: _builtins.float
+    """Largest fraction of a layer's channels whose responses changed."""
+    channel_correlation: _builtins.float
+    """A channel changed when its responses correlate with the baseline's less than this (default 0.9)."""
+    def __init__(
+        self,
+        *,
+        parity_tolerance: _builtins.float | None = ...,
+        max_drift: _builtins.float | None = ...,
+        max_feature_drift: _builtins.float | None = ...,
+        max_changed_fraction: _builtins.float | None = ...,
+        channel_correlation: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_channel_correlation", b"_channel_correlation", "_max_changed_fraction", b"_max_changed_fraction", "_max_drift", b"_max_drift", "_max_feature_drift", b"_max_feature_drift", "_parity_tolerance", b"_parity_tolerance", "channel_correlation", b"channel_correlation", "max_changed_fraction", b"max_changed_fraction", "max_drift", b"max_drift", "max_feature_drift", b"max_feature_drift", "parity_tolerance", b"parity_tolerance"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_channel_correlation", b"_channel_correlation", "_max_changed_fraction", b"_max_changed_fraction", "_max_drift", b"_max_drift", "_max_feature_drift", b"_max_feature_drift", "_parity_tolerance", b"_parity_tolerance", "channel_correlation", b"channel_correlation", "max_changed_fraction", b"max_changed_fraction", "max_drift", b"max_drift", "max_feature_drift", b"max_feature_drift", "parity_tolerance", b"parity_tolerance"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__channel_correlation: _TypeAlias = _typing.Literal["channel_correlation"]  # noqa: Y015
+    _WhichOneofArgType__channel_correlation: _TypeAlias = _typing.Literal["_channel_correlation", b"_channel_correlation"]  # noqa: Y015
+    _WhichOneofReturnType__max_changed_fraction: _TypeAlias = _typing.Literal["max_changed_fraction"]  # noqa: Y015
+    _WhichOneofArgType__max_changed_fraction: _TypeAlias = _typing.Literal["_max_changed_fraction", b"_max_changed_fraction"]  # noqa: Y015
+    _WhichOneofReturnType__max_drift: _TypeAlias = _typing.Literal["max_drift"]  # noqa: Y015
+    _WhichOneofArgType__max_drift: _TypeAlias = _typing.Literal["_max_drift", b"_max_drift"]  # noqa: Y015
+    _WhichOneofReturnType__max_feature_drift: _TypeAlias = _typing.Literal["max_feature_drift"]  # noqa: Y015
+    _WhichOneofArgType__max_feature_drift: _TypeAlias = _typing.Literal["_max_feature_drift", b"_max_feature_drift"]  # noqa: Y015
+    _WhichOneofReturnType__parity_tolerance: _TypeAlias = _typing.Literal["parity_tolerance"]  # noqa: Y015
+    _WhichOneofArgType__parity_tolerance: _TypeAlias = _typing.Literal["_parity_tolerance", b"_parity_tolerance"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__channel_correlation) -> _WhichOneofReturnType__channel_correlation | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_changed_fraction) -> _WhichOneofReturnType__max_changed_fraction | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_drift) -> _WhichOneofReturnType__max_drift | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_feature_drift) -> _WhichOneofReturnType__max_feature_drift | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__parity_tolerance) -> _WhichOneofReturnType__parity_tolerance | None: ...
+
+Global___CheckThresholds: _TypeAlias = CheckThresholds  # noqa: Y015
+
+@_typing.final
+class CheckReleaseRequest(_message.Message):
+    """CheckReleaseRequest names the release and, optionally, the baseline to compare it with."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    BASELINE_FIELD_NUMBER: _builtins.int
+    PRESET_FIELD_NUMBER: _builtins.int
+    TAPS_FIELD_NUMBER: _builtins.int
+    THRESHOLDS_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model id or name of the release (uploaded first with UploadModel)."""
+    baseline: _builtins.str
+    """Model id or name of the previous release; empty: no drift figures."""
+    preset: _builtins.str
+    """"small" (CPU, minutes; the default) or "full" (GPU-sized)."""
+    seed: _builtins.int
+    """Seed of every visualization (default 0)."""
+    @_builtins.property
+    def taps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Taps to visualize (ONNX value or node names); empty: spread over the graph, the output last."""
+
+    @_builtins.property
+    def thresholds(self) -> Global___CheckThresholds:
+        """Limits that fail the check."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        baseline: _builtins.str = ...,
+        preset: _builtins.str = ...,
+        taps: _abc.Iterable[_builtins.str] | None = ...,
+        thresholds: Global___CheckThresholds | None = ...,
+        seed: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "seed", b"seed", "thresholds", b"thresholds"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "baseline", b"baseline", "model", b"model", "preset", b"preset", "seed", b"seed", "taps", b"taps", "thresholds", b"thresholds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+
+Global___CheckReleaseRequest: _TypeAlias = CheckReleaseRequest  # noqa: Y015
+
+@_typing.final
+class CheckProgress(_message.Message):
+    """CheckProgress reports one stage of a check."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STAGE_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    stage: _builtins.str
+    """"parity" or "render"."""
+    done: _builtins.int
+    """Units done in this stage (taps for parity, layers for render)."""
+    total: _builtins.int
+    """Units in this stage."""
+    message: _builtins.str
+    """What is being done, for people."""
+    def __init__(
+        self,
+        *,
+        stage: _builtins.str = ...,
+        done: _builtins.int = ...,
+        total: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "message", b"message", "stage", b"stage", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckProgress: _TypeAlias = CheckProgress  # noqa: Y015
+
+@_typing.final
+class CheckReport(_message.Message):
+    """CheckReport is the last message of a CheckRelease stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OK_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    SUMMARY_JSON_FIELD_NUMBER: _builtins.int
+    HTML_BYTES_FIELD_NUMBER: _builtins.int
+    ok: _builtins.bool
+    """True when parity holds and drift is within the thresholds."""
+    summary_json: _builtins.str
+    """Every figure of the check as a JSON object (the CLI writes it as check.json)."""
+    html_bytes: _builtins.int
+    """Total size of the HTML report sent in html_chunk messages."""
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Why the check failed, one line per broken limit (empty when ok)."""
+
+    def __init__(
+        self,
+        *,
+        ok: _builtins.bool = ...,
+        reasons: _abc.Iterable[_builtins.str] | None = ...,
+        summary_json: _builtins.str = ...,
+        html_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["html_bytes", b"html_bytes", "ok", b"ok", "reasons", b"reasons", "summary_json", b"summary_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckReport: _TypeAlias = CheckReport  # noqa: Y015
+
+@_typing.final
+class CheckReleaseResponse(_message.Message):
+    """CheckReleaseResponse is one event of a CheckRelease stream: progress..., html_chunk..., report."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    HTML_CHUNK_FIELD_NUMBER: _builtins.int
+    REPORT_FIELD_NUMBER: _builtins.int
+    html_chunk: _builtins.bytes
+    """The next piece of the self-contained HTML report (UTF-8); concatenate them in order."""
+    @_builtins.property
+    def progress(self) -> Global___CheckProgress:
+        """Progress of the check."""
+
+    @_builtins.property
+    def report(self) -> Global___CheckReport:
+        """The verdict and the figures: the last message of the stream."""
+
+    def __init__(
+        self,
+        *,
+        progress: Global___CheckProgress | None = ...,
+        html_chunk: _builtins.bytes = ...,
+        report: Global___CheckReport | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "html_chunk", b"html_chunk", "progress", b"progress", "report", b"report"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "html_chunk", b"html_chunk", "progress", b"progress", "report", b"report"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["progress", "html_chunk", "report"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___CheckReleaseResponse: _TypeAlias = CheckReleaseResponse  # noqa: Y015

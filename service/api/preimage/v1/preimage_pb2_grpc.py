@@ -84,6 +84,11 @@ class PreimageServiceStub:
                 request_serializer=preimage_dot_v1_dot_preimage__pb2.ShareModelRequest.SerializeToString,
                 response_deserializer=preimage_dot_v1_dot_preimage__pb2.ShareModelResponse.FromString,
                 _registered_method=True)
+        self.CheckRelease = channel.unary_stream(
+                '/preimage.v1.PreimageService/CheckRelease',
+                request_serializer=preimage_dot_v1_dot_preimage__pb2.CheckReleaseRequest.SerializeToString,
+                response_deserializer=preimage_dot_v1_dot_preimage__pb2.CheckReleaseResponse.FromString,
+                _registered_method=True)
 
 
 class PreimageServiceServicer:
@@ -164,6 +169,16 @@ class PreimageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckRelease(self, request, context):
+        """CheckRelease gates a model release: parity against onnxruntime at every tap (or an evenly
+        sampled set) on photographs, Maximize images and inversions of chosen layers with fixed seeds,
+        and, with a baseline, per-layer drift. Streams progress, then the HTML report in chunks, then
+        one report message with the verdict and the JSON summary.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PreimageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -211,6 +226,11 @@ def add_PreimageServiceServicer_to_server(servicer, server):
                     servicer.ShareModel,
                     request_deserializer=preimage_dot_v1_dot_preimage__pb2.ShareModelRequest.FromString,
                     response_serializer=preimage_dot_v1_dot_preimage__pb2.ShareModelResponse.SerializeToString,
+            ),
+            'CheckRelease': grpc.unary_stream_rpc_method_handler(
+                    servicer.CheckRelease,
+                    request_deserializer=preimage_dot_v1_dot_preimage__pb2.CheckReleaseRequest.FromString,
+                    response_serializer=preimage_dot_v1_dot_preimage__pb2.CheckReleaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -461,6 +481,33 @@ class PreimageService:
             '/preimage.v1.PreimageService/ShareModel',
             preimage_dot_v1_dot_preimage__pb2.ShareModelRequest.SerializeToString,
             preimage_dot_v1_dot_preimage__pb2.ShareModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckRelease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/preimage.v1.PreimageService/CheckRelease',
+            preimage_dot_v1_dot_preimage__pb2.CheckReleaseRequest.SerializeToString,
+            preimage_dot_v1_dot_preimage__pb2.CheckReleaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

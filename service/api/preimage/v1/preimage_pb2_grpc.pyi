@@ -73,6 +73,12 @@ class PreimageServiceStub:
     """ShareModel sets who else may read and use one of the caller's models: named tenants, or
     everyone (public). Sharing is read-only: only the owner (or an admin) deletes or re-shares.
     """
+    CheckRelease: _grpc.UnaryStreamMultiCallable[_preimage_pb2.CheckReleaseRequest, _preimage_pb2.CheckReleaseResponse]
+    """CheckRelease gates a model release: parity against onnxruntime at every tap (or an evenly
+    sampled set) on photographs, Maximize images and inversions of chosen layers with fixed seeds,
+    and, with a baseline, per-layer drift. Streams progress, then the HTML report in chunks, then
+    one report message with the verdict and the JSON summary.
+    """
 
 @_typing.type_check_only
 class PreimageServiceAsyncStub(PreimageServiceStub):
@@ -113,6 +119,12 @@ class PreimageServiceAsyncStub(PreimageServiceStub):
     ShareModel: _aio.UnaryUnaryMultiCallable[_preimage_pb2.ShareModelRequest, _preimage_pb2.ShareModelResponse]  # type: ignore[assignment]
     """ShareModel sets who else may read and use one of the caller's models: named tenants, or
     everyone (public). Sharing is read-only: only the owner (or an admin) deletes or re-shares.
+    """
+    CheckRelease: _aio.UnaryStreamMultiCallable[_preimage_pb2.CheckReleaseRequest, _preimage_pb2.CheckReleaseResponse]  # type: ignore[assignment]
+    """CheckRelease gates a model release: parity against onnxruntime at every tap (or an evenly
+    sampled set) on photographs, Maximize images and inversions of chosen layers with fixed seeds,
+    and, with a baseline, per-layer drift. Streams progress, then the HTML report in chunks, then
+    one report message with the verdict and the JSON summary.
     """
 
 class PreimageServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -205,6 +217,18 @@ class PreimageServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_preimage_pb2.ShareModelResponse, _abc.Awaitable[_preimage_pb2.ShareModelResponse]]:
         """ShareModel sets who else may read and use one of the caller's models: named tenants, or
         everyone (public). Sharing is read-only: only the owner (or an admin) deletes or re-shares.
+        """
+
+    @_abc_1.abstractmethod
+    def CheckRelease(
+        self,
+        request: _preimage_pb2.CheckReleaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_preimage_pb2.CheckReleaseResponse], _abc.AsyncIterator[_preimage_pb2.CheckReleaseResponse]]:
+        """CheckRelease gates a model release: parity against onnxruntime at every tap (or an evenly
+        sampled set) on photographs, Maximize images and inversions of chosen layers with fixed seeds,
+        and, with a baseline, per-layer drift. Streams progress, then the HTML report in chunks, then
+        one report message with the verdict and the JSON summary.
         """
 
 def add_PreimageServiceServicer_to_server(servicer: PreimageServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
