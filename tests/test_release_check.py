@@ -18,7 +18,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import helper, numpy_helper
 from PIL import Image
 
 from converters.model import load_model
@@ -28,7 +27,7 @@ from service.release.check import Thresholds, run_check, sample_channels
 from service.release.drift import channel_correlations
 
 SIZE = 32
-BEFORE = ["/relu1/Relu", "/relu2/Relu"]  # computed before the perturbed conv3
+BEFORE = ["/relu1/Relu", "/relu2/Relu", "/Resize"]  # computed before the perturbed conv3
 AFTER = ["/conv3/Conv", "/relu3/Relu", "/relu4/Relu", "/fc/Gemm"]
 
 
@@ -47,6 +46,7 @@ class SmallNet(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu2(self.conv2(self.relu1(self.conv1(x))))
+        x = torch.nn.functional.interpolate(x, scale_factor=2, mode="bicubic", align_corners=False)
         x = self.relu4(self.conv4(self.relu3(self.conv3(x))))
         return self.fc(x.mean((2, 3)))
 
@@ -68,18 +68,14 @@ def release(perturb_conv3: bool = False) -> bytes:
     return export(net)
 
 
-def train_mode_dropout(model_bytes: bytes) -> bytes:
-    """The release with a node edited: a Dropout in training mode after relu2 (an export made with the
-    model in train mode). onnxruntime drops activations at random; the served graph must not."""
+def tf_style_bicubic(model_bytes: bytes) -> bytes:
+    """The release with one node edited: the upsampling's cubic coefficient set to TensorFlow's −0.5
+    (torch and the export use −0.75). onnxruntime honours it; onnx2torch's Resize ignores the
+    attribute (found while writing this test), so the served graph no longer computes the ONNX."""
     m = onnx.load_from_string(model_bytes)
-    g = m.graph
-    i = next(i for i, n in enumerate(g.node) if n.name == "/relu2/Relu")
-    out = g.node[i].output[0]
-    g.node[i].output[0] = out + "_before_dropout"
-    g.initializer.extend([numpy_helper.from_array(np.array(0.5, np.float32), "dropout_ratio"),
-                          numpy_helper.from_array(np.array(True), "dropout_training")])
-    g.node.insert(i + 1, helper.make_node("Dropout", [out + "_before_dropout", "dropout_ratio", "dropout_training"],
-                                          [out], name="edited_dropout"))
+    node = next(n for n in m.graph.node if n.op_type == "Resize")
+    attr = next(a for a in node.attribute if a.name == "cubic_coeff_a")
+    attr.f = -0.5
     return m.SerializeToString()
 
 
@@ -91,7 +87,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     paths["v1"].write_bytes(v1)
     paths["v1_copy"].write_bytes(release())
     paths["v2"].write_bytes(release(perturb_conv3=True))
-    paths["broken"].write_bytes(train_mode_dropout(v1))
+    paths["broken"].write_bytes(tf_style_bicubic(v1))
     return paths
 
 
@@ -142,11 +138,11 @@ def test_broken_parity_exits_nonzero_naming_the_tap(files: dict[str, Path], tmp_
     code = main(["check", str(files["broken"]), "--out", str(tmp_path), "--device", "cpu"])
     assert code == 1
     err = capsys.readouterr().err
-    assert "parity: tap 'edited_dropout'" in err
+    assert "parity: tap '/Resize'" in err
     data = json.loads((tmp_path / "check.json").read_text())
     bad = [t["alias"] for t in data["parity"]["taps"] if not t["ok"]]
-    assert bad[0] == "edited_dropout"  # the first failing tap in graph order is the edited node
-    assert all(t["ok"] for t in data["parity"]["taps"] if t["alias"] in ("/conv1/Conv", "/relu1/Relu", "/conv2/Conv"))
+    assert bad[0] == "/Resize"  # the first failing tap in graph order is the edited node, the rest follow it
+    assert all(t["ok"] for t in data["parity"]["taps"] if t["alias"] in BEFORE[:2] + ["/conv1/Conv", "/conv2/Conv"])
 
 
 def test_check_without_limits_passes_and_reports(files: dict[str, Path], tmp_path: Path) -> None:
@@ -239,5 +235,9 @@ def test_check_release_rpc(server, files: dict[str, Path]) -> None:
             with pytest.raises(grpc.RpcError) as err:
                 client.check(**kwargs).wait()
             assert err.value.code() == code, (kwargs, err.value.details())
-        # still serving, and the CLI's remote path writes the same files
-        assert client.get(v1.id).id == v1.id
+        # Through a server, a release whose parity is broken is refused at upload, before any check.
+        with pytest.raises(grpc.RpcError) as err:
+            client.upload(files["broken"], name="broken")
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "disagrees with onnxruntime" in err.value.details()
+        assert client.get(v1.id).id == v1.id  # still serving
