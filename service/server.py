@@ -18,7 +18,7 @@ import signal
 import string
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +43,7 @@ from service.auth import (
     check_share_list,
     server_credentials,
 )
+from service.batch_invariance import use_batch_invariant_kernels
 from service.convert_worker import WorkerLimits, load_requested, vet_model, warm_up
 from service.errors import ServiceError, configure_logging, exhausted, invalid, rpc_handler
 from service.jobs import JobHandle, JobLimits, JobStats, build_job
@@ -89,6 +90,8 @@ class ServerConfig:
     metrics_port: int | None = None  # Prometheus /metrics on this HTTP port (0: any free one); None: off
     metrics_address: str = "127.0.0.1"  # the interface /metrics listens on (containers: 0.0.0.0)
     shutdown_grace: float = 30.0  # seconds from SIGTERM to exit: jobs may finish, then are cancelled
+    # Results independent of batch composition, at a large cost on CPU (service/batch_invariance.py).
+    batch_invariant: bool = False
 
 
 def _load_converted(store: ModelStore, record: ModelRecord) -> Any:
@@ -529,6 +532,7 @@ class RunningServer:
     health: health.HealthServicer
     metrics: Any = None  # service.metrics.Metrics when ServerConfig.metrics_port is set
     metrics_port: int | None = None
+    restore_kernels: Callable[[], None] | None = None  # undoes ServerConfig.batch_invariant
 
     def stop(self, grace: float | None = 2.0) -> None:
         self.health.enter_graceful_shutdown()
@@ -537,6 +541,8 @@ class RunningServer:
         if self.metrics is not None:
             self.metrics.stop()
         self.servicer.store.close()
+        if self.restore_kernels is not None:
+            self.restore_kernels()
 
 
 def server_options() -> list[tuple[str, int]]:
@@ -580,6 +586,7 @@ def start_server(address: str, config: ServerConfig) -> RunningServer:
     if port == 0:
         servicer.runner.shutdown()
         raise RuntimeError(f"cannot listen on {address}: is another server using that port?")
+    restore_kernels = use_batch_invariant_kernels(servicer.device) if config.batch_invariant else None
     server.start()
     metrics, metrics_port = None, None
     if config.metrics_port is not None:
@@ -596,10 +603,11 @@ def start_server(address: str, config: ServerConfig) -> RunningServer:
                 "store": str(config.store_dir),
                 "device": str(servicer.device),
                 "metrics_port": metrics_port,
+                "batch_invariant": config.batch_invariant,
             }
         },
     )
-    return RunningServer(server, port, servicer, health_servicer, metrics, metrics_port)
+    return RunningServer(server, port, servicer, health_servicer, metrics, metrics_port, restore_kernels)
 
 
 def serve(address: str = "localhost:50051", store_dir: str | Path | None = None, **options: Any) -> None:

@@ -139,3 +139,36 @@ def test_a_job_larger_than_a_batch_runs_alone(phi) -> None:
         assert sorted(r[2].target_index for r in results) == [0, 1, 2]
     finally:
         scheduler.shutdown()
+
+
+def test_batch_invariant_kernels_make_the_bundled_model_exact_alone_and_batched() -> None:
+    """ServerConfig.batch_invariant: on the real model, where oneDNN's batched sums differ in the last
+    bits (measured here: 3 grey levels apart with the default kernels at these settings), a job's
+    image is identical alone and in a batch."""
+    from converters.bundled import bundled_models
+    from converters.model import load_model
+    from service.batch_invariance import use_batch_invariant_kernels
+    from service.energy import channel_weights, minimize
+
+    model = load_model(bundled_models()[0].path, verify=False)
+    tap = model.tap("/_blocks.10/Add")
+    phi = model.representation(tap)
+    shape = phi(torch.zeros(1, 3, 96, 96)).shape[1:]
+    problems = [
+        Problem(Objective.maximize(channel_weights(shape, c, receptive_field=96, channel_max=5.0)),
+                EnergyParams(steps=20), seed=c)
+        for c in range(2)
+    ]
+
+    def run(batch: list[Problem]) -> np.ndarray:
+        return minimize(phi, batch, height=96, width=96, stride=tap.stride)[0].image_uint8
+
+    restore = use_batch_invariant_kernels(torch.device("cpu"))
+    try:
+        alone, batched = run(problems[:1]), run(problems)
+    finally:
+        restore()
+    assert torch.backends.mkldnn.enabled  # restored for the rest of the process
+    fast_alone, fast_batched = run(problems[:1]), run(problems)
+    print(f"default kernels: {int(np.abs(fast_alone.astype(int) - fast_batched.astype(int)).max())} grey levels apart")
+    assert np.array_equal(alone, batched)
