@@ -4,7 +4,7 @@ Prints a Markdown table of the normalized feature error ‖Φ(x*) − Φ0‖/‖
 per tap with the default settings (SPEC.md: C = 300, α = 6, TV², 300 + 50 steps), and the
 seconds each took on this machine (a CPU figure: compare only within one run).
 
-    python bench/invert_table.py [--size 224] [--steps 300] [--out docs/figures/invert]
+    python bench/invert_table.py [--size 224] [--steps 300] [--out docs/figures/invert] [--device cuda]
 """
 
 from __future__ import annotations
@@ -40,14 +40,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--image", default="chelsea")
     parser.add_argument("--out", default=None, help="folder for the reconstructions (PNG)")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    device = torch.device(args.device)
     model = load_model(bundled_model_path())
     mean = model.preprocessing.mean_rgb255
-    x0 = from_uint8(center_crop_resize(photo(args.image), args.size, args.size), torch.tensor(mean))
+    x0 = from_uint8(center_crop_resize(photo(args.image), args.size, args.size), torch.tensor(mean)).to(device)
     print("| tap | shape | stride | feature error | seconds |\n|---|---|---|---|---|")
     for name in TAPS:
         tap = model.tap(name)
-        phi = model.representation(tap)
+        phi = model.representation(tap).to(device)
         with torch.no_grad():
             phi0 = phi(x0[None])[0]
         start = time.perf_counter()
@@ -58,7 +60,10 @@ def main() -> None:
             width=args.size,
             stride=tap.stride,
             mean_rgb255=mean,
+            device=device,
         )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
         print(f"| `{tap.alias}` | {list(tap.shape)} | {tap.stride} | {result.feature_error:.3f} | {seconds:.1f} |")
         if args.out:
