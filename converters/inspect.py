@@ -83,13 +83,14 @@ def format_inspection(info: dict, max_taps: int = 400) -> str:
         f"preprocessing ({pre['source']}): {pre['channel_order']}, ×{pre['scale']:.6g}, mean {pre['mean']}, "
         f"std {pre['std']}",
         "ops: " + ", ".join(f"{k}×{v}" for k, v in info["ops"].items()),
-        f"taps ({len(info['taps'])}; stride / receptive field in input pixels, * = global):",
+        f"taps ({len(info['taps'])}; stride / receptive field in input pixels, y×x where they differ, "
+        "? = unknown, * = global):",
     ]
     for t in info["taps"][:max_taps]:
         mod = f"  [{t['module']}]" if t["module"] else ""
         star = "*" if t["global"] else " "
         lines.append(f"  {t['alias']:<48} {t['op_type']:<18} {str(t['shape']):<18} "
-                     f"s{t['stride']:<4} rf{t['receptive_field']}{star}{mod}")
+                     f"s{_per_axis(t.get('stride_yx')):<5} rf{_per_axis(t.get('receptive_field_yx'))}{star}{mod}")
     if len(info["taps"]) > max_taps:
         lines.append(f"  ... {len(info['taps']) - max_taps} more")
     p = info["parity"]
@@ -101,3 +102,10 @@ def format_inspection(info: dict, max_taps: int = 400) -> str:
 
 
 format_report = format_inspection  # the name service/cli.py uses
+
+
+def _per_axis(pair: list[int] | None) -> str:
+    """'8' for the same value along y and x, '4×1' (y×x) otherwise, '?' when not known."""
+    if not pair:
+        return "?"
+    return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}×{pair[1]}"

@@ -279,7 +279,7 @@ def build_job(
         shape = tuple(_run_phi(phi, torch.zeros(1, 3, height, width, device=device), tap.alias).shape[1:])
         # The paper's 1/(ρ²·M_k): ρ never exceeds the image; M_k is the client's, or measured per
         # channel on the reference photographs (cached per model, tap and size).
-        rf = effective_receptive_field(tap.receptive_field, height, width)
+        rf = effective_receptive_field(tap.receptive_field_yx, height, width)
         given = request.channel_max if request.HasField("channel_max") and request.channel_max > 0 else None
         stats = None if given is not None else channel_max_stats(phi, f"{model_id}:{tap.name}", height, width, mean)
 

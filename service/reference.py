@@ -7,6 +7,7 @@ and centre-cropped to the job's size, once per (model, tap, size), and cache it.
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
@@ -73,6 +74,16 @@ def channel_max(
         return _stats[cache_key]
 
 
-def effective_receptive_field(receptive_field: int, height: int, width: int) -> int:
-    """ρ for the paper's 1/ρ² scaling: the theoretical field, but never more than the image."""
-    return max(1, min(int(receptive_field), max(height, width)))
+def effective_receptive_field(
+    receptive_field: int | tuple[int, int] | None, height: int, width: int
+) -> int:
+    """ρ for the paper's 1/ρ² scaling: the theoretical field clipped to the image along each axis, as
+    the side of the square of the same area (a tap's ``receptive_field_yx`` may differ between y and
+    x). Unknown geometry (None or 0) counts as the whole image, the one bound every tap satisfies."""
+    if isinstance(receptive_field, tuple | list):
+        ry, rx = int(receptive_field[0]), int(receptive_field[1])
+    else:
+        ry = rx = int(receptive_field or 0)
+    if ry <= 0 or rx <= 0:
+        ry, rx = height, width
+    return max(1, round(math.sqrt(min(ry, height) * min(rx, width))))

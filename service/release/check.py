@@ -166,7 +166,7 @@ def render_layer(
         starts = photo_batch(preset.photos, h, w, mean)
         phi0 = phi(starts.to(device)).float().cpu()
     shape = tuple(phi0.shape[1:])
-    rf = effective_receptive_field(tap.receptive_field, h, w)
+    rf = effective_receptive_field(tap.receptive_field_yx, h, w)
     params = EnergyParams(steps=preset.steps, refine_steps=max(preset.steps // 6, 0))
     problems: list[Problem] = []
     labels: list[tuple[str, str, int]] = []
