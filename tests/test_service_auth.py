@@ -95,6 +95,7 @@ def every_rpc(ref: str) -> dict[str, Callable[[PreimageClient], Any]]:
         "Caricature": lambda c: c.caricature(ref, "relu2", [_png()], **FAST).wait(),
         "ShareModel": lambda c: c.share(ref, ["bob"]),
         "DeleteModel": lambda c: c.delete(ref),
+        "CheckRelease": lambda c: c.check(ref, taps=["relu2"]).wait(),
     }
 
 
