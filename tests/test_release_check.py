@@ -31,6 +31,16 @@ BEFORE = ["/relu1/Relu", "/relu2/Relu", "/Resize"]  # computed before the pertur
 AFTER = ["/conv3/Conv", "/relu3/Relu", "/relu4/Relu", "/fc/Gemm"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Two xdist workers with two torch threads each oversubscribe a 2-core machine, and a loaded
+    # machine then turns 20 ms steps into seconds (bench/RESULTS.md): one thread per worker.
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 class SmallNet(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
