@@ -189,12 +189,13 @@ def _demo(args: argparse.Namespace) -> int:
                     "objective": report.get("objective"),
                 }
             )
-            fe = report.get("feature_error")
-            print(
-                f"{job[0]:<10} {sub.tap:<18} → {report['output']}"
-                + (f"  feature error {fe:.3f}" if fe is not None else ""),
-                flush=True,
-            )
+            fe, objective = report.get("feature_error"), report.get("objective")
+            if job[0] == "caricature" and objective is not None:
+                # Φ0⁺ is normalized so the start image scores 1: the objective is the gain.
+                figure = f"  ⟨Φ, Φ0⁺⟩ {objective:.2f}× the start"
+            else:
+                figure = f"  feature error {fe:.3f}" if fe is not None else ""
+            print(f"{job[0]:<10} {sub.tap:<18} → {report['output']}{figure}", flush=True)
     (out / "demo.json").write_text(json.dumps(summary, indent=1))
     return 0
 
