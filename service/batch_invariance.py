@@ -6,7 +6,10 @@ convolution blocking by batch size, so a row's sums are reassociated differently
 batch (measured on the bundled model at /_blocks.10/Add: 2.2e-5 max abs difference in the
 features, 3 grey levels apart after 20 steps). PyTorch's native CPU convolution works image by
 image, which makes every row's arithmetic independent of the batch (measured: identical PNGs),
-at a price: 3.8× slower alone and 4× slower at batch 4 on a 2-core CPU (docs/service.md).
+at a price. Bundled model, /_blocks.10/Add, 96 px, 20 steps, quiet 2-core CPU: alone 0.5 → 1.6 s
+(3.2×), batch of 4 0.9 → 4.4 s (4.9×) with two threads; 3.7× both ways with one thread. With one
+thread the default kernels also happened to agree alone and batched at these settings: oneDNN's
+batch dependence comes with its multi-threaded partitioning, and is not guaranteed either way.
 
 On CUDA, deterministic cuDNN algorithms without autotuning are the analogous setting; whether
 they are batch-invariant for every layer has not been measured (no GPU was available).
