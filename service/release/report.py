@@ -38,8 +38,10 @@ def _img(v: Visual, caption: str) -> str:
 
 def _layer(layer: LayerReport, has_baseline: bool) -> str:
     t = layer.tap
+    geometry = (f"stride {t.stride}, receptive field {t.receptive_field}" if t.geometry_known
+                else "stride and receptive field unknown")
     parts = [f"<h2>{html.escape(t.alias)} <small>({html.escape(t.name)}, {html.escape(t.op_type)}, "
-             f"shape {list(t.shape)}, stride {t.stride}, receptive field {t.receptive_field})</small></h2>"]
+             f"shape {list(t.shape)} at the nominal size, {geometry})</small></h2>"]
     if layer.note:
         parts.append(f"<p>{html.escape(layer.note)}</p>")
     d = layer.drift
