@@ -83,10 +83,15 @@ _PLUMBING = {"Reshape", "Transpose", "Slice", "Gather", "Concat", "Squeeze", "Un
              "Identity", "Pad", "Expand", "Split", "Shape", "Tile", "Where", "Equal", "ConstantOfShape"}
 
 
+def computing_taps(model) -> list[TapInfo]:
+    """The taps that compute something (not plumbing), or every tap when none does."""
+    return [t for t in model.taps if t.op_type not in _PLUMBING] or list(model.taps)
+
+
 def default_taps(model, k: int = 3) -> list[TapInfo]:
     """k taps spread over the graph (evenly through the computing taps), the output last."""
     out = model.output_tap
-    taps = [t for t in model.taps if t.op_type not in _PLUMBING and t.name != out.name] or list(model.taps)
+    taps = [t for t in computing_taps(model) if t.name != out.name] or list(model.taps)
     if len(taps) < k:
         return list(dict.fromkeys([*taps, out]))
     used: list[int] = []

@@ -51,10 +51,12 @@ def photo(name: str) -> np.ndarray:
     return center_crop_resize(image, *image.shape[:2])
 
 
-def reference_batch(height: int, width: int, mean_rgb255: tuple[float, float, float]) -> torch.Tensor:
-    """The reference photos in energy space, N×3×H×W."""
+def reference_batch(
+    height: int, width: int, mean_rgb255: tuple[float, ...], names: tuple[str, ...] = REFERENCE_PHOTOS
+) -> torch.Tensor:
+    """Photographs (default: the reference set) in energy space, N×3×H×W."""
     mean = torch.tensor(mean_rgb255, dtype=torch.float32)
-    return torch.stack([from_uint8(center_crop_resize(photo(n), height, width), mean) for n in REFERENCE_PHOTOS])
+    return torch.stack([from_uint8(center_crop_resize(photo(n), height, width), mean) for n in names])
 
 
 _stats_lock = threading.Lock()

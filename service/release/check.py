@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from converters.parity import _PLUMBING, ParityReport, check_parity, default_taps
+from converters.parity import ParityReport, check_parity, computing_taps, default_taps
 from converters.taps import TapInfo
 from service.energy import EnergyParams, Objective, Problem, channel_statistics, channel_weights, minimize
-from service.reference import center_crop_resize, effective_receptive_field, photo, reference_batch
+from service.reference import effective_receptive_field, reference_batch
 from service.release.drift import LayerDrift, layer_drift
 
 Progress = Callable[[str, int, int, str], None]  # (stage, done, total, message)
@@ -118,33 +118,27 @@ def check_size(model: Any, preset: Preset) -> tuple[int, int]:
     return fixed_input_size(model) or (preset.size, preset.size)
 
 
-def _computing_taps(model: Any) -> list[TapInfo]:
-    return [t for t in model.taps if t.op_type not in _PLUMBING] or list(model.taps)
+def evenly_spaced(n: int, k: int) -> list[int]:
+    """k indices evenly spaced over 0..n−1, first and last included (all n when k ≥ n)."""
+    if k >= n:
+        return list(range(n))
+    if k == 1:
+        return [0]
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
 
 
 def parity_taps(model: Any, limit: int, must: list[TapInfo]) -> list[TapInfo]:
     """Every computing tap, or ``limit`` of them evenly spread (first and output included), plus ``must``."""
-    taps = _computing_taps(model)
-    if limit and len(taps) > limit:
-        idx = sorted({round(i * (len(taps) - 1) / (limit - 1)) for i in range(limit)})
-        taps = [taps[i] for i in idx]
+    taps = computing_taps(model)
+    if limit:
+        taps = [taps[i] for i in evenly_spaced(len(taps), limit)]
     chosen = {t.name: t for t in [*taps, *must, model.output_tap]}
     return sorted(chosen.values(), key=lambda t: t.index)
 
 
 def sample_channels(n_channels: int, k: int) -> list[int]:
     """k channels evenly spaced over 0..C−1: the same choice for a release and its baseline."""
-    if k >= n_channels:
-        return list(range(n_channels))
-    if k == 1:
-        return [0]
-    return sorted({round(i * (n_channels - 1) / (k - 1)) for i in range(k)})
-
-
-def photo_batch(names: tuple[str, ...], height: int, width: int, mean_rgb255: tuple[float, ...]) -> torch.Tensor:
-    mean = torch.tensor(mean_rgb255, dtype=torch.float32).view(3, 1, 1)
-    arrays = [center_crop_resize(photo(n), height, width) for n in names]
-    return torch.stack([torch.from_numpy(a.astype(np.float32)).permute(2, 0, 1) - mean for a in arrays])
+    return evenly_spaced(n_channels, k)
 
 
 def render_layer(
@@ -154,20 +148,23 @@ def render_layer(
     preset: Preset,
     size: tuple[int, int],
     device: torch.device,
+    references: torch.Tensor,
     seed: int = 0,
     should_stop: Callable[[], bool] | None = None,
 ) -> list[Visual]:
-    """Maximize the sampled channels and invert the reference photos at ``tap``, as one batch."""
+    """Maximize the sampled channels and invert the preset's photos at ``tap``, as one batch.
+
+    ``references``: the reference photographs in this model's energy space, for M_k."""
     h, w = size
     mean = tuple(model.preprocessing.mean_rgb255)
     phi = model.representation(tap).to(device)
     with torch.no_grad():
-        stats = channel_statistics(phi, reference_batch(h, w, mean).to(device)).cpu()
-        starts = photo_batch(preset.photos, h, w, mean)
+        stats = channel_statistics(phi, references.to(device)).cpu()
+        starts = reference_batch(h, w, mean, preset.photos)
         phi0 = phi(starts.to(device)).float().cpu()
     shape = tuple(phi0.shape[1:])
     rf = effective_receptive_field(tap.receptive_field_yx, h, w)
-    params = EnergyParams(steps=preset.steps, refine_steps=max(preset.steps // 6, 0))
+    params = EnergyParams(steps=preset.steps, refine_steps=preset.steps // 6)
     problems: list[Problem] = []
     labels: list[tuple[str, str, int]] = []
     for i, c in enumerate(channels):
@@ -224,14 +221,17 @@ def run_check(
     def parity_of(m: Any, label: str, must: list[TapInfo]) -> ParityReport:
         chosen = parity_taps(m, p.parity_taps, must)
         progress("parity", 0, len(chosen), f"{label}: {len(chosen)} taps against onnxruntime")
-        photos = photo_batch(("chelsea", "coffee", "astronaut", "rocket")[: p.parity_photos], *size,
-                             tuple(m.preprocessing.mean_rgb255))
+        photos = reference_batch(*size, tuple(m.preprocessing.mean_rgb255),
+                                 ("chelsea", "coffee", "astronaut", "rocket")[: p.parity_photos])
         report = check_parity(m, taps=chosen, images=photos, device=dev, rtol=limits.parity_tolerance)
         progress("parity", len(chosen), len(chosen), f"{label}: worst relative error {report.max_rel_error:.2e}")
         return report
 
     result = CheckResult(model_name, baseline_name, preset, size, str(dev), limits,
                          parity_of(model, model_name, layers), None)
+    # The reference photographs in each model's energy space, once per check: M_k and feature drift.
+    refs = reference_batch(*size, tuple(model.preprocessing.mean_rgb255))
+    base_refs = reference_batch(*size, tuple(baseline.preprocessing.mean_rgb255)) if baseline is not None else None
     base_layers: dict[str, TapInfo] = {}
     if baseline is not None:
         base_layers = {t.name: t for t in baseline.taps}
@@ -245,7 +245,7 @@ def run_check(
         channels = sample_channels(n_channels, p.channels)
         progress("render", i, len(layers), f"{model_name} {tap.alias}: {len(channels)} channels, "
                  f"{len(p.photos)} inversions")
-        layer = LayerReport(tap, channels, render_layer(model, tap, channels, p, size, dev, seed, stop))
+        layer = LayerReport(tap, channels, render_layer(model, tap, channels, p, size, dev, refs, seed, stop))
         old = base_layers.get(tap.name)
         if baseline is not None and old is None:
             layer.note = "not in the baseline (no tap with this ONNX value name)"
@@ -254,21 +254,18 @@ def run_check(
                 layer.note = f"shape changed from {list(old.shape)} to {list(tap.shape)}: not comparable"
             else:
                 progress("render", i, len(layers), f"{baseline_name or 'baseline'} {tap.alias}")
-                layer.baseline_visuals = render_layer(baseline, old, channels, p, size, dev, seed, stop)
+                assert base_refs is not None
+                layer.baseline_visuals = render_layer(baseline, old, channels, p, size, dev, base_refs, seed, stop)
                 layer.drift = layer_drift(
                     model.representation(tap).to(dev), baseline.representation(old).to(dev),
                     [v.image for v in layer.visuals], [v.image for v in layer.baseline_visuals],
-                    photo_batch(tuple(REFERENCE_SET), *size, tuple(model.preprocessing.mean_rgb255)),
+                    refs,
                     tuple(model.preprocessing.mean_rgb255), limits.channel_correlation, dev,
                 )
         result.layers.append(layer)
         progress("render", i + 1, len(layers), f"{tap.alias} done")
     result.reasons = verdict(result)
     return result
-
-
-# Photographs for the feature drift and the channel correlations: all eight of service.reference.
-REFERENCE_SET = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "camera", "brick", "clock")
 
 
 def verdict(result: CheckResult) -> list[str]:
@@ -311,7 +308,7 @@ def summary(result: CheckResult) -> dict[str, Any]:
         "preset": result.preset,
         "size": list(result.size),
         "device": result.device,
-        "thresholds": {k: v for k, v in vars(result.thresholds).items()},
+        "thresholds": asdict(result.thresholds),
         "parity": result.parity.as_dict(),
         "baseline_parity": result.baseline_parity.as_dict() if result.baseline_parity else None,
         "layers": [
