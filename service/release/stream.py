@@ -12,6 +12,7 @@ import math
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -26,8 +27,7 @@ HTML_CHUNK = 1 << 20  # 1 MiB per message: far below gRPC's 4 MiB default limit
 def thresholds_from(msg: pb.CheckThresholds) -> Thresholds:
     """The request's limits; each must be a finite number ≥ 0 (a ValueError becomes INVALID_ARGUMENT)."""
     given: dict[str, float] = {}
-    for name in ("parity_tolerance", "max_drift", "max_feature_drift", "max_changed_fraction",
-                 "channel_correlation"):
+    for name in (f.name for f in fields(Thresholds)):  # the proto mirrors Thresholds field by field
         if msg.HasField(name):
             value = getattr(msg, name)
             if not (math.isfinite(value) and value >= 0):
