@@ -262,7 +262,9 @@ class Scheduler:
             self._batches.append(batch)
         try:
             for index, problem in enumerate(job.problems):
-                state.rows[batch.minimizer.add(problem)] = index
+                # Terms are recorded on the steps that report them (progress or preview), and only those.
+                record_every = math.gcd(job.report_every, job.preview_every)
+                state.rows[batch.minimizer.add(problem, record_every=record_every)] = index
         except BaseException as exc:  # a problem the minimizer refuses: this job fails alone
             for row in state.rows:
                 batch.minimizer.cancel(row)

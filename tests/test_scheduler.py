@@ -155,8 +155,11 @@ def test_batch_invariant_kernels_make_the_bundled_model_exact_alone_and_batched(
     phi = model.representation(tap)
     shape = phi(torch.zeros(1, 3, 96, 96)).shape[1:]
     problems = [
-        Problem(Objective.maximize(channel_weights(shape, c, receptive_field=96, channel_max=5.0)),
-                EnergyParams(steps=20), seed=c)
+        Problem(
+            Objective.maximize(channel_weights(shape, c, receptive_field=96, channel_max=5.0)),
+            EnergyParams(steps=20),
+            seed=c,
+        )
         for c in range(2)
     ]
 
@@ -175,3 +178,37 @@ def test_batch_invariant_kernels_make_the_bundled_model_exact_alone_and_batched(
     fast_alone, fast_batched = run(problems[:1]), run(problems)
     print(f"default kernels: {int(np.abs(fast_alone.astype(int) - fast_batched.astype(int)).max())} grey levels apart")
     assert np.array_equal(alone, batched)
+
+
+def test_rows_with_their_own_settings_are_exact_alone_and_batched(phi) -> None:
+    """A batch mixes rows whose settings differ (optimizer, β, C, learning rate, task, stage):
+    with batch-invariant kernels each row's image is bit-identical to the same problem run alone.
+    The minimizer groups rows that agree and steps each group with plain floats, so nothing in a
+    row's arithmetic depends on its neighbours'."""
+    from service.batch_invariance import use_batch_invariant_kernels
+    from service.energy import channel_weights, minimize
+
+    target = phi(torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(9)) * 50)[0]
+    problems = [
+        Problem(Objective.invert(target), EnergyParams(steps=12, refine_steps=6), seed=1),
+        Problem(Objective.invert(target), EnergyParams(steps=6, refine_steps=4, beta=1.5, loss_weight=50.0), seed=2),
+        Problem(Objective.invert(target), EnergyParams(steps=15, optimizer="adam", learning_rate=3.0), seed=3),
+        Problem(Objective.maximize(channel_weights(target.shape, 2, receptive_field=7, channel_max=1.0)),
+                EnergyParams(steps=10, momentum=0.8, alpha=4.0), seed=4),
+    ]  # fmt: skip
+
+    def run(batch: list[Problem]) -> list[np.ndarray]:
+        return [r.image_uint8 for r in minimize(phi, batch, height=SIZE, width=SIZE, stride=2)]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    restore = use_batch_invariant_kernels(torch.device("cpu"))
+    try:
+        alone = [run([p])[0] for p in problems]
+        batched = run(problems)
+    finally:
+        restore()
+        torch.set_num_threads(threads)
+    for i, (a, b) in enumerate(zip(alone, batched, strict=True)):
+        assert np.array_equal(a, b), f"row {i}: {int(np.abs(a.astype(int) - b.astype(int)).max())} grey levels apart"
+    assert len({a.tobytes() for a in alone}) == len(alone)  # the rows really are different problems

@@ -23,15 +23,18 @@ import numpy as np
 import torch
 
 from service.energy.objectives import Objective, batched_loss, feature_error
+from service.energy.optimizers import adam_update_, paper_update_
 from service.energy.params import EnergyParams
 from service.energy.regularizers import (
+    Scalar,
     alpha_norm,
     jitter_crop,
-    jitter_offset,
+    jitter_offsets,
+    prior_terms_and_grad,
     project_bounded,
-    regularizer_terms_and_grads,
     total_variation,
 )
+from service.energy.workspace import Workspace
 
 TERMS = ("energy", "loss", "alpha_norm", "tv")
 
@@ -53,7 +56,7 @@ class Result:
     image_uint8: np.ndarray  # H×W×3, ready for PNG
     image: torch.Tensor  # 3×H×W float, mean-subtracted 0-255 (before quantization)
     terms: dict[str, float]  # final C·ℓ, ℓ, R_α, R_V and E, measured on the PNG image
-    history: dict[str, list[float]]  # per-step energy terms (during optimization)
+    history: dict[str, list[float]]  # "step" and the energy terms at each recorded step (during optimization)
     feature_error: float | None  # ‖Φ(x*) − Φ0‖/‖Φ0‖ on the PNG image (inversion, caricature)
     objective_value: float  # ⟨Φ(x*), w⟩ for maximization/caricature, ℓ for inversion
     steps_run: int
@@ -96,18 +99,75 @@ def from_uint8(image: np.ndarray, mean_rgb255: torch.Tensor) -> torch.Tensor:
 class _Row:
     """Per-problem state that is not a batched tensor."""
 
-    def __init__(self, handle: int, problem: Problem, params: EnergyParams, generator: torch.Generator) -> None:
+    def __init__(
+        self, handle: int, problem: Problem, params: EnergyParams, generator: torch.Generator, record_every: int
+    ) -> None:
         self.handle = handle
         self.problem = problem
         self.params = params
-        self.generator = generator
         self.step = 0
         self.total = params.steps + int(params.refine_steps or 0)
         self.cancelled = False
-        self.history: list[torch.Tensor] = []  # stays on the device until the row ends: no syncs
+        self.masked = problem.objective.task == "invert" and not bool((problem.objective.mask == 1).all())
+        self.generator = generator
+        self._shifts: list[tuple[int, int]] = []
+        self.record_every = record_every
+        # (step, terms) of the recorded steps; the terms stay on the device until the row ends (no syncs)
+        self.history: list[tuple[int, torch.Tensor]] = []
 
     def in_refine(self) -> bool:
         return self.step >= self.params.steps
+
+    def next_shift(self) -> tuple[int, int]:
+        """The next random shift of the first stage, drawn from the row's own generator in chunks
+        (one call per 64 steps instead of one per step)."""
+        if not self._shifts:
+            count = min(64, self.params.steps - self.step)
+            self._shifts = jitter_offsets(self.generator, int(self.params.jitter or 1), count)[::-1]
+        return self._shifts.pop()
+
+    def records(self, step: int) -> bool:
+        """Whether the energy terms are recorded at ``step`` (1-based): the first and last steps,
+        and every ``record_every``-th."""
+        return step in (1, self.total) or (self.record_every > 0 and step % self.record_every == 0)
+
+
+@dataclass
+class _Group:
+    """Rows that agree on every image-space setting (priors, optimizer, bound, stage).
+
+    A group's priors and update run with Python floats: a row's arithmetic is then the same
+    whoever shares its batch, which keeps a job's result identical alone and batched.
+    """
+
+    params: EnergyParams  # a member's resolved settings (the members agree on all that is used)
+    lr_scale: float  # 1, or refine_lr_scale in the second stage
+    members: list[int]
+    index: torch.Tensor | None  # the members on the device; None when the group is the batch
+
+
+def _group_key(row: _Row) -> tuple:
+    p = row.params
+    lr_scale = p.refine_lr_scale if row.in_refine() else 1.0
+    return (p.alpha, p.beta, p.b_norm, p.tv_norm, p.lambda_alpha, p.lambda_tv, p.bound,
+            p.optimizer, p.learning_rate, p.momentum, p.decay, lr_scale)  # fmt: skip
+
+
+@dataclass
+class _Plan:
+    """What a step needs from the rows' settings, resolved on the host once per change of rows.
+
+    Rebuilt only when rows join, leave or enter their second stage, so the steps in between copy
+    nothing to the device.
+    """
+
+    has_inversion: bool
+    has_dot: bool
+    masked: bool
+    loss_weight: Scalar  # C, λ_α and λ_V per row, for the reported energy
+    lambda_alpha: Scalar
+    lambda_tv: Scalar
+    groups: list[_Group]
 
 
 class Minimizer:
@@ -132,12 +192,17 @@ class Minimizer:
         self.pad = (max_jitter if max_jitter is not None else max(round(stride / 4), 1)) - 1
         self.rows: list[_Row] = []
         self._handles = itertools.count()
-        self._x: torch.Tensor | None = None
         self._state: dict[str, torch.Tensor] = {}
+        self._plan: _Plan | None = None
+        self._work = Workspace()  # ∂E/∂x and the intermediates of a step, reused from step to step
 
     # -- joining and leaving -------------------------------------------------------------------
-    def add(self, problem: Problem) -> int:
-        """Add a problem; it starts stepping with the next ``step()``. Returns its handle."""
+    def add(self, problem: Problem, record_every: int = 1) -> int:
+        """Add a problem; it starts stepping with the next ``step()``. Returns its handle.
+
+        ``record_every``: record the energy terms every that many steps (and at the first and
+        last); 0 records only those two. A step that no row records skips computing them, which
+        saves a few passes over the image (see ``progress``)."""
         params = problem.params.resolved(problem.objective.task, self.height, self.width, self.stride)
         params.validate()
         if int(params.jitter or 1) - 1 > self.pad:
@@ -152,31 +217,27 @@ class Minimizer:
                 raise ValueError(f"start image must be 3×{self.height}×{self.width}, got {tuple(start.shape)}")
             lo = self.pad // 2
             x0 = torch.nn.functional.pad(start[None], (lo, self.pad - lo, lo, self.pad - lo), mode="replicate")[0]
+        project_bounded(x0[None], float(params.bound))
         obj = problem.objective
+        c = float(params.loss_weight)
+        # The loss's constants, computed for this row alone (so they do not depend on its batch):
+        # ∂(C·ℓ)/∂Φ is 2C·m²⊙(Φ−Φ0)/‖Φ0⊙m‖² for inversion and −C·w for the dot products.
+        inverse_norm = torch.zeros(())
+        if obj.task == "invert":
+            inverse_norm = (obj.target * obj.mask).pow(2).sum().clamp_min(1e-30).reciprocal()
         row_tensors = {
             "x": x0,
             "target": obj.target,
             "mask": obj.mask,
             "weights": obj.weights,
             "is_inv": torch.tensor(obj.task == "invert"),
-            "C": torch.tensor(float(params.loss_weight)),
-            "alpha": torch.tensor(params.alpha),
-            "lambda_alpha": torch.tensor(params.lambda_alpha),
-            "beta": torch.tensor(params.beta),
-            "lambda_tv": torch.tensor(params.lambda_tv),
-            "b_norm": torch.tensor(params.b_norm),
-            "tv_norm": torch.tensor(float(params.tv_norm)),
-            "bound": torch.tensor(float(params.bound)),
-            "lr": torch.tensor(float(params.learning_rate)),
-            "lr_scale": torch.tensor(1.0),
-            "momentum": torch.tensor(params.momentum),
-            "decay": torch.tensor(params.decay),
-            "is_adam": torch.tensor(params.optimizer == "adam"),
-            "t": torch.tensor(0.0),  # optimizer step count (Adam bias correction)
+            "inverse_norm": inverse_norm,
+            "inversion_coef": inverse_norm * (2 * c),
+            "dot_grad": obj.weights * -c,
+            "t": torch.tensor(0.0),  # optimizer steps in this stage (Adam's bias correction)
             "mu": torch.zeros_like(x0),  # momentum / Adam first moment
             "G": torch.zeros_like(x0),  # running squared gradient / Adam second moment
         }
-        project_bounded(row_tensors["x"][None], row_tensors["bound"][None])
         for name, value in row_tensors.items():
             value = value.to(self.device)[None]
             if name in self._state and self._state[name].shape[1:] != value.shape[1:]:
@@ -186,7 +247,8 @@ class Minimizer:
                 )
             self._state[name] = value if name not in self._state else torch.cat([self._state[name], value])
         handle = next(self._handles)
-        self.rows.append(_Row(handle, problem, params, generator))
+        self.rows.append(_Row(handle, problem, params, generator, record_every))
+        self._plan = None
         return handle
 
     def cancel(self, handle: int) -> None:
@@ -198,49 +260,66 @@ class Minimizer:
     def __len__(self) -> int:
         return len(self.rows)
 
+    # -- the plan: settings resolved on the host -------------------------------------------------
+    def _scalar(self, value: Callable[[EnergyParams], float]) -> Scalar:
+        """One float when the rows agree, else a (B,) tensor on the device."""
+        values = [float(value(row.params)) for row in self.rows]
+        if all(v == values[0] for v in values):
+            return values[0]
+        return torch.tensor(values, dtype=torch.float32, device=self.device)
+
+    def _build_plan(self) -> _Plan:
+        by_key: dict[tuple, list[int]] = {}
+        for i, row in enumerate(self.rows):
+            by_key.setdefault(_group_key(row), []).append(i)
+        groups = []
+        for key, members in by_key.items():
+            index = None if len(by_key) == 1 else torch.tensor(members, device=self.device)
+            groups.append(_Group(self.rows[members[0]].params, key[-1], members, index))
+        inversion = [row.problem.objective.task == "invert" for row in self.rows]
+        return _Plan(
+            has_inversion=any(inversion),
+            has_dot=not all(inversion),
+            masked=any(row.masked for row in self.rows),
+            loss_weight=self._scalar(lambda p: float(p.loss_weight)),
+            lambda_alpha=self._scalar(lambda p: p.lambda_alpha),
+            lambda_tv=self._scalar(lambda p: p.lambda_tv),
+            groups=groups,
+        )
+
     # -- one step -------------------------------------------------------------------------------
     def _crop_offsets(self) -> list[tuple[int, int]]:
-        offsets = []
         centre = self.pad // 2
-        for row in self.rows:
-            if row.in_refine() or int(row.params.jitter or 1) <= 1:
-                offsets.append((centre, centre))
-            else:
-                offsets.append(jitter_offset(row.generator, int(row.params.jitter or 1)))
-        return offsets
+        return [
+            (centre, centre) if row.in_refine() or int(row.params.jitter or 1) <= 1 else row.next_shift()
+            for row in self.rows
+        ]
 
-    def _energy_and_grad(self, offsets: list[tuple[int, int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """E's terms per row and ∂E/∂x: autograd through Φ for the loss, closed form for the priors."""
+    @torch.no_grad()
+    def _loss_and_grad(self, phi: torch.Tensor, plan: _Plan, record: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """ℓ per row (only when ``record``) and ∂(C·ℓ)/∂Φ in closed form, for the loss forms in use."""
         s = self._state
-        # The network sees each row's shifted crop; its gradient lands back on the crop's window of
-        # the padded variable (one zero buffer, no autograd through the slicing).
-        image = jitter_crop(s["x"], offsets, self.height, self.width).detach().requires_grad_(True)
-        phi = self.phi(image).float()
-        loss = batched_loss(phi, s["target"], s["mask"], s["weights"], s["is_inv"])
-        (grad_image,) = torch.autograd.grad((s["C"] * loss).sum(), image)
-        with torch.no_grad():
-            if grad_image.shape == s["x"].shape:
-                grad = grad_image
-            else:
-                grad = torch.zeros_like(s["x"])
-                for i, (dy, dx) in enumerate(offsets):
-                    grad[i, :, dy : dy + self.height, dx : dx + self.width] = grad_image[i]
-            r_alpha, r_tv, grad_alpha, grad_tv = regularizer_terms_and_grads(
-                s["x"],
-                self._shared("alpha", lambda p: p.alpha),
-                s["b_norm"],
-                self._shared("beta", lambda p: p.beta),
-                s["tv_norm"],
-            )
-            view = (-1, 1, 1, 1)
-            grad.add_(s["lambda_alpha"].view(view) * grad_alpha).add_(s["lambda_tv"].view(view) * grad_tv)
-            energy = s["C"] * loss.detach() + s["lambda_alpha"] * r_alpha + s["lambda_tv"] * r_tv
-        return {"energy": energy, "loss": loss.detach(), "alpha_norm": r_alpha, "tv": r_tv}, grad
-
-    def _shared(self, name: str, value: Callable[[EnergyParams], float]) -> torch.Tensor | float:
-        """One float when every row has the same setting (known on the host), else the per-row tensor."""
-        values = {value(row.params) for row in self.rows}
-        return float(values.pop()) if len(values) == 1 else self._state[name]
+        dims = tuple(range(1, phi.dim()))
+        view = (-1,) + (1,) * (phi.dim() - 1)
+        inversion = dot = None
+        if plan.has_inversion:
+            diff = phi - s["target"]
+            if plan.masked:
+                diff.mul_(s["mask"])
+            if record:
+                inversion = torch.mul(diff, diff).sum(dim=dims).mul_(s["inverse_norm"])
+            if plan.masked:
+                diff.mul_(s["mask"])
+            inversion_grad = diff.mul_(s["inversion_coef"].view(view))
+            if not plan.has_dot:
+                return inversion, inversion_grad
+        if record:
+            dot = torch.mul(phi, s["weights"]).sum(dim=dims).neg_()
+        if not plan.has_inversion:
+            return dot, s["dot_grad"]
+        is_inv = s["is_inv"]
+        loss = torch.where(is_inv, inversion, dot) if record else None
+        return loss, torch.where(is_inv.view(view), inversion_grad, s["dot_grad"])
 
     def step(self) -> list[tuple[int, Result]]:
         """Advance every active row by one step; return the rows that finished or were cancelled."""
@@ -254,45 +333,74 @@ class Minimizer:
                 s["mu"][row_index].zero_()
                 s["G"][row_index].zero_()
                 s["t"][row_index] = 0
-                s["lr_scale"][row_index] = row.params.refine_lr_scale
-        terms, grad = self._energy_and_grad(self._crop_offsets())
-        self._update(grad)
-        stacked = torch.stack([terms[k].detach() for k in TERMS], dim=1)
+                self._plan = None
+        if self._plan is None:
+            self._plan = self._build_plan()
+        plan = self._plan
+        offsets = self._crop_offsets()
+        record = any(row.records(row.step + 1) for row in self.rows)
+        # The network sees each row's shifted crop; its gradient lands back on the crop's window of
+        # the padded variable (no autograd through the slicing). ℓ's gradient is in closed form.
+        crop = self._work.get("crop", (len(offsets), 3, self.height, self.width), s["x"])
+        image = jitter_crop(s["x"], offsets, self.height, self.width, out=crop).detach().requires_grad_(True)
+        out = self.phi(image)
+        loss, grad_phi = self._loss_and_grad(out.detach().float(), plan, record)
+        (grad_image,) = torch.autograd.grad(out, image, grad_outputs=grad_phi.to(out.dtype))
+        with torch.no_grad():
+            if len(plan.groups) == 1:
+                r_alpha, r_tv = self._image_step(s, grad_image, offsets, plan.groups[0], record, self._work)
+            else:
+                r_alpha = r_tv = torch.empty(len(self.rows), device=self.device) if record else None
+                if record:
+                    r_tv = torch.empty_like(r_alpha)
+                for group in plan.groups:
+                    # A copy of the group's rows (copies are exact), stepped, then written back.
+                    rows = {k: s[k].index_select(0, group.index) for k in ("x", "mu", "G", "t")}
+                    part = self._image_step(
+                        rows, grad_image.index_select(0, group.index), [offsets[i] for i in group.members],
+                        group, record,
+                    )  # fmt: skip
+                    for name, value in rows.items():
+                        s[name].index_copy_(0, group.index, value)
+                    if record:
+                        r_alpha.index_copy_(0, group.index, part[0])
+                        r_tv.index_copy_(0, group.index, part[1])
+            if record:
+                energy = loss * plan.loss_weight + r_alpha * plan.lambda_alpha + r_tv * plan.lambda_tv
+                stacked = torch.stack([energy, loss, r_alpha, r_tv], dim=1)  # the order of TERMS
         for row_index, row in enumerate(self.rows):
-            row.history.append(stacked[row_index])
             row.step += 1
+            if row.records(row.step):
+                row.history.append((row.step, stacked[row_index]))
         return done + self._collect(lambda row: row.step >= row.total)
 
-    @torch.no_grad()
-    def _update(self, grad: torch.Tensor) -> None:
-        s = self._state
-        view = (-1, 1, 1, 1)
-        s["t"] += 1
-        momentum, decay = s["momentum"].view(view), s["decay"].view(view)
-        lr, lr_scale = s["lr"].view(view), s["lr_scale"].view(view)
-        # Which rows use which rule is known on the host: compute only the rules in use (no sync).
-        kinds = {row.params.optimizer for row in self.rows}
-        if kinds == {"paper"}:
-            # Paper (IJCV code): G ← ρG + g²; μ ← mμ − s·g/(1/η + √G); in place, no temporaries kept.
-            s["G"].mul_(decay).addcmul_(grad, grad)
-            s["mu"].mul_(momentum).sub_(lr_scale * grad / (s["G"].sqrt() + 1.0 / lr))
-            s["x"].add_(s["mu"])
+    def _image_step(
+        self,
+        rows: dict[str, torch.Tensor],
+        grad_image: torch.Tensor,
+        offsets: list[tuple[int, int]],
+        group: _Group,
+        record: bool,
+        work: Workspace | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """∂E/∂x of a group's rows, then their update and projection, in place; R_α and R_V before
+        it when ``record``."""
+        x, params = rows["x"], group.params
+        work = work or Workspace()
+        grad = work.get("grad", x.shape, x)
+        r_alpha, r_tv = prior_terms_and_grad(x, grad, params, work, terms=record)
+        if grad_image.shape == grad.shape:
+            grad.add_(grad_image)
         else:
-            g_sq = s["G"] * decay + grad * grad
-            paper_mu = s["mu"] * momentum - lr_scale * grad / (1.0 / lr + g_sq.sqrt())
-            # Adam (β1 = momentum, β2 = 1 − (1 − decay)/100, i.e. 0.999), step in pixel units.
-            t = s["t"].view(view)
-            m = s["mu"] * momentum + (1 - momentum) * grad
-            beta2 = 1 - (1 - decay) / 100
-            v = s["G"] * beta2 + (1 - beta2) * grad * grad
-            m_hat = m / (1 - momentum.pow(t))
-            v_hat = v / (1 - beta2.pow(t))
-            adam_step = -lr * lr_scale * m_hat / (v_hat.sqrt() + 1e-8)
-            is_adam = s["is_adam"].view(view)
-            s["mu"] = torch.where(is_adam, m, paper_mu)
-            s["G"] = torch.where(is_adam, v, g_sq)
-            s["x"] = s["x"] + torch.where(is_adam, adam_step, paper_mu)
-        project_bounded(s["x"], s["bound"])
+            for i, (dy, dx) in enumerate(offsets):
+                grad[i, :, dy : dy + self.height, dx : dx + self.width].add_(grad_image[i])
+        rows["t"] += 1
+        if params.optimizer == "paper":
+            paper_update_(x, rows["mu"], rows["G"], grad, params, group.lr_scale, work)
+        else:
+            adam_update_(x, rows["mu"], rows["G"], grad, rows["t"], params, group.lr_scale)
+        project_bounded(x, float(params.bound), work)
+        return r_alpha, r_tv
 
     # -- results --------------------------------------------------------------------------------
     def _collect(self, finished: Callable[[_Row], bool]) -> list[tuple[int, Result]]:
@@ -304,6 +412,7 @@ class Minimizer:
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         self._state = {k: v.index_select(0, index) for k, v in self._state.items()}
         self.rows = [self.rows[i] for i in keep]
+        self._plan = None
         return results
 
     def _result(self, i: int) -> Result:
@@ -318,8 +427,8 @@ class Minimizer:
             single = {k: v[i : i + 1] for k, v in s.items()}
             phi = self.phi(xq).float()
             loss = batched_loss(phi, single["target"], single["mask"], single["weights"], single["is_inv"])
-            r_alpha = alpha_norm(xq, single["alpha"], single["b_norm"])
-            r_tv = total_variation(xq, single["beta"], single["tv_norm"])
+            r_alpha = alpha_norm(xq, float(row.params.alpha), float(row.params.b_norm))
+            r_tv = total_variation(xq, float(row.params.beta), float(row.params.tv_norm))
         c = float(row.params.loss_weight or 0.0)
         terms = {
             "loss": float(loss),
@@ -334,8 +443,9 @@ class Minimizer:
         reference = obj.reference.to(self.device) if obj.reference is not None else None
         error = feature_error(phi[0], reference) if reference is not None else None
         objective_value = float(loss) if obj.task == "invert" else float((phi[0] * obj.weights.to(self.device)).sum())
-        hist = torch.stack(row.history).cpu().numpy() if row.history else np.zeros((0, len(TERMS)))
-        history = {name: hist[:, k].tolist() for k, name in enumerate(TERMS)}
+        hist = torch.stack([t for _, t in row.history]).cpu().numpy() if row.history else np.zeros((0, len(TERMS)))
+        history = {"step": [step for step, _ in row.history]}
+        history.update({name: hist[:, k].tolist() for k, name in enumerate(TERMS)})
         return Result(
             image_uint8=image_uint8,
             image=x.cpu(),
@@ -355,10 +465,11 @@ class Minimizer:
         return to_uint8(self._state["x"][index, :, lo : lo + self.height, lo : lo + self.width], self.mean_rgb255)
 
     def progress(self, handle: int) -> StepEvent:
-        """The latest step's terms for one row (a host sync: call it only when reporting)."""
+        """The row's terms as of its latest recorded step (a host sync: call it only when reporting,
+        on the steps the row records)."""
         for row in self.rows:
             if row.handle == handle:
-                last = row.history[-1].tolist() if row.history else [math.nan] * len(TERMS)
+                last = row.history[-1][1].tolist() if row.history else [math.nan] * len(TERMS)
                 return StepEvent(row.step, row.total, handle, dict(zip(TERMS, last, strict=True)))
         raise KeyError(handle)
 
@@ -393,7 +504,7 @@ def minimize(
         device=device,
         max_jitter=required_jitter(problems, height, width, stride),
     )
-    handles = [mini.add(p) for p in problems]
+    handles = [mini.add(p, record_every=report_every) for p in problems]
     results: dict[int, Result] = {}
     while mini.rows:
         if should_stop is not None and should_stop():
