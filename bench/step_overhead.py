@@ -3,6 +3,8 @@ truncated graph at the same batch size.
 
 Prints one ratio, measured in one run with the two interleaved (these machines are noisy):
     service step time / (forward + backward) time
+and, less noisy, the time each service step spends outside the network's forward and backward
+(timed inside the same step, so the machine's drifts cancel), as step / (step − outside).
 
     python bench/step_overhead.py [--tap /_blocks.7/Add] [--size 128] [--batch 4] [--steps 20]
 """
@@ -51,9 +53,32 @@ def main() -> None:
         (grad,) = torch.autograd.grad(phi(xi).float().sum(), xi)
         sync()
 
+    # Time the network's forward and backward inside the service's steps: the rest of a step is
+    # its own overhead, measured within one step instead of as the difference of two noisy runs.
+    network: list[float] = []
+    timing = [False]
+    real_phi, real_grad = mini.phi, torch.autograd.grad
+
+    def timed(fn):  # noqa: ANN001, ANN202
+        def call(*a, **k):  # noqa: ANN002, ANN003, ANN202
+            if not timing[0]:
+                return fn(*a, **k)
+            sync()
+            start = time.perf_counter()
+            result = fn(*a, **k)
+            sync()
+            network.append(time.perf_counter() - start)
+            return result
+
+        return call
+
+    mini.phi, torch.autograd.grad = timed(real_phi), timed(real_grad)
+
     def step() -> None:
+        timing[0] = True
         mini.step()
         sync()
+        timing[0] = False
 
     for fn in (floor, step, floor, step):  # warm-up
         fn()
@@ -73,7 +98,16 @@ def main() -> None:
         f"floor {f * 1e3:.1f} ms, step {s * 1e3:.1f} ms, overhead {(s - f) * 1e3:.2f} ms (medians of {args.steps})"
     )
     print(f"per-step overhead ratio (step / floor): {s / f:.3f}")
+    # network holds a forward and a backward per step (the warm-up steps' pairs come first).
+    net = [a + b for a, b in zip(network[-2 * args.steps :: 2], network[-2 * args.steps + 1 :: 2], strict=True)]
+    outside = [t - n for t, n in zip(times["step"], net, strict=True)]
+    within = statistics.median(t / (t - u) for t, u in zip(times["step"], outside, strict=True))
+    print(
+        f"outside the network, within each step: {statistics.median(outside) * 1e3:.2f} ms (median); "
+        f"step / (step − outside): {within:.3f}"
+    )
     print(f"paired ratios: median {statistics.median(pairs):.3f}, quartiles {q1:.3f}–{q3:.3f}")
+
 
 if __name__ == "__main__":
     main()
