@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from converters.model import load_model
+from converters.spec import IMAGENET_MEAN, IMAGENET_STD
 from service.cli import main
 from service.client import PreimageClient
 from service.release.check import Thresholds, run_check, sample_channels
@@ -153,6 +154,49 @@ def test_broken_parity_exits_nonzero_naming_the_tap(files: dict[str, Path], tmp_
     bad = [t["alias"] for t in data["parity"]["taps"] if not t["ok"]]
     assert bad[0] == "/Resize"  # the first failing tap in graph order is the edited node, the rest follow it
     assert all(t["ok"] for t in data["parity"]["taps"] if t["alias"] in BEFORE[:2] + ["/conv1/Conv", "/conv2/Conv"])
+
+
+def with_mean(model_bytes: bytes, mean: tuple[float, float, float]) -> bytes:
+    """The same graph declaring another preprocessing mean (metadata_props, 0–1 units)."""
+    m = onnx.load_from_string(model_bytes)
+    entry = m.metadata_props.add()
+    entry.key, entry.value = "preimage.mean", ",".join(str(v) for v in mean)
+    return m.SerializeToString()
+
+
+class MeanFoldedNet(SmallNet):
+    """SmallNet for inputs normalized with mean 0: it subtracts ImageNet's mean/std itself first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        shift = torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)
+        self.register_buffer("shift", shift.view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x - self.shift)
+
+
+def test_drift_sees_each_release_through_its_own_preprocessing(tmp_path: Path) -> None:
+    """Same weights, another declared mean: the same photographs reach the network differently, so
+    every layer drifts. Another mean folded into the graph instead: nothing drifts."""
+    v1 = release()
+    torch.manual_seed(0)
+    folded = MeanFoldedNet()
+    paths = {"v1": tmp_path / "v1.onnx", "mean": tmp_path / "mean.onnx", "folded": tmp_path / "folded.onnx"}
+    paths["v1"].write_bytes(v1)
+    paths["mean"].write_bytes(with_mean(v1, (0.4, 0.4, 0.4)))
+    paths["folded"].write_bytes(with_mean(export(folded), (0.0, 0.0, 0.0)))
+    baseline = load_model(paths["v1"], verify=False)
+    taps = ["/relu1/Relu", "/fc/Gemm"]
+    for name, drifts in (("mean", True), ("folded", False)):
+        result = run_check(load_model(paths[name], verify=False), baseline, taps=taps)
+        figures = {layer.tap.alias: layer.drift.feature_drift for layer in result.layers if layer.drift}
+        assert set(figures) == set(taps), name
+        for tap, drift in figures.items():
+            if drifts:
+                assert drift > 1e-3, (name, tap, drift)
+            else:  # the folded mean rounds differently than normalizing first: float32 noise only
+                assert drift < 1e-5, (name, tap, drift)
 
 
 def test_check_without_limits_passes_and_reports(files: dict[str, Path], tmp_path: Path) -> None:

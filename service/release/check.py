@@ -259,8 +259,8 @@ def run_check(
                 layer.drift = layer_drift(
                     model.representation(tap).to(dev), baseline.representation(old).to(dev),
                     [v.image for v in layer.visuals], [v.image for v in layer.baseline_visuals],
-                    refs,
-                    tuple(model.preprocessing.mean_rgb255), limits.channel_correlation, dev,
+                    refs, base_refs,
+                    tuple(baseline.preprocessing.mean_rgb255), limits.channel_correlation, dev,
                 )
         result.layers.append(layer)
         progress("render", i + 1, len(layers), f"{tap.alias} done")

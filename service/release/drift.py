@@ -84,21 +84,26 @@ def layer_drift(
     phi_old: Callable[[torch.Tensor], torch.Tensor],
     new_images: Sequence[np.ndarray],
     old_images: Sequence[np.ndarray],
-    photos: torch.Tensor,
-    mean_rgb255: tuple[float, ...],
+    photos_new: torch.Tensor,
+    photos_old: torch.Tensor,
+    baseline_mean_rgb255: tuple[float, ...],
     correlation_threshold: float,
     device: torch.device,
 ) -> LayerDrift:
-    """The drift figures of one layer (see the module docstring); images are the PNG-ready uint8 arrays."""
-    mean = torch.tensor(mean_rgb255, dtype=torch.float32)
+    """The drift figures of one layer (see the module docstring); images are the PNG-ready uint8 arrays.
+
+    Each model sees images in its own energy space: ``photos_new`` and ``photos_old`` are the same
+    photographs minus each release's mean colour, and the visualizations (pixels) are measured by the
+    baseline, so they are converted with the baseline's mean. A release that changes its
+    preprocessing therefore drifts, and one that folds a new mean into its weights does not."""
+    mean = torch.tensor(baseline_mean_rgb255, dtype=torch.float32)
     x_new = torch.stack([from_uint8(i, mean) for i in new_images]).to(device)
     x_old = torch.stack([from_uint8(i, mean) for i in old_images]).to(device)
     f_new, f_old = phi_old(x_new).float(), phi_old(x_old).float()
     visual = [relative_distance(f_new[i], f_old[i]) for i in range(len(new_images))]
     pixel = [float(np.sqrt(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
              for a, b in zip(new_images, old_images, strict=True)]
-    p = photos.to(device)
-    r_new, r_old = phi_new(p).float(), phi_old(p).float()
+    r_new, r_old = phi_new(photos_new.to(device)).float(), phi_old(photos_old.to(device)).float()
     corr = channel_correlations(r_new, r_old)
     return LayerDrift(
         visual_drift=visual,
