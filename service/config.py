@@ -48,6 +48,7 @@ HELP: dict[str, str] = {
     "store_dir": "model store directory; several replicas may share it (docs/operations.md)",
     "device": "`cpu`, `cuda`, `cuda:1`; unset: cuda when available, else cpu",
     "rpc_threads": "gRPC worker threads (each streaming RPC holds one while it runs)",
+    "torch_threads": "threads of the optimizations' tensor operations; unset: one per core (split among replicas)",
     "converted_cache_size": "converted models kept in memory per replica (LRU)",
     "max_model_bytes": "largest upload accepted",
     "seed_bundled": "put the bundled models into the store at start",

@@ -97,6 +97,20 @@ def test_serve_refuses_a_bad_config_before_starting(tmp_path: Path, capsys: pyte
     assert "not valid TOML" in capsys.readouterr().err
 
 
+def test_torch_threads_is_applied_and_a_bad_count_is_refused_before_listening(tmp_path: Path) -> None:
+    import torch
+
+    with pytest.raises(ValueError, match="torch_threads must be ≥ 1"):
+        start_server("127.0.0.1:0", ServerConfig(store_dir=tmp_path, seed_bundled=False, torch_threads=0))
+    saved = torch.get_num_threads()
+    running = start_server("127.0.0.1:0", ServerConfig(store_dir=tmp_path, seed_bundled=False, torch_threads=1))
+    try:
+        assert torch.get_num_threads() == 1
+    finally:
+        running.stop(0)
+        torch.set_num_threads(saved)
+
+
 # -- health check command -------------------------------------------------------------------------
 def test_healthcheck_follows_serving_status(tmp_path: Path) -> None:
     assert local_address("0.0.0.0:50051") == "127.0.0.1:50051" and local_address("[::]:7") == "127.0.0.1:7"
