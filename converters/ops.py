@@ -27,6 +27,8 @@ from onnx2torch.onnx_node import OnnxNode
 from onnx2torch.utils.common import OnnxMapping, OnnxToTorchModule, OperationConverterResult, get_const_value
 from torch import nn
 
+from converters import resize as _resize
+
 # onnx2torch 1.5.15's Slice and ScatterND index with a list of slices, which torch deprecates with a
 # warning on every forward pass: thousands of identical lines per visualization. The indexing is
 # still correct in torch 2.14 (the coverage tests check parity); silence only that message there.
@@ -353,7 +355,6 @@ _BUMPS: list[tuple[str, list[int], int, dict | None]] = [
     ("Squeeze", [21], 13, None),
     ("AveragePool", [19], 11, {"dilations": []}),
     ("ScatterND", [18], 16, {"reduction": "none"}),
-    ("Resize", [18, 19], 13, {"antialias": 0, "axes": [], "keep_aspect_ratio_policy": "stretch"}),
 ]
 for _op, _versions, _prev, _unsupported in _BUMPS:
     _register(_op, _versions, f"as version {_prev}")(_delegate(_op, _prev, _unsupported))
@@ -452,3 +453,8 @@ _simple("Atanh", [9], lambda node: torch.atanh)
 _simple("CastLike", [15, 19, 21], lambda node: lambda x, like: x.to(like.dtype), n_inputs=2)
 _simple("Size", [1, 13, 19, 21], lambda node: lambda x: torch.tensor(x.numel(), dtype=torch.int64))
 _simple("Trilu", [14], _trilu, n_inputs=2)
+
+
+# ------------------------------------------------------- Resize: every attribute, in place of onnx2torch's
+_resize.register()
+ADDED.extend(("Resize", v, "full spec (converters/resize.py)") for v in _resize.VERSIONS)
