@@ -55,7 +55,7 @@ HELP: dict[str, str] = {
     "metrics_port": "Prometheus `/metrics` HTTP port; unset: no metrics endpoint",
     "metrics_address": "interface the metrics endpoint listens on (`0.0.0.0` in a container, for Prometheus)",
     "shutdown_grace": "seconds from SIGTERM to exit: running jobs may finish, then are cancelled (UNAVAILABLE)",
-    "batch_invariant": "results independent of who shares a batch (CPU: native kernels, 3-5× slower)",
+    "batch_invariant": "results independent of who shares a batch (CPU: batches padded to 4 rows; lone jobs 2.5×)",
     "scheduler.max_rows": "images optimized together in one batch",
     "scheduler.max_pixels": "Σ H·W of one batch's images (stands in for activation memory)",
     "scheduler.max_total_pixels": "Σ H·W of every running image, over all batches",

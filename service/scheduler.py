@@ -100,9 +100,11 @@ class Scheduler:
         self,
         limits: SchedulerLimits | None = None,
         on_end: Callable[[JobHandle], None] | None = None,
+        row_quantum: int = 1,
     ) -> None:
         self.limits = limits or SchedulerLimits()
         self.on_end = on_end
+        self.row_quantum = row_quantum  # batches padded to a multiple of it (batch-invariant mode)
         self._cond = threading.Condition()
         self._pending: dict[str, collections.deque[_JobState]] = collections.OrderedDict()
         self._batches: list[_Batch] = []
@@ -257,6 +259,7 @@ class Scheduler:
                 mean_rgb255=job.mean_rgb255,
                 device=job.device,
                 max_jitter=_pad_of(job) + 1,
+                row_quantum=self.row_quantum,
             )
             batch = _Batch(key, minimizer)
             self._batches.append(batch)

@@ -141,51 +141,77 @@ def test_a_job_larger_than_a_batch_runs_alone(phi) -> None:
         scheduler.shutdown()
 
 
-def test_batch_invariant_kernels_make_the_bundled_model_exact_alone_and_batched() -> None:
-    """ServerConfig.batch_invariant: on the real model, where oneDNN's batched sums differ in the last
-    bits (measured here: 3 grey levels apart with the default kernels at these settings), a job's
-    image is identical alone and in a batch."""
+@pytest.mark.parametrize("tap", ["/_blocks.10/Add", "/_fc/Gemm"])
+def test_batch_invariant_mode_makes_the_bundled_model_exact_alone_and_batched(tap: str) -> None:
+    """ServerConfig.batch_invariant on the real model: the network runs on batches padded to a
+    multiple of 4 rows (service/batch_invariance.py), and a job's image is then identical alone and
+    in a batch of 6, in the first and in the last, partial block of rows. Two threads, as a server
+    has: with the default batches, oneDNN's convolutions and MKL's Gemm differ by batch size."""
     from converters.bundled import bundled_models
     from converters.model import load_model
-    from service.batch_invariance import use_batch_invariant_kernels
+    from service.batch_invariance import CPU_ROW_QUANTUM
     from service.energy import channel_weights, minimize
 
     model = load_model(bundled_models()[0].path, verify=False)
-    tap = model.tap("/_blocks.10/Add")
-    phi = model.representation(tap)
-    shape = phi(torch.zeros(1, 3, 96, 96)).shape[1:]
+    phi = model.representation(model.tap(tap))
+    stride = model.tap(tap).stride
+    shape = phi(torch.zeros(1, 3, 64, 64)).shape[1:]
     problems = [
-        Problem(
-            Objective.maximize(channel_weights(shape, c, receptive_field=96, channel_max=5.0)),
-            EnergyParams(steps=20),
-            seed=c,
-        )
-        for c in range(2)
-    ]
+        Problem(Objective.maximize(channel_weights(shape, c, receptive_field=64, channel_max=5.0)),
+                EnergyParams(steps=8), seed=c)
+        for c in range(6)
+    ]  # fmt: skip
 
-    def run(batch: list[Problem]) -> np.ndarray:
-        return minimize(phi, batch, height=96, width=96, stride=tap.stride)[0].image_uint8
+    def run(batch: list[Problem], quantum: int) -> list[np.ndarray]:
+        return [r.image_uint8 for r in minimize(phi, batch, height=64, width=64, stride=stride, row_quantum=quantum)]
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two xdist workers × two threads oversubscribe two cores (bench/RESULTS.md)
-    restore = use_batch_invariant_kernels(torch.device("cpu"))
+    torch.set_num_threads(2)
     try:
-        alone, batched = run(problems[:1]), run(problems)
+        batched = run(problems, CPU_ROW_QUANTUM)
+        alone = {i: run([problems[i]], CPU_ROW_QUANTUM)[0] for i in (0, 5)}
+        default_batched = run(problems, 1)
+        default_alone = {i: run([problems[i]], 1)[0] for i in (0, 5)}
     finally:
-        restore()
         torch.set_num_threads(threads)
-    assert torch.backends.mkldnn.enabled  # restored for the rest of the process
-    fast_alone, fast_batched = run(problems[:1]), run(problems)
-    print(f"default kernels: {int(np.abs(fast_alone.astype(int) - fast_batched.astype(int)).max())} grey levels apart")
-    assert np.array_equal(alone, batched)
+    for i in (0, 5):
+        apart = int(np.abs(default_alone[i].astype(int) - default_batched[i].astype(int)).max())
+        print(f"{tap} row {i}: default batches {apart} grey levels apart alone vs batched")
+        assert np.array_equal(alone[i], batched[i]), f"{tap} row {i}"
+
+
+def test_padding_rows_are_zero_images_and_change_nothing(phi) -> None:
+    """The minimizer's padding: the network sees a multiple of the quantum, the extra rows are
+    zero images, and on a network whose kernels do not depend on the batch size (one thread, this
+    small net) the padded run gives the unpadded run's images exactly."""
+    from service.energy import minimize
+
+    seen: list[tuple[int, float]] = []
+
+    def recording(x: torch.Tensor) -> torch.Tensor:
+        seen.append((x.shape[0], float(x[1:].abs().sum()) if x.shape[0] > 1 else 0.0))
+        return phi(x)
+
+    target = phi(torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(9)) * 50)[0]
+    problem = Problem(Objective.invert(target), EnergyParams(steps=5, refine_steps=0), seed=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        padded = minimize(recording, [problem], height=SIZE, width=SIZE, stride=2, row_quantum=4)[0]
+        plain = minimize(phi, [problem], height=SIZE, width=SIZE, stride=2)[0]
+    finally:
+        torch.set_num_threads(threads)
+    steps = [s for s in seen if s[0] != 1]  # the final measurement on the PNG runs one image
+    assert len(steps) == 5 and all(n == 4 and pad_sum == 0.0 for n, pad_sum in steps)
+    assert np.array_equal(padded.image_uint8, plain.image_uint8)
 
 
 def test_rows_with_their_own_settings_are_exact_alone_and_batched(phi) -> None:
     """A batch mixes rows whose settings differ (optimizer, β, C, learning rate, task, stage):
-    with batch-invariant kernels each row's image is bit-identical to the same problem run alone.
+    in batch-invariant mode each row's image is bit-identical to the same problem run alone.
     The minimizer groups rows that agree and steps each group with plain floats, so nothing in a
     row's arithmetic depends on its neighbours'."""
-    from service.batch_invariance import use_batch_invariant_kernels
+    from service.batch_invariance import CPU_ROW_QUANTUM
     from service.energy import channel_weights, minimize
 
     target = phi(torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(9)) * 50)[0]
@@ -198,16 +224,15 @@ def test_rows_with_their_own_settings_are_exact_alone_and_batched(phi) -> None:
     ]  # fmt: skip
 
     def run(batch: list[Problem]) -> list[np.ndarray]:
-        return [r.image_uint8 for r in minimize(phi, batch, height=SIZE, width=SIZE, stride=2)]
+        return [r.image_uint8 for r in minimize(phi, batch, height=SIZE, width=SIZE, stride=2,
+                                                row_quantum=CPU_ROW_QUANTUM)]  # fmt: skip
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    restore = use_batch_invariant_kernels(torch.device("cpu"))
+    torch.set_num_threads(2)
     try:
         alone = [run([p])[0] for p in problems]
         batched = run(problems)
     finally:
-        restore()
         torch.set_num_threads(threads)
     for i, (a, b) in enumerate(zip(alone, batched, strict=True)):
         assert np.array_equal(a, b), f"row {i}: {int(np.abs(a.astype(int) - b.astype(int)).max())} grey levels apart"

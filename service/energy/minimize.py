@@ -183,8 +183,12 @@ class Minimizer:
         mean_rgb255: Sequence[float] | torch.Tensor = (0.0, 0.0, 0.0),
         device: str | torch.device = "cpu",
         max_jitter: int | None = None,
+        row_quantum: int = 1,
     ) -> None:
         self.phi = phi
+        # The network runs on the batch padded with zero images to a multiple of this many rows:
+        # batch-invariant mode (service/batch_invariance.py), where kernels depend on the batch size.
+        self.row_quantum = max(int(row_quantum), 1)
         self.height, self.width, self.stride = int(height), int(width), int(stride)
         self.device = torch.device(device)
         self.mean_rgb255 = torch.as_tensor(mean_rgb255, dtype=torch.float32)
@@ -341,11 +345,23 @@ class Minimizer:
         record = any(row.records(row.step + 1) for row in self.rows)
         # The network sees each row's shifted crop; its gradient lands back on the crop's window of
         # the padded variable (no autograd through the slicing). ℓ's gradient is in closed form.
-        crop = self._work.get("crop", (len(offsets), 3, self.height, self.width), s["x"])
-        image = jitter_crop(s["x"], offsets, self.height, self.width, out=crop).detach().requires_grad_(True)
+        n = len(offsets)
+        padded = -(-n // self.row_quantum) * self.row_quantum
+        crop = self._work.get("crop", (padded, 3, self.height, self.width), s["x"])
+        if padded == n:
+            image = jitter_crop(s["x"], offsets, self.height, self.width, out=crop)
+        else:
+            crop[n:].zero_()
+            image = crop
+            if jitter_crop(s["x"], offsets, self.height, self.width, out=crop[:n]) is s["x"]:
+                crop[:n].copy_(s["x"])  # no shift and no padding of x: it was returned as is
+        image = image.detach().requires_grad_(True)
         out = self.phi(image)
-        loss, grad_phi = self._loss_and_grad(out.detach().float(), plan, record)
+        loss, grad_phi = self._loss_and_grad(out[:n].detach().float(), plan, record)
+        if padded != n:  # the zero rows contribute nothing to the gradient
+            grad_phi = torch.cat([grad_phi, grad_phi.new_zeros((padded - n, *grad_phi.shape[1:]))])
         (grad_image,) = torch.autograd.grad(out, image, grad_outputs=grad_phi.to(out.dtype))
+        grad_image = grad_image[:n]
         with torch.no_grad():
             if len(plan.groups) == 1:
                 r_alpha, r_tv = self._image_step(s, grad_image, offsets, plan.groups[0], record, self._work)
@@ -493,6 +509,7 @@ def minimize(
     on_step: Callable[[StepEvent], None] | None = None,
     report_every: int = 10,
     should_stop: Callable[[], bool] | None = None,
+    row_quantum: int = 1,
 ) -> list[Result]:
     """Run ``problems`` as one batch to the end (or until ``should_stop()``), in input order."""
     mini = Minimizer(
@@ -503,6 +520,7 @@ def minimize(
         mean_rgb255=mean_rgb255,
         device=device,
         max_jitter=required_jitter(problems, height, width, stride),
+        row_quantum=row_quantum,
     )
     handles = [mini.add(p, record_every=report_every) for p in problems]
     results: dict[int, Result] = {}
