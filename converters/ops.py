@@ -24,10 +24,11 @@ import torch.nn.functional as F
 from onnx2torch.node_converters.registry import add_converter, get_converter
 from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.onnx_node import OnnxNode
-from onnx2torch.utils.common import OnnxMapping, OnnxToTorchModule, OperationConverterResult, get_const_value
+from onnx2torch.utils.common import OnnxMapping, OnnxToTorchModule, OperationConverterResult
 from torch import nn
 
 from converters import resize as _resize
+from converters.constants import const_list as _const_list
 
 # onnx2torch 1.5.15's Slice and ScatterND index with a list of slices, which torch deprecates with a
 # warning on every forward pass: thousands of identical lines per visualization. The indexing is
@@ -57,19 +58,6 @@ def _register(op_type: str, versions: list[int], how: str) -> Callable:
         return fn
 
     return deco
-
-
-def _const_list(name: str, graph: OnnxGraph) -> list | None:
-    """A constant input as a Python list, or None when it is computed at run time."""
-    if not name:
-        return None
-    try:
-        value = get_const_value(name, graph)
-    except KeyError:
-        return None
-    if isinstance(value, torch.Tensor):
-        return value.reshape(-1).tolist()
-    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _rank(name: str, graph: OnnxGraph) -> int | None:

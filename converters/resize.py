@@ -33,10 +33,11 @@ from onnx2torch.utils.common import (
     OnnxMapping,
     OnnxToTorchModule,
     OperationConverterResult,
-    get_const_value,
     onnx_mapping_from_node,
 )
 from torch import nn
+
+from converters.constants import const_list
 
 VERSIONS = (11, 13, 18, 19)
 _TORCH_MODES = {("nearest", 1): "nearest", ("nearest", 2): "nearest", ("nearest", 3): "nearest",
@@ -192,17 +193,6 @@ _DEFAULTS = {"mode": "nearest", "coordinate_transformation_mode": "half_pixel", 
              "antialias": 0, "keep_aspect_ratio_policy": "stretch"}  # fmt: skip
 
 
-def _const(name: str, graph: OnnxGraph) -> list | None:
-    if not name:
-        return None
-    try:
-        value = get_const_value(name, graph)
-    except KeyError:
-        return None
-    values = value.reshape(-1).tolist() if isinstance(value, torch.Tensor) else list(np.asarray(value).reshape(-1))
-    return values or None
-
-
 def _convert(opset: int):  # noqa: ANN202
     def converter(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
         attrs = {k: node.attributes.get(k, d) for k, d in _DEFAULTS.items()}
@@ -212,7 +202,7 @@ def _convert(opset: int):  # noqa: ANN202
         if attrs["keep_aspect_ratio_policy"] != "stretch":
             raise NotImplementedError(f"Resize with keep_aspect_ratio_policy={attrs['keep_aspect_ratio_policy']!r}")
         names = list(node.input_values) + [""] * (4 - len(node.input_values))
-        roi, scales, sizes = (_const(n, graph) for n in names[1:4])
+        roi, scales, sizes = (const_list(n, graph) or None for n in names[1:4])  # empty: not given
         constant = [n == "" or v is not None for n, v in zip(names[1:4], (roi, scales, sizes), strict=True)]
         axes = list(node.attributes.get("axes", [])) or None
         module = Resize(attrs, opset, [float(v) for v in roi] if roi else None,
