@@ -111,6 +111,17 @@ def test_torch_threads_is_applied_and_a_bad_count_is_refused_before_listening(tm
         torch.set_num_threads(saved)
 
 
+def test_batch_invariant_makes_the_scheduler_pad_batches(tmp_path: Path) -> None:
+    from service.batch_invariance import CPU_ROW_QUANTUM
+
+    config = ServerConfig(store_dir=tmp_path, seed_bundled=False, device="cpu", batch_invariant=True)
+    running = start_server("127.0.0.1:0", config)
+    try:
+        assert running.servicer.runner.row_quantum == CPU_ROW_QUANTUM
+    finally:
+        running.stop(0)
+
+
 # -- health check command -------------------------------------------------------------------------
 def test_healthcheck_follows_serving_status(tmp_path: Path) -> None:
     assert local_address("0.0.0.0:50051") == "127.0.0.1:50051" and local_address("[::]:7") == "127.0.0.1:7"
