@@ -10,7 +10,9 @@ suite goes on):
   one at a time, and images per second with the 16 submitted at once;
 - ``steps_to_error.py`` (224 px, three taps; the reference, the default, 150 + 100 steps and Adam):
   seconds per reference inversion, and how many steps each needs to reach the reference's error;
-- ``invert_table.py`` (224 px, nine taps from the stem to the logits): seconds per inversion.
+- ``invert_table.py`` (224 px, nine taps from the stem to the logits): seconds per inversion;
+- ``batch_invariance.py`` (a conv tap and the classifier's Gemm): which batch sizes change a row's
+  arithmetic with deterministic cuDNN, and whether padding to 4 rows (the CPU's fix) makes it exact.
 
 It prints each script's output as it comes, then a summary (Markdown) that bench/RESULTS.md takes as
 is; with ``--out DIR`` (default: $OUT when set) it also writes ``DIR/gpu_suite.log`` and
@@ -115,6 +117,13 @@ def summarize_invert_table(out: str, argv: list[str]) -> list[str]:
     return lines
 
 
+def summarize_batch_invariance(out: str, argv: list[str]) -> list[str]:
+    return [
+        f"| batch_invariance | `{m[1]}`, padded to a multiple of {m[2]} | rows differing: {m[3]} | — | — |"
+        for m in re.finditer(r"^(\S+): padded to a multiple of (\d+): (.+)$", out, re.M)
+    ]
+
+
 def benches(device: str, smoke: bool) -> list[Bench]:
     d = ["--device", device]
     if smoke:  # seconds on a CPU: only checks that every script and parser runs
@@ -124,6 +133,8 @@ def benches(device: str, smoke: bool) -> list[Bench]:
             Bench("steps_to_error", [*"--size 64 --steps 6 --refine 2 --every 2 --schedules 4 --adam-lrs 4".split(),
                                      "--taps", "/_blocks.2/Add", *d], 180, summarize_steps_to_error),
             Bench("invert_table", ["--size", "32", "--steps", "1", *d], 300, summarize_invert_table),
+            Bench("batch_invariance", ["--size", "32", "--max-batch", "5", "--taps", "/_fc/Gemm", *d], 120,
+                  summarize_batch_invariance),
         ]  # fmt: skip
     return [
         *(
@@ -136,6 +147,7 @@ def benches(device: str, smoke: bool) -> list[Bench]:
         Bench("steps_to_error", ["--size", "224", "--schedules", "150+100", "--adam-lrs", "4", *d], 120,
               summarize_steps_to_error),
         Bench("invert_table", ["--size", "224", *d], 75, summarize_invert_table),
+        Bench("batch_invariance", ["--size", "96", "--max-batch", "8", *d], 60, summarize_batch_invariance),
     ]  # fmt: skip
 
 
