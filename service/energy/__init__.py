@@ -12,6 +12,12 @@ Public API::
 
 Images are mean-subtracted RGB on the 0–255 scale ("energy space"); ``to_uint8`` and
 ``from_uint8`` convert to and from PNG-ready arrays.
+
+Continuous batching uses ``Minimizer`` directly: ``add(problem, record_every=k)`` joins a row
+(energy terms recorded every k-th step, and the first and last: ``Result.history`` has a "step"
+list), ``step()`` advances every row and returns the finished ones, ``cancel(handle)``. A
+``row_quantum`` (Minimizer and ``minimize``) pads the network's batch with zero images to a
+multiple of that many rows: batch-invariant mode (service/batch_invariance.py).
 """
 
 from service.energy.minimize import (
