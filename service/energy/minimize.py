@@ -343,44 +343,9 @@ class Minimizer:
         plan = self._plan
         offsets = self._crop_offsets()
         record = any(row.records(row.step + 1) for row in self.rows)
-        # The network sees each row's shifted crop; its gradient lands back on the crop's window of
-        # the padded variable (no autograd through the slicing). ℓ's gradient is in closed form.
-        n = len(offsets)
-        padded = -(-n // self.row_quantum) * self.row_quantum
-        crop = self._work.get("crop", (padded, 3, self.height, self.width), s["x"])
-        if padded == n:
-            image = jitter_crop(s["x"], offsets, self.height, self.width, out=crop)
-        else:
-            crop[n:].zero_()
-            image = crop
-            if jitter_crop(s["x"], offsets, self.height, self.width, out=crop[:n]) is s["x"]:
-                crop[:n].copy_(s["x"])  # no shift and no padding of x: it was returned as is
-        image = image.detach().requires_grad_(True)
-        out = self.phi(image)
-        loss, grad_phi = self._loss_and_grad(out[:n].detach().float(), plan, record)
-        if padded != n:  # the zero rows contribute nothing to the gradient
-            grad_phi = torch.cat([grad_phi, grad_phi.new_zeros((padded - n, *grad_phi.shape[1:]))])
-        (grad_image,) = torch.autograd.grad(out, image, grad_outputs=grad_phi.to(out.dtype))
-        grad_image = grad_image[:n]
+        loss, grad_image = self._network_gradient(offsets, plan, record)
         with torch.no_grad():
-            if len(plan.groups) == 1:
-                r_alpha, r_tv = self._image_step(s, grad_image, offsets, plan.groups[0], record, self._work)
-            else:
-                r_alpha = r_tv = torch.empty(len(self.rows), device=self.device) if record else None
-                if record:
-                    r_tv = torch.empty_like(r_alpha)
-                for group in plan.groups:
-                    # A copy of the group's rows (copies are exact), stepped, then written back.
-                    rows = {k: s[k].index_select(0, group.index) for k in ("x", "mu", "G", "t")}
-                    part = self._image_step(
-                        rows, grad_image.index_select(0, group.index), [offsets[i] for i in group.members],
-                        group, record,
-                    )  # fmt: skip
-                    for name, value in rows.items():
-                        s[name].index_copy_(0, group.index, value)
-                    if record:
-                        r_alpha.index_copy_(0, group.index, part[0])
-                        r_tv.index_copy_(0, group.index, part[1])
+            r_alpha, r_tv = self._image_steps(grad_image, offsets, plan, record)
             if record:
                 energy = loss * plan.loss_weight + r_alpha * plan.lambda_alpha + r_tv * plan.lambda_tv
                 stacked = torch.stack([energy, loss, r_alpha, r_tv], dim=1)  # the order of TERMS
@@ -389,6 +354,54 @@ class Minimizer:
             if row.records(row.step):
                 row.history.append((row.step, stacked[row_index]))
         return done + self._collect(lambda row: row.step >= row.total)
+
+    def _network_gradient(
+        self, offsets: list[tuple[int, int]], plan: _Plan, record: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """ℓ per row (when ``record``) and ∂(C·ℓ)/∂(each row's crop): the one forward and backward.
+
+        The network sees each row's shifted crop, padded with zero images to a multiple of
+        ``row_quantum`` rows; ℓ's gradient with respect to Φ is in closed form, so autograd runs
+        through Φ only."""
+        x = self._state["x"]
+        n = len(offsets)
+        padded = -(-n // self.row_quantum) * self.row_quantum
+        crop = self._work.get("crop", (padded, 3, self.height, self.width), x)
+        image = jitter_crop(x, offsets, self.height, self.width, out=crop[:n])
+        if padded != n:
+            if image is x:  # no shift and no padding: x came back as is
+                crop[:n].copy_(x)
+            crop[n:].zero_()
+            image = crop
+        image = image.detach().requires_grad_(True)
+        out = self.phi(image)
+        loss, grad_phi = self._loss_and_grad(out[:n].detach().float(), plan, record)
+        if padded != n:  # the zero rows contribute nothing
+            grad_phi = torch.cat([grad_phi, grad_phi.new_zeros((padded - n, *grad_phi.shape[1:]))])
+        (grad_image,) = torch.autograd.grad(out, image, grad_outputs=grad_phi.to(out.dtype))
+        return loss, grad_image[:n]
+
+    def _image_steps(
+        self, grad_image: torch.Tensor, offsets: list[tuple[int, int]], plan: _Plan, record: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Every group's priors, update and projection; R_α and R_V per row when ``record``."""
+        s = self._state
+        if len(plan.groups) == 1:
+            return self._image_step(s, grad_image, offsets, plan.groups[0], record, self._work)
+        r_alpha = torch.empty(len(self.rows), device=self.device) if record else None
+        r_tv = torch.empty(len(self.rows), device=self.device) if record else None
+        for group in plan.groups:
+            # A copy of the group's rows (copies are exact), stepped, then written back.
+            rows = {k: s[k].index_select(0, group.index) for k in ("x", "mu", "G", "t")}
+            part = self._image_step(
+                rows, grad_image.index_select(0, group.index), [offsets[i] for i in group.members], group, record
+            )
+            for name, value in rows.items():
+                s[name].index_copy_(0, group.index, value)
+            if r_alpha is not None and r_tv is not None:
+                r_alpha.index_copy_(0, group.index, part[0])
+                r_tv.index_copy_(0, group.index, part[1])
+        return r_alpha, r_tv
 
     def _image_step(
         self,
