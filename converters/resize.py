@@ -19,7 +19,9 @@ Which path a node took is visible in ``extra_repr``. Resize-10 is left to onnx2t
 
 from __future__ import annotations
 
+import collections
 import math
+import threading
 
 import numpy as np
 import onnx
@@ -40,6 +42,8 @@ from torch import nn
 from converters.constants import const_list
 
 VERSIONS = (11, 13, 18, 19)
+MAX_CACHED_MATRICES = 32  # per Resize node
+_CACHE_LOCK = threading.Lock()
 _TORCH_MODES = {("nearest", 1): "nearest", ("nearest", 2): "nearest", ("nearest", 3): "nearest",
                 ("linear", 1): "linear", ("linear", 2): "bilinear", ("linear", 3): "trilinear",
                 ("cubic", 2): "bicubic"}  # fmt: skip
@@ -53,7 +57,11 @@ class Resize(nn.Module, OnnxToTorchModule):
         super().__init__()
         self.attrs, self.opset, self.axes = attrs, opset, axes
         self.roi, self.scales, self.sizes = roi, scales, sizes
-        self._matrices: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        # Per (axis, sizes, device, dtype), most recently used last; bounded, since clients choose
+        # image sizes and each matrix is out × in floats.
+        self._matrices: collections.OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = (
+            collections.OrderedDict()
+        )
         self.path = ""  # "interpolate" or "matrix", after the first call (extra_repr)
 
     def extra_repr(self) -> str:
@@ -87,14 +95,21 @@ class Resize(nn.Module, OnnxToTorchModule):
 
     def _matrix(self, axis: int, spec: tuple, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         key = (axis, spec, like.device, like.dtype)
-        if key not in self._matrices:
-            n, out, scale, scale_given, start, end = spec
-            m, extra = _matrix_of(self.attrs, self.opset, n, out, scale if scale_given else None, start, end)
-            self._matrices[key] = (
-                torch.as_tensor(m, dtype=like.dtype, device=like.device),
-                None if extra is None else torch.as_tensor(extra, dtype=like.dtype, device=like.device),
-            )
-        return self._matrices[key]
+        with _CACHE_LOCK:  # the scheduler's thread and RPC threads may run one graph at once
+            if key in self._matrices:
+                self._matrices.move_to_end(key)
+                return self._matrices[key]
+        n, out, scale, scale_given, start, end = spec
+        m, extra = _matrix_of(self.attrs, self.opset, n, out, scale if scale_given else None, start, end)
+        entry = (
+            torch.as_tensor(m, dtype=like.dtype, device=like.device),
+            None if extra is None else torch.as_tensor(extra, dtype=like.dtype, device=like.device),
+        )
+        with _CACHE_LOCK:
+            self._matrices[key] = entry
+            while len(self._matrices) > MAX_CACHED_MATRICES:
+                self._matrices.popitem(last=False)
+        return entry
 
 
 def _values(t: torch.Tensor | None, kind: type = float) -> list | None:
