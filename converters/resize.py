@@ -13,7 +13,7 @@ onnxruntime computes by construction, and apply it with a matmul: differentiable
 the first call. (ONNX's reference implementation, ``onnx.reference``, was the first choice; it
 disagrees with onnxruntime by O(1) for align_corners, half_pixel_symmetric and tf_crop_and_resize
 at fractional scales, measured while building this.) The cases torch implements natively, with
-integer ratios where both compute the same source pixels, use ``F.interpolate`` instead (faster).
+integer ratios, linear and cubic modes, use ``F.interpolate`` instead (faster).
 Which path a node took is visible in ``extra_repr``. Resize-10 is left to onnx2torch.
 """
 
@@ -44,8 +44,7 @@ from converters.constants import const_list
 VERSIONS = (11, 13, 18, 19)
 MAX_CACHED_MATRICES = 32  # per Resize node
 _CACHE_LOCK = threading.Lock()
-_TORCH_MODES = {("nearest", 1): "nearest", ("nearest", 2): "nearest", ("nearest", 3): "nearest",
-                ("linear", 1): "linear", ("linear", 2): "bilinear", ("linear", 3): "trilinear",
+_TORCH_MODES = {("linear", 1): "linear", ("linear", 2): "bilinear", ("linear", 3): "trilinear",
                 ("cubic", 2): "bicubic"}  # fmt: skip
 
 
@@ -81,7 +80,7 @@ class Resize(nn.Module, OnnxToTorchModule):
         if fast is not None:
             self.path = "interpolate"
             out = [plan[a][1] if plan[a] is not None else x.shape[a] for a in range(2, x.dim())]
-            align = self.attrs["coordinate_transformation_mode"] == "align_corners" if fast != "nearest" else None
+            align = self.attrs["coordinate_transformation_mode"] == "align_corners"
             return F.interpolate(x, size=out, mode=fast, align_corners=align)
         self.path = "matrix"
         for a in reversed(spatial):  # innermost first, as the reference extrapolates (tf_crop_and_resize)
@@ -144,6 +143,9 @@ def _plan(shape: list[int], attrs: dict, roi: list[float] | None, scales: list[f
 def _torch_mode(attrs: dict, rank: int, plan: list[tuple | None]) -> str | None:
     """The F.interpolate mode computing exactly this Resize, or None."""
     resized = [p for p in plan[2:] if p is not None]
+    # Never nearest: which source pixel is nearest flips with the last bit of dst/scale, and torch
+    # and onnxruntime round it differently (60 → 4 by sizes, or ×41 by scales, pick other pixels).
+    # Linear and cubic are continuous in the source coordinate, so the same rounding is harmless.
     mode = _TORCH_MODES.get((attrs["mode"], rank - 2))
     if mode is None or not resized or attrs["antialias"] or any(p[4:] != (0.0, 1.0) for p in resized):
         return None
@@ -151,8 +153,6 @@ def _torch_mode(attrs: dict, rank: int, plan: list[tuple | None]) -> str | None:
     if not all(p[2] == p[1] / p[0] and (p[1] % p[0] == 0 or p[0] % p[1] == 0) for p in resized):
         return None
     ctm = attrs["coordinate_transformation_mode"]
-    if attrs["mode"] == "nearest":
-        return mode if ctm == "asymmetric" and attrs["nearest_mode"] == "floor" else None
     half_pixel = ctm == "half_pixel" or (ctm == "pytorch_half_pixel" and all(p[1] > 1 for p in resized))
     if not (half_pixel or ctm == "align_corners"):
         return None
@@ -171,7 +171,8 @@ def _matrix_of(attrs: dict, opset: int, n: int, out: int | None, scale: float | 
         feeds["scales"] = np.array([scale, 1.0], dtype=np.float32)
     else:
         feeds["sizes"] = np.array([out, n], dtype=np.int64)
-    m = _run_ort(attrs, opset, np.eye(n, dtype=np.float32), feeds)
+    # M without the extrapolated constant (it would fill whole rows of M); that comes from `extra`.
+    m = _run_ort({**attrs, "extrapolation_value": 0.0}, opset, np.eye(n, dtype=np.float32), feeds)
     extra = None
     if crop:  # which outputs extrapolate: resize zeros with extrapolation_value 1
         ones = _run_ort({**attrs, "extrapolation_value": 1.0}, opset, np.zeros((n, n), np.float32), feeds)

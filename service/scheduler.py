@@ -66,8 +66,15 @@ class _Batch:
     minimizer: Minimizer
     jobs: list[_JobState] = field(default_factory=list)
 
-    def pixels(self) -> int:
-        return len(self.minimizer) * self.minimizer.height * self.minimizer.width
+    def pixels(self, extra_rows: int = 0) -> int:
+        """Σ H·W of the images the network runs, with ``extra_rows`` more: the zero rows that pad
+        the batch in batch-invariant mode count, since they take activation memory too."""
+        mini = self.minimizer
+        return _padded(len(mini) + extra_rows, mini.row_quantum) * mini.height * mini.width
+
+
+def _padded(rows: int, quantum: int) -> int:
+    return -(-rows // quantum) * quantum
 
 
 def _pad_of(job: Job) -> int:
@@ -236,14 +243,15 @@ class Scheduler:
     def _place(self, state: _JobState) -> bool:
         job = state.job
         key = batch_key(job)
-        rows, pixels = len(job.problems), len(job.problems) * job.height * job.width
+        rows = len(job.problems)
+        pixels = _padded(rows, self.row_quantum) * job.height * job.width
         batch = next(
             (
                 b
                 for b in self._batches
                 if b.key == key
                 and len(b.minimizer) + rows <= self.limits.max_rows
-                and b.pixels() + pixels <= self.limits.max_pixels
+                and b.pixels(extra_rows=rows) <= self.limits.max_pixels
             ),
             None,
         )

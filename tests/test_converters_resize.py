@@ -20,7 +20,7 @@ from converters.resize import Resize
 
 torch.set_num_threads(1)
 X = np.random.default_rng(0).standard_normal((1, 2, 9, 11)).astype(np.float32)
-CROP_ROI = [0, 0, 0.1, 0.2, 1, 1, 0.9, 0.7]
+CROP_ROIS = ([0, 0, 0.1, 0.2, 1, 1, 0.9, 0.7], [0, 0, -0.2, -0.1, 1, 1, 1.3, 1.2])  # inside; reaching outside
 
 
 def _model(attrs: dict, opset: int, scales=None, sizes=None, roi=None, shape=X.shape) -> onnx.ModelProto:
@@ -60,13 +60,13 @@ def test_every_mode_and_coordinate_transform_matches_onnxruntime(mode: str, coor
     extras = [{}, {"cubic_coeff_a": -0.5, "exclude_outside": 1}] if mode == "cubic" else [{}]
     extras += [{"nearest_mode": m} for m in ("round_prefer_ceil", "floor", "ceil")] if mode == "nearest" else []
     extras += [{"antialias": 1}] if mode != "nearest" else []
-    for extra, (scales, sizes) in itertools.product(extras, SCALES):
+    rois = CROP_ROIS if coords == "tf_crop_and_resize" else (None,)
+    for extra, (scales, sizes), roi in itertools.product(extras, SCALES, rois):
         attrs = {"mode": mode, "coordinate_transformation_mode": coords, **extra}
-        roi = CROP_ROI if coords == "tf_crop_and_resize" else None
-        if roi is not None:
+        if roi is not None:  # a roi reaching outside the image extrapolates with this value
             attrs["extrapolation_value"] = 0.5
         err, _ = _compare(_model(attrs, 19, scales, sizes, roi))
-        assert err < 1e-5, (attrs, scales, sizes, err)
+        assert err < 1e-5, (attrs, scales, sizes, roi, err)
 
 
 @pytest.mark.parametrize("opset", [11, 13, 18])
@@ -94,11 +94,22 @@ def test_what_onnx2torch_got_wrong_is_now_right() -> None:
 
 def test_torch_native_cases_take_the_interpolate_path() -> None:
     for attrs in ({"mode": "cubic"}, {"mode": "linear"}, {"mode": "linear", "coordinate_transformation_mode":
-                  "align_corners"}, {"mode": "nearest", "coordinate_transformation_mode": "asymmetric",
-                  "nearest_mode": "floor"}):  # fmt: skip
+                  "align_corners"}):  # fmt: skip
         err, module = _compare(_model(attrs, 13, [1, 1, 2.0, 2.0]))
         assert err < 1e-5
         assert next(m for m in module.modules() if isinstance(m, Resize)).path == "interpolate", attrs
+
+
+@pytest.mark.parametrize(("n", "scales", "sizes"), [(60, None, [1, 2, 4, 2]), (84, None, [1, 2, 12, 3]),
+                                                    (9, [1, 1, 41.0, 1.0], None), (3, [1, 1, 47.0, 55.0], None)])
+def test_nearest_picks_onnxruntimes_pixels_where_float_rounding_decides(n: int, scales, sizes) -> None:
+    """torch's nearest (asymmetric, floor) and onnxruntime's round dst/scale differently: at these
+    ratios they pick other source pixels (found in review). Nearest always takes the matrix path."""
+    x = np.random.default_rng(1).standard_normal((1, 2, n, n)).astype(np.float32)
+    attrs = {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}
+    err, module = _compare(_model(attrs, 13, scales, sizes, shape=x.shape), x)
+    assert err < 1e-6, err
+    assert next(m for m in module.modules() if isinstance(m, Resize)).path == "matrix"
 
 
 def test_sizes_computed_at_run_time() -> None:

@@ -132,6 +132,22 @@ def test_a_full_queue_is_refused_with_resource_exhausted(phi) -> None:
         scheduler.shutdown()
 
 
+@pytest.mark.parametrize(("quantum", "joined"), [(1, True), (4, False)])
+def test_padding_rows_count_against_a_batchs_pixels(phi, quantum: int, joined: bool) -> None:
+    """max_pixels = 5 images: a 1-row job joins a running 4-row job, unless batches are padded to
+    4 rows (batch-invariant mode), where the pair would run as 8 images."""
+    scheduler = Scheduler(SchedulerLimits(max_pixels=5 * SIZE * SIZE), row_quantum=quantum)
+    try:
+        first = scheduler.submit(_job(phi, 400, [1, 2, 3, 4]))
+        time.sleep(0.2)  # the first job is stepping
+        _collect(scheduler.submit(_job(phi, 10, [5])))
+        first.cancel()
+        _collect(first)
+        assert (max(scheduler.batch_sizes) == 5) == joined
+    finally:
+        scheduler.shutdown()
+
+
 def test_a_job_larger_than_a_batch_runs_alone(phi) -> None:
     scheduler = Scheduler(SchedulerLimits(max_rows=2))
     try:
