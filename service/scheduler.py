@@ -31,7 +31,7 @@ import torch
 
 from service.api.preimage.v1 import preimage_pb2 as pb
 from service.energy import Minimizer, Result
-from service.energy.minimize import required_jitter
+from service.energy.minimize import padded_rows, required_jitter
 from service.errors import ServiceError, exhausted, invalid
 from service.jobs import _DONE, Job, JobHandle, _result_message, contact_sheet, png_bytes
 
@@ -70,11 +70,7 @@ class _Batch:
         """Σ H·W of the images the network runs, with ``extra_rows`` more: the zero rows that pad
         the batch in batch-invariant mode count, since they take activation memory too."""
         mini = self.minimizer
-        return _padded(len(mini) + extra_rows, mini.row_quantum) * mini.height * mini.width
-
-
-def _padded(rows: int, quantum: int) -> int:
-    return -(-rows // quantum) * quantum
+        return padded_rows(len(mini) + extra_rows, mini.row_quantum) * mini.height * mini.width
 
 
 def _pad_of(job: Job) -> int:
@@ -244,7 +240,7 @@ class Scheduler:
         job = state.job
         key = batch_key(job)
         rows = len(job.problems)
-        pixels = _padded(rows, self.row_quantum) * job.height * job.width
+        pixels = padded_rows(rows, self.row_quantum) * job.height * job.width
         batch = next(
             (
                 b

@@ -3,6 +3,7 @@ on who shared the batch beyond floating-point reassociation, cancel stops within
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -35,6 +36,17 @@ def _job(phi: torch.nn.Module, steps: int, seeds: list[int], tap: str = "t", rep
         device=torch.device("cpu"), report_every=report_every, preview_every=0, return_tensor=False,
         contact_sheet=True, seeds=seeds,
     )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    """torch's thread count set to ``n`` for the block (the kernels' batch dependence varies with it)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def _collect(handle) -> tuple[list, list]:
@@ -181,15 +193,11 @@ def test_batch_invariant_mode_makes_the_bundled_model_exact_alone_and_batched(ta
     def run(batch: list[Problem], quantum: int) -> list[np.ndarray]:
         return [r.image_uint8 for r in minimize(phi, batch, height=64, width=64, stride=stride, row_quantum=quantum)]
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with _threads(2):
         batched = run(problems, CPU_ROW_QUANTUM)
         alone = {i: run([problems[i]], CPU_ROW_QUANTUM)[0] for i in (0, 5)}
         default_batched = run(problems, 1)
         default_alone = {i: run([problems[i]], 1)[0] for i in (0, 5)}
-    finally:
-        torch.set_num_threads(threads)
     for i in (0, 5):
         apart = int(np.abs(default_alone[i].astype(int) - default_batched[i].astype(int)).max())
         print(f"{tap} row {i}: default batches {apart} grey levels apart alone vs batched")
@@ -210,13 +218,9 @@ def test_padding_rows_are_zero_images_and_change_nothing(phi) -> None:
 
     target = phi(torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(9)) * 50)[0]
     problem = Problem(Objective.invert(target), EnergyParams(steps=5, refine_steps=0), seed=3)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _threads(1):
         padded = minimize(recording, [problem], height=SIZE, width=SIZE, stride=2, row_quantum=4)[0]
         plain = minimize(phi, [problem], height=SIZE, width=SIZE, stride=2)[0]
-    finally:
-        torch.set_num_threads(threads)
     steps = [s for s in seen if s[0] != 1]  # the final measurement on the PNG runs one image
     assert len(steps) == 5 and all(n == 4 and pad_sum == 0.0 for n, pad_sum in steps)
     assert np.array_equal(padded.image_uint8, plain.image_uint8)
@@ -243,13 +247,9 @@ def test_rows_with_their_own_settings_are_exact_alone_and_batched(phi) -> None:
         return [r.image_uint8 for r in minimize(phi, batch, height=SIZE, width=SIZE, stride=2,
                                                 row_quantum=CPU_ROW_QUANTUM)]  # fmt: skip
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with _threads(2):
         alone = [run([p])[0] for p in problems]
         batched = run(problems)
-    finally:
-        torch.set_num_threads(threads)
     for i, (a, b) in enumerate(zip(alone, batched, strict=True)):
         assert np.array_equal(a, b), f"row {i}: {int(np.abs(a.astype(int) - b.astype(int)).max())} grey levels apart"
     assert len({a.tobytes() for a in alone}) == len(alone)  # the rows really are different problems

@@ -365,7 +365,7 @@ class Minimizer:
         through Φ only."""
         x = self._state["x"]
         n = len(offsets)
-        padded = -(-n // self.row_quantum) * self.row_quantum
+        padded = padded_rows(n, self.row_quantum)
         crop = self._work.get("crop", (padded, 3, self.height, self.width), x)
         image = jitter_crop(x, offsets, self.height, self.width, out=crop[:n])
         if padded != n:
@@ -501,6 +501,11 @@ class Minimizer:
                 last = row.history[-1][1].tolist() if row.history else [math.nan] * len(TERMS)
                 return StepEvent(row.step, row.total, handle, dict(zip(TERMS, last, strict=True)))
         raise KeyError(handle)
+
+
+def padded_rows(rows: int, quantum: int) -> int:
+    """How many images the network runs for ``rows`` rows: the next multiple of ``quantum``."""
+    return -(-rows // quantum) * quantum
 
 
 def required_jitter(problems: Sequence[Problem], height: int, width: int, stride: int) -> int:

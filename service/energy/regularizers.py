@@ -73,8 +73,8 @@ def jitter_crop(
 def jitter_offsets(generator: torch.Generator, jitter: int, count: int) -> list[tuple[int, int]]:
     """``count`` shifts of 0…T−1 pixels in each direction, drawn from the row's own generator.
 
-    Drawn all at once when the row joins (one call instead of one per step: the same numbers,
-    in the same order, as drawing them step by step)."""
+    The minimizer draws them in chunks (one call per 64 steps instead of one per step: the same
+    numbers, in the same order, as drawing them step by step)."""
     if jitter <= 1:
         return [(0, 0)] * count
     return [(int(dy), int(dx)) for dy, dx in torch.randint(0, jitter, (count, 2), generator=generator).tolist()]
