@@ -40,6 +40,7 @@ from onnx2torch.utils.common import (
 from torch import nn
 
 from converters.constants import const_list
+from converters.parity import ort_session
 
 VERSIONS = (11, 13, 18, 19)
 MAX_CACHED_MATRICES = 32  # per Resize node
@@ -182,8 +183,6 @@ def _matrix_of(attrs: dict, opset: int, n: int, out: int | None, scale: float | 
 
 def _run_ort(attrs: dict, opset: int, x: np.ndarray, feeds: dict[str, np.ndarray]) -> np.ndarray:
     """onnxruntime's Resize of a 2-D float array (our own one-node graph; inputs not given left out)."""
-    import onnxruntime as ort
-
     kept = {k: v for k, v in attrs.items() if opset >= 18 or k not in ("antialias", "keep_aspect_ratio_policy")}
     # Opset 11 requires roi and scales (empty where unused); later opsets take them left out.
     given = {k: v for k, v in feeds.items() if v.size or (opset < 13 and k in ("roi", "scales"))}
@@ -199,8 +198,7 @@ def _run_ort(attrs: dict, opset: int, x: np.ndarray, feeds: dict[str, np.ndarray
     )  # fmt: skip
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8  # what every onnxruntime we support reads
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    (y,) = session.run(None, {"X": x})
+    (y,) = ort_session(model).run(None, {"X": x})  # the session the parity gate judges with
     return np.asarray(y)
 
 
