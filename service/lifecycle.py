@@ -46,7 +46,10 @@ def graceful_stop(running: RunningServer, grace: float, hurry: threading.Event |
     if metrics is not None:
         metrics.serving.set(0)
     runner.close("the server is shutting down and accepts no new jobs; retry (another replica will take it)")
-    log.info("shutting down", extra={"fields": {"grace_s": grace, "jobs_running": not runner.idle()}})
+    log.info(
+        "shutting down",
+        extra={"fields": {"grace_s": grace, "rows_running": runner.running_rows(), "jobs_queued": runner.queued()}},
+    )
     cancel_at = deadline - cancel_margin(grace)
     while not runner.idle() and time.monotonic() < cancel_at and not (hurry is not None and hurry.is_set()):
         time.sleep(POLL_SECONDS)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from service.client import PreimageClient
+from service.jobs import JobLimits
 from service.lifecycle import cancel_margin, graceful_stop
 from service.server import ServerConfig, start_server
 from tests._service_models import conv_net
@@ -32,15 +33,19 @@ def test_idle_server_stops_at_once(tmp_path: Path) -> None:
     assert figures["cancelled_jobs"] == 0 and figures["seconds"] < 2.0
 
 
+ENDLESS = 10**8  # steps: a job that cannot end on any machine; the server's limit is raised to allow it
+
+
 def test_second_signal_cancels_without_waiting_for_the_grace(tmp_path: Path) -> None:
-    running = start_server("127.0.0.1:0", ServerConfig(store_dir=tmp_path, seed_bundled=False))
+    config = ServerConfig(store_dir=tmp_path, seed_bundled=False, job_limits=JobLimits(max_steps=ENDLESS))
+    running = start_server("127.0.0.1:0", config)
     hurry = threading.Event()
     with PreimageClient(f"127.0.0.1:{running.port}", timeout=120) as client:
         client.upload(conv_net(seed=2), name="tiny")
         started, outcome = threading.Event(), {}
 
         def run() -> None:
-            job = client.maximize("tiny", "conv2", [0], steps=9000, refine_steps=0, report_every=1)
+            job = client.maximize("tiny", "conv2", [0], steps=ENDLESS, refine_steps=0, report_every=1)
             try:
                 for _ in job:
                     started.set()

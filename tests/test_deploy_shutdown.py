@@ -1,7 +1,10 @@
 """Graceful shutdown of a real `preimage serve` process: SIGTERM during jobs.
 
-Two jobs run when the signal arrives: a short one, which must finish with its results, and one far
-longer than the grace period, which must be cancelled with UNAVAILABLE and a message saying why.
+Two jobs run when the signal arrives: a short one, which must finish with its results, and one that
+cannot end (more steps than any machine runs in the grace period: the server's step limit is raised
+for it), which must be cancelled with UNAVAILABLE and a message saying why. The short job's length
+is chosen from the step rate the server reports for the long one, so it is still running at the
+signal and done well inside the grace period on a fast machine and on a loaded one alike.
 Meanwhile health answers NOT_SERVING and new jobs are refused; the process exits 0 within the
 grace period. The server is configured the way a deployment does it: the grace period from a
 TOML file, metrics from the environment; /metrics reports the drain too.
@@ -25,7 +28,8 @@ from tests._deploy_servers import start
 from tests._service_models import conv_net
 
 GRACE = 10.0
-SHORT_STEPS = 100  # still running at the signal, done a few seconds later even on a busy box
+ENDLESS = 50_000_000  # steps; at the tiny net's ~0.5 ms a step, about 7 hours
+SHORT_SECONDS = 2.0  # of steps at the measured rate: long enough to outlast the signal, 4x inside the cancel point
 
 
 def metrics_port(lines: list[str]) -> int:
@@ -42,7 +46,7 @@ def scrape(port: int) -> str:
 
 def test_sigterm_drains_then_cancels_and_exits_zero_within_grace(tmp_path: Path) -> None:
     settings = tmp_path / "preimage.toml"
-    settings.write_text(f"shutdown_grace = {GRACE}\n")
+    settings.write_text(f"shutdown_grace = {GRACE}\n[job_limits]\nmax_steps = {ENDLESS}\n")
     server = start(tmp_path / "store", "--config", str(settings), env={"PREIMAGE_METRICS_PORT": "0"})
     try:
         port = metrics_port(server.lines)
@@ -51,6 +55,7 @@ def test_sigterm_drains_then_cancels_and_exits_zero_within_grace(tmp_path: Path)
             client.upload(conv_net(seed=5), name="tiny")
             outcomes: dict[str, object] = {}
             progress = {"short": threading.Event(), "long": threading.Event()}
+            steps_seen: dict[str, list[tuple[float, int]]] = {"short": [], "long": []}
             ended: dict[str, float] = {}
 
             def run(name: str, steps: int) -> None:
@@ -58,6 +63,7 @@ def test_sigterm_drains_then_cancels_and_exits_zero_within_grace(tmp_path: Path)
                 try:
                     for event in job:
                         if event.DESCRIPTOR.name == "ProgressEvent":
+                            steps_seen[name].append((time.monotonic(), event.step))
                             progress[name].set()
                     outcomes[name] = job
                     ended[name] = time.monotonic()
@@ -66,13 +72,16 @@ def test_sigterm_drains_then_cancels_and_exits_zero_within_grace(tmp_path: Path)
                 finally:
                     progress[name].set()
 
-            # The long job could not finish in many grace periods.
-            jobs = (("short", SHORT_STEPS), ("long", 9000))
-            threads = [threading.Thread(target=run, args=job) for job in jobs]
-            for t in threads:
-                t.start()
-            for event in progress.values():
-                assert event.wait(60)
+            threads = [threading.Thread(target=run, args=("long", ENDLESS))]
+            threads[0].start()
+            assert progress["long"].wait(60)
+            time.sleep(1.0)
+            (t0, s0), (t1, s1) = steps_seen["long"][0], steps_seen["long"][-1]
+            rate = (s1 - s0) / max(t1 - t0, 1e-3)  # steps per second on this machine, now
+            short_steps = max(20, int(rate * SHORT_SECONDS))
+            threads.append(threading.Thread(target=run, args=("short", short_steps)))
+            threads[1].start()
+            assert progress["short"].wait(60)
             signalled = time.monotonic()
             server.terminate()
 
@@ -101,8 +110,11 @@ def test_sigterm_drains_then_cancels_and_exits_zero_within_grace(tmp_path: Path)
     log = "".join(server.lines)
     short, long = outcomes["short"], outcomes["long"]
     assert not isinstance(short, grpc.RpcError), short
-    assert len(short.results) == 1 and short.results[0].steps_run == SHORT_STEPS and short.summary is not None
-    assert ended["short"] > signalled  # it finished during the drain, not before it
+    assert len(short.results) == 1 and short.results[0].steps_run == short_steps and short.summary is not None
+    # It finished during the drain, not before it: the server's own log says both jobs were running.
+    shutting = [json.loads(line) for line in server.lines if line.startswith("{") and '"shutting down"' in line]
+    assert shutting and shutting[0]["rows_running"] == 2, log[-3000:]
+    assert ended["short"] > signalled
     assert isinstance(long, grpc.RpcError) and long.code() == grpc.StatusCode.UNAVAILABLE, long
     assert f"cancelled after the {GRACE:g} s grace period" in long.details()
     assert rc == 0, log[-3000:]
@@ -111,4 +123,7 @@ def test_sigterm_drains_then_cancels_and_exits_zero_within_grace(tmp_path: Path)
     assert "preimage_serving 0.0" in draining
     assert float(re.search(r"^preimage_running_images (\S+)$", draining, re.M).group(1)) >= 1  # the long job
     assert '"msg": "stopped"' in log and '"cancelled_jobs": 1' in log
-    print(f"NOT_SERVING {not_serving_after:.2f} s after SIGTERM; exit 0 after {exited_after:.2f} s (grace {GRACE:g} s)")
+    print(
+        f"{rate:.0f} steps/s, short job {short_steps} steps; NOT_SERVING {not_serving_after:.2f} s after SIGTERM; "
+        f"exit 0 after {exited_after:.2f} s (grace {GRACE:g} s)"
+    )

@@ -494,13 +494,13 @@ def test_reflection_is_enough_to_call_the_service(server, tiny) -> None:
 
 # -- persistence ------------------------------------------------------------------------------------
 def test_restart_keeps_uploaded_models(tmp_path: Path) -> None:
-    config = ServerConfig(store_dir=tmp_path, seed_bundled=False)
+    config = ServerConfig(store_dir=tmp_path, seed_bundled=False, job_limits=JobLimits(max_steps=10**8))
     first = start_server("127.0.0.1:0", config)
     try:
         with PreimageClient(f"127.0.0.1:{first.port}", timeout=120) as c:
             ids = {c.upload(conv_net(seed=s), name=f"m{s}").model.id for s in (11, 12)}
             # A job still running when the server stops is cancelled, not left spinning.
-            run = c.maximize("m11", "relu2", [0], steps=9_000, report_every=5, channel_max=1.0)
+            run = c.maximize("m11", "relu2", [0], steps=10**8, report_every=5, channel_max=1.0)  # cannot end
             next(iter(run))
     finally:
         first.stop(grace=None)

@@ -18,12 +18,14 @@ from PIL import Image
 from service.api.preimage.v1 import preimage_pb2 as pb
 from service.auth import AuthConfig, write_config
 from service.client import PreimageClient
+from service.jobs import JobLimits
 from service.quotas import Quota
 from service.server import ServerConfig, start_server
 from tests._service_models import conv_net
 
 NET = conv_net(seed=21)
-LONG = {"steps": 10_000, "refine_steps": 0, "report_every": 1}
+ENDLESS = 10**8  # steps: a job that cannot end on any machine; the server's limit is raised to allow it
+LONG = {"steps": ENDLESS, "refine_steps": 0, "report_every": 1}
 SHORT = {"steps": 2, "refine_steps": 0, "report_every": 0}
 TENANTS: dict[str, dict[str, Any]] = {
     "ops": {"tokens": ["ops"], "admin": True},
@@ -46,7 +48,10 @@ def _one_thread() -> None:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     d = tmp_path_factory.mktemp("quotas")
     write_config(d / "tokens.json", TENANTS, default_quotas={"max_queued_jobs": 8})
-    config = ServerConfig(store_dir=d / "store", seed_bundled=False, auth=AuthConfig(tokens_file=d / "tokens.json"))
+    config = ServerConfig(
+        store_dir=d / "store", seed_bundled=False, auth=AuthConfig(tokens_file=d / "tokens.json"),
+        job_limits=JobLimits(max_steps=ENDLESS),
+    )  # fmt: skip
     running = start_server("127.0.0.1:0", config)
     yield running
     running.stop(grace=None)
