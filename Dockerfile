@@ -27,7 +27,7 @@ RUN python -m venv "$VIRTUAL_ENV" \
     && pip install -r /tmp/requirements.txt
 COPY converters/ converters/
 COPY service/ service/
-RUN pip install --no-deps . && python -m service.config --table > /dev/null
+RUN pip install --no-deps . && python -m service.rpc.config --table > /dev/null
 
 # An unprivileged user owns the store (a volume) and the exported bundled models. The bundled
 # models are exported now, at build time: every replica starts with its own copy instead of
@@ -52,7 +52,7 @@ EXPOSE 50051 9464
 # grpc.health.v1 over loopback: SERVING, not just an open port. start-period covers importing
 # torch, starting the conversion fork server and seeding the store on a first start.
 HEALTHCHECK --interval=10s --timeout=8s --start-period=180s --retries=3 \
-    CMD ["python", "-m", "service.healthcheck"]
+    CMD ["python", "-m", "service.rpc.healthcheck"]
 
 # SIGTERM drains: health NOT_SERVING, running jobs get PREIMAGE_SHUTDOWN_GRACE seconds.
 STOPSIGNAL SIGTERM

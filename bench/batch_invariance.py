@@ -1,4 +1,4 @@
-"""Which batch sizes change a row's arithmetic: the measurement behind service/batch_invariance.py.
+"""Which batch sizes change a row's arithmetic: the measurement behind service/jobs/batch_invariance.py.
 
 For each tap of the bundled model, one image's gradient of ‖Φ(x)‖² is computed inside batches of
 N = 1…16 other images, at every position, and compared bit for bit with the same image in a batch

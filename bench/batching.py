@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from service.client import PreimageClient
-from service.server import ServerConfig, start_server
+from service.rpc.app import start_server
+from service.rpc.config import ServerConfig
 
 
 def main() -> None:
@@ -48,7 +49,7 @@ def main() -> None:
             for t in threads:
                 t.join()
             concurrent = time.perf_counter() - start
-            sizes = list(running.servicer.runner.batch_sizes) if hasattr(running.servicer.runner, "batch_sizes") else []
+            sizes = list(getattr(running.servicer.scheduler, "batch_sizes", []))
             print(
                 f"{args.jobs} Maximize jobs, tap {args.tap}, {args.size}px, {args.steps} steps, device "
                 f"{running.servicer.device}: sequential {sequential:.1f} s, concurrent {concurrent:.1f} s"

@@ -40,7 +40,7 @@ from onnx import numpy_helper
 from converters.bundled import bundled_model_path
 from converters.model import ConvertedModel, load_model
 from service.energy import EnergyParams, Objective, Problem, from_uint8, minimize, to_uint8
-from service.reference import center_crop_resize, photo
+from service.jobs.reference import center_crop_resize, photo
 
 # Block outputs (Add / project conv) as first measured, then the inside of blocks 4, 7 and 10:
 # the expand conv and the depthwise conv before their ReLU6 (pre-activations), and the ReLU6s.

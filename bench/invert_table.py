@@ -19,7 +19,7 @@ from PIL import Image
 from converters.bundled import bundled_model_path
 from converters.model import load_model
 from service.energy import EnergyParams, Objective, Problem, from_uint8, minimize
-from service.reference import center_crop_resize, photo
+from service.jobs.reference import center_crop_resize, photo
 
 TAPS = (
     "/act/Clip",

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.auth import write_config  # noqa: E402
+from service.rpc.auth import write_config  # noqa: E402
 from tests._load import run_load  # noqa: E402
 from tests.test_service_crash import ServerProcess  # noqa: E402
 

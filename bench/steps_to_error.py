@@ -46,7 +46,7 @@ import torch
 from converters.bundled import bundled_model_path
 from converters.model import load_model
 from service.energy import EnergyParams, Minimizer, Objective, Problem, feature_error, from_uint8, minimize
-from service.reference import center_crop_resize, photo
+from service.jobs.reference import center_crop_resize, photo
 
 TAPS = "/_blocks.2/Add,/_blocks.7/Add,/_blocks.14/Add"  # early (stride 4), mid (16), late (32)
 
@@ -166,7 +166,7 @@ def main() -> None:
     x0 = from_uint8(center_crop_resize(photo(args.image), args.size, args.size), mean)
     ref_params = EnergyParams(optimizer="paper", steps=args.steps, refine_steps=args.refine, refine_lr_scale=0.1)
     ref_total = args.steps + args.refine
-    # The service's default: EnergyParams() as a request with no fields set gets it (service/jobs.py),
+    # The service's default: EnergyParams() as a request with no fields set gets it (service/jobs/job.py),
     # with the reference's step counts so that a smoke run stays short.
     default = EnergyParams(steps=args.steps, refine_steps=args.refine)
     settings = [Setting("service default", default)]

@@ -101,7 +101,7 @@ def format_inspection(info: dict, max_taps: int = 400) -> str:
     return "\n".join(lines)
 
 
-format_report = format_inspection  # the name service/cli.py uses
+format_report = format_inspection  # the name service/cli/main.py uses
 
 
 def _per_axis(pair: list[int] | None) -> str:

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from service.client import PreimageClient
-from service.server import tenant_model_id
+from service.rpc.servicer import tenant_model_id
 from tests._service_models import SIZE, conv_net
 
 ALLOWED = {grpc.StatusCode.RESOURCE_EXHAUSTED}

@@ -7,7 +7,7 @@ import io
 import logging
 from collections.abc import Iterator
 
-from service.errors import JsonFormatter
+from service.rpc.errors import JsonFormatter
 
 
 @contextlib.contextmanager

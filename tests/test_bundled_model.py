@@ -17,7 +17,7 @@ from PIL import Image
 from converters.bundled import bundled_model_path, load_pretrained
 from converters.model import load_model
 from service.energy import EnergyParams, Objective, Problem, channel_weights, from_uint8, minimize
-from service.reference import center_crop_resize, channel_max, effective_receptive_field, photo
+from service.jobs.reference import center_crop_resize, channel_max, effective_receptive_field, photo
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service import config as cfg
-from service.cli import build_parser
-from service.healthcheck import check, local_address
-from service.server import ServerConfig, start_server
+from service.cli.main import build_parser
+from service.models.store import default_store_dir
+from service.rpc import config as cfg
+from service.rpc.app import start_server
+from service.rpc.config import ServerConfig
+from service.rpc.healthcheck import check, local_address
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "operations.md"
@@ -32,7 +34,7 @@ def test_docs_table_is_the_generated_one() -> None:
     assert begin in text and end in text
     documented = text[text.index(begin) + len(begin) : text.index(end)]
     assert documented == cfg.settings_table(), (
-        "docs/operations.md's settings table is stale: paste the output of `python -m service.config --table`"
+        "docs/operations.md's settings table is stale: paste the output of `python -m service.rpc.config --table`"
     )
 
 
@@ -48,7 +50,7 @@ def test_every_setting_is_documented_and_settable() -> None:
 
 def test_defaults_file_environment_flags_in_that_order(tmp_path: Path) -> None:
     address, default = cfg.resolve(env={})
-    assert address == cfg.DEFAULT_ADDRESS and default == ServerConfig(store_dir=cfg.default_store())
+    assert address == cfg.DEFAULT_ADDRESS and default == ServerConfig(store_dir=default_store_dir())
 
     path = tmp_path / "preimage.toml"
     path.write_text(
@@ -112,12 +114,12 @@ def test_torch_threads_is_applied_and_a_bad_count_is_refused_before_listening(tm
 
 
 def test_batch_invariant_makes_the_scheduler_pad_batches(tmp_path: Path) -> None:
-    from service.batch_invariance import CPU_ROW_QUANTUM
+    from service.jobs.batch_invariance import CPU_ROW_QUANTUM
 
     config = ServerConfig(store_dir=tmp_path, seed_bundled=False, device="cpu", batch_invariant=True)
     running = start_server("127.0.0.1:0", config)
     try:
-        assert running.servicer.runner.row_quantum == CPU_ROW_QUANTUM
+        assert running.servicer.scheduler.row_quantum == CPU_ROW_QUANTUM
     finally:
         running.stop(0)
 
@@ -129,11 +131,11 @@ def test_healthcheck_follows_serving_status(tmp_path: Path) -> None:
     address = f"127.0.0.1:{running.port}"
     try:
         assert check(address) == "SERVING"
-        cmd = [sys.executable, "-m", "service.healthcheck", "--address", address]
+        cmd = [sys.executable, "-m", "service.rpc.healthcheck", "--address", address]
         # One process: the status, the exit code, and that the check never imports torch.
         probe = (
             "import runpy, sys; sys.argv = " + repr(cmd[2:]) + "\n"
-            "try:\n    runpy.run_module('service.healthcheck', run_name='__main__')\n"
+            "try:\n    runpy.run_module('service.rpc.healthcheck', run_name='__main__')\n"
             "except SystemExit as e:\n    assert 'torch' not in sys.modules, 'healthcheck imported torch'\n"
             "    raise\n"
         )
@@ -173,7 +175,7 @@ def test_compose_config_is_valid(profile: str) -> None:
     assert "ports" not in server and "container_name" not in server  # or --scale could not run N copies
     assert any(v.startswith("store:/var/lib/preimage/store") for v in server["volumes"])
     assert "store" in config["volumes"]
-    assert server["healthcheck"]["test"] == ["CMD", "python", "-m", "service.healthcheck"]
+    assert server["healthcheck"]["test"] == ["CMD", "python", "-m", "service.rpc.healthcheck"]
     assert "preimage-replica" in server["networks"]["default"]["aliases"]
     env = server["environment"]
     names = {s.env for s in cfg.settings()}
@@ -243,7 +245,7 @@ def test_dockerfile_uses_only_what_the_repository_has() -> None:
                 assert src.rstrip("/") not in ignored, f"COPY {src}, but .dockerignore leaves it out of the context"
     text = " ".join(args for _, args in instructions)
     modules = set(re.findall(r"python -m ([\w.]+)", text)) | set(re.findall(r'"python", "-m", "([\w.]+)"', text))
-    assert {"service.healthcheck", "service.config"} <= modules
+    assert {"service.rpc.healthcheck", "service.rpc.config"} <= modules
     for module in modules - {"venv", "pip"}:
         assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), f"python -m {module}: no such module here"
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -267,7 +269,7 @@ def test_dockerfile_uses_only_what_the_repository_has() -> None:
     user = dict(instructions)["USER"]
     assert user not in ("root", "0")
     health = dict(instructions)["HEALTHCHECK"]
-    assert "service.healthcheck" in health
+    assert "service.rpc.healthcheck" in health
 
 
 def test_image_dependencies_are_declared() -> None:

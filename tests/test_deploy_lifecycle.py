@@ -1,4 +1,4 @@
-"""graceful_stop in-process: an idle server stops at once; a second signal (``hurry``) cancels
+"""RunningServer.stop(drain=True) in-process: an idle server stops at once; a second signal (``hurry``) cancels
 running jobs without waiting out the grace period."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from service.client import PreimageClient
-from service.jobs import JobLimits
-from service.lifecycle import cancel_margin, graceful_stop
-from service.server import ServerConfig, start_server
+from service.jobs.job import JobLimits
+from service.rpc.app import cancel_margin, start_server
+from service.rpc.config import ServerConfig
 from tests._service_models import conv_net
 
 
@@ -29,7 +29,7 @@ def test_cancel_margin() -> None:
 
 def test_idle_server_stops_at_once(tmp_path: Path) -> None:
     running = start_server("127.0.0.1:0", ServerConfig(store_dir=tmp_path, seed_bundled=False))
-    figures = graceful_stop(running, grace=30)
+    figures = running.stop(30, drain=True)
     assert figures["cancelled_jobs"] == 0 and figures["seconds"] < 2.0
 
 
@@ -56,7 +56,10 @@ def test_second_signal_cancels_without_waiting_for_the_grace(tmp_path: Path) -> 
         thread = threading.Thread(target=run)
         thread.start()
         assert started.wait(60)
-        stopper = threading.Thread(target=lambda: outcome.setdefault("figures", graceful_stop(running, 300, hurry)))
+        def stop() -> None:
+            outcome["figures"] = running.stop(300, drain=True, hurry=hurry)
+
+        stopper = threading.Thread(target=stop)
         began = time.monotonic()
         stopper.start()
         time.sleep(0.5)  # draining: the job keeps running, the 300 s grace is far away

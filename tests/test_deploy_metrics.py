@@ -13,7 +13,8 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.client import PreimageClient
-from service.server import ServerConfig, start_server
+from service.rpc.app import start_server
+from service.rpc.config import ServerConfig
 from tests._service_models import conv_net
 
 
@@ -103,18 +104,17 @@ def test_metrics_move_during_and_after_a_job(tmp_path) -> None:
 def test_gpu_memory_gauges_on_a_cuda_replica(monkeypatch: pytest.MonkeyPatch) -> None:
     """No GPU on the test machines: torch.cuda's figures are stubbed; this checks what a CUDA
     replica exports from them (names, the device label, used = total - free)."""
-    from types import SimpleNamespace
 
-    from service.metrics import _Sampled
+    from service.rpc.metrics import _Sampled
 
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 3 << 20)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 8 << 20)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (60 << 30, 80 << 30))
-    families = list(_Sampled._gpu(SimpleNamespace(device=torch.device("cuda:0"))))
+    families = list(_Sampled._gpu(torch.device("cuda:0")))
     got = {f.name: [(s.labels, s.value) for s in f.samples] for f in families}
     assert got == {
         "preimage_gpu_memory_allocated_bytes": [({"device": "cuda:0"}, 3 << 20)],
         "preimage_gpu_memory_reserved_bytes": [({"device": "cuda:0"}, 8 << 20)],
         "preimage_gpu_memory_used_bytes": [({"device": "cuda:0"}, 20 << 30)],
     }
-    assert list(_Sampled._gpu(SimpleNamespace(device=torch.device("cpu")))) == []
+    assert list(_Sampled._gpu(torch.device("cpu"))) == []

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.client import MAX_MESSAGE_BYTES, PreimageClient
+from service.client import PreimageClient
+from service.rpc.messages import MAX_MESSAGE_BYTES
 from tests._deploy_servers import ServerProcess, start
 from tests._service_models import SIZE, conv_net
 

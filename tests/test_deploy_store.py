@@ -14,7 +14,7 @@ import os
 import signal
 from pathlib import Path
 
-from service.store import ModelRecord, ModelStore
+from service.models.store import ModelRecord, ModelStore
 
 PER_PROCESS = 15
 

@@ -33,8 +33,9 @@ from PIL import Image
 from converters.errors import ModelError
 from converters.loading import LoadLimits, load_untrusted
 from service.api.preimage.v1 import preimage_pb2 as pb
-from service.errors import ServiceError, status_for
-from service.jobs import JobLimits, build_job, energy_params
+from service.jobs.errors import ServiceError
+from service.jobs.job import JobLimits, build_job, params_from_message
+from service.rpc.errors import status_for
 from tests._service_models import conv_net, fcn
 
 EXAMPLES = int(os.environ.get("PREIMAGE_FUZZ_EXAMPLES", "40"))
@@ -143,7 +144,7 @@ def test_conversion_of_mutants_fails_cleanly(raw: bytes) -> None:
 @settings(FUZZ, max_examples=max(3, EXAMPLES // 8), deadline=timedelta(seconds=60))
 @given(raw=mutants())
 def test_vetting_child_answers_every_mutant(raw: bytes, tmp_path_factory: pytest.TempPathFactory) -> None:
-    from service.convert_worker import VetError, WorkerLimits, vet_model
+    from service.models.worker import VetError, WorkerLimits, vet_model
 
     path = tmp_path_factory.mktemp("vet") / "m.onnx"
     path.write_bytes(raw)
@@ -270,7 +271,7 @@ def test_request_validator_maps_every_error(converted: dict[str, Any], request: 
 @given(msg=energy())
 def test_energy_params_parser_raises_only_service_errors(msg: pb.EnergyParams) -> None:
     try:
-        energy_params(msg)
+        params_from_message(msg)
     except ServiceError as exc:
         assert exc.code == grpc.StatusCode.INVALID_ARGUMENT
 
@@ -284,7 +285,7 @@ def test_energy_params_parser_raises_only_service_errors(msg: pb.EnergyParams) -
     hw=st.tuples(st.one_of(st.none(), U32), st.one_of(st.none(), U32)),
 )
 def test_preprocessing_parser_raises_only_service_errors(mean, std, scale, order, hw) -> None:
-    from service.server import _requested_preprocessing
+    from service.rpc.messages import requested_preprocessing
 
     msg = pb.Preprocessing(mean=mean, std=std, channel_order=order)
     if scale is not None:
@@ -293,7 +294,7 @@ def test_preprocessing_parser_raises_only_service_errors(mean, std, scale, order
         if value is not None:
             setattr(msg, name, value)
     try:
-        out = _requested_preprocessing(msg)
+        out = requested_preprocessing(msg)
     except ServiceError as exc:
         assert exc.code == grpc.StatusCode.INVALID_ARGUMENT
         return

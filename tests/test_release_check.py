@@ -278,7 +278,8 @@ def test_report_opens_in_headless_chromium_and_shows_the_images(drift_run: tuple
 # -- the RPC ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    from service.server import ServerConfig, start_server
+    from service.rpc.app import start_server
+    from service.rpc.config import ServerConfig
 
     running = start_server("127.0.0.1:0", ServerConfig(store_dir=tmp_path_factory.mktemp("store"),
                                                        seed_bundled=False))

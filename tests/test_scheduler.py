@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from service.energy import EnergyParams, Objective, Problem
-from service.jobs import Job
-from service.scheduler import Scheduler, SchedulerLimits, batch_key
+from service.jobs.job import Job
+from service.jobs.scheduler import Scheduler, SchedulerLimits, batch_key
 
 SIZE = 24
 MEAN = (120.0, 120.0, 120.0)
@@ -130,7 +130,7 @@ def test_cancel_stops_within_one_step_and_frees_the_batch(phi) -> None:
 
 
 def test_a_full_queue_is_refused_with_resource_exhausted(phi) -> None:
-    from service.errors import ServiceError
+    from service.jobs.errors import ServiceError
 
     limits = SchedulerLimits(max_rows=1, max_pixels=SIZE * SIZE, max_total_pixels=SIZE * SIZE, max_queued=1)
     scheduler = Scheduler(limits)
@@ -176,13 +176,13 @@ def test_a_job_larger_than_a_batch_runs_alone(phi) -> None:
 @pytest.mark.parametrize("tap", ["/_blocks.10/Add", "/_fc/Gemm"])
 def test_batch_invariant_mode_makes_the_bundled_model_exact_alone_and_batched(tap: str) -> None:
     """ServerConfig.batch_invariant on the real model: the network runs on batches padded to a
-    multiple of 4 rows (service/batch_invariance.py), and a job's image is then identical alone and
+    multiple of 4 rows (service/jobs/batch_invariance.py), and a job's image is then identical alone and
     in a batch of 6, in the first and in the last, partial block of rows. Two threads, as a server
     has: with the default batches, oneDNN's convolutions and MKL's Gemm differ by batch size."""
     from converters.bundled import bundled_models
     from converters.model import load_model
-    from service.batch_invariance import CPU_ROW_QUANTUM
     from service.energy import channel_weights, minimize
+    from service.jobs.batch_invariance import CPU_ROW_QUANTUM
 
     model = load_model(bundled_models()[0].path, verify=False)
     phi = model.representation(model.tap(tap))
@@ -235,8 +235,8 @@ def test_rows_with_their_own_settings_are_exact_alone_and_batched(phi) -> None:
     in batch-invariant mode each row's image is bit-identical to the same problem run alone.
     The minimizer groups rows that agree and steps each group with plain floats, so nothing in a
     row's arithmetic depends on its neighbours'."""
-    from service.batch_invariance import CPU_ROW_QUANTUM
     from service.energy import channel_weights, minimize
+    from service.jobs.batch_invariance import CPU_ROW_QUANTUM
 
     target = phi(torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(9)) * 50)[0]
     problems = [

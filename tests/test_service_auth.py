@@ -1,7 +1,7 @@
 """Tenants and tokens on a real server: authentication, isolation (every RPC tried), sharing, admin,
 token reload without restart, the loopback-only open mode, TLS and mutual TLS.
 
-Decision tested here (service/auth.py): another tenant's model answers exactly like a model that
+Decision tested here (service/rpc/auth.py): another tenant's model answers exactly like a model that
 does not exist (NOT_FOUND, same message shape, not named in hints); a model you may read but not
 change answers PERMISSION_DENIED to delete/share.
 """
@@ -21,9 +21,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api.preimage.v1 import preimage_pb2 as pb
 from service.api.preimage.v1 import preimage_pb2_grpc as pb_grpc
-from service.auth import AuthConfig, hash_token, write_config
 from service.client import PreimageClient
-from service.server import ServerConfig, start_server
+from service.rpc.app import start_server
+from service.rpc.auth import AuthConfig, hash_token, write_config
+from service.rpc.config import ServerConfig
 from tests._service_models import conv_net
 
 TOKENS = {"alice": "alice-token-1", "bob": "bob-token-1", "carol": "carol-token-1", "ops": "ops-token-1"}
@@ -246,7 +247,7 @@ def test_reload_by_mtime(tmp_path: Path) -> None:
     import os
     import time
 
-    from service.auth import Authenticator
+    from service.rpc.auth import Authenticator
 
     path = tmp_path / "tokens.json"
     write_config(path, {"a": {"tokens": ["t1"]}})

@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from service.cli_remote import add_remote_commands, add_server_argument, main, parse_channels, run_remote
-from service.server import ServerConfig, start_server
+from service.cli.remote import add_remote_commands, add_server_argument, main, parse_channels, run_remote
+from service.rpc.app import start_server
+from service.rpc.config import ServerConfig
 from tests._service_models import SIZE, conv_net
 
 

@@ -29,8 +29,10 @@ from PIL import Image
 from service.api.preimage.v1 import preimage_pb2 as pb
 from service.api.preimage.v1 import preimage_pb2_grpc as pb_grpc
 from service.client import PreimageClient
-from service.jobs import JobLimits
-from service.server import MAX_MESSAGE_BYTES, ServerConfig, start_server
+from service.jobs.job import JobLimits
+from service.rpc.app import start_server
+from service.rpc.config import ServerConfig
+from service.rpc.messages import MAX_MESSAGE_BYTES
 from tests._logs import captured_server_logs
 from tests._service_models import conv_net, external_data_net, fcn
 

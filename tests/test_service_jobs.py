@@ -11,24 +11,25 @@ from PIL import Image
 
 from service.api.preimage.v1 import preimage_pb2 as pb
 from service.energy import EnergyParams
-from service.errors import ServiceError
-from service.jobs import JobLimits, contact_sheet, decode_image, energy_params, params_message
+from service.jobs.errors import ServiceError
+from service.jobs.images import contact_sheet
+from service.jobs.job import JobLimits, decode_image, params_from_message, params_message
 
 
 def test_unset_params_keep_the_paper_defaults() -> None:
-    assert energy_params(pb.EnergyParams()) == EnergyParams()
-    given = energy_params(pb.EnergyParams(loss_weight=20, beta=1.5, steps=40, optimizer=pb.OPTIMIZER_ADAM))
+    assert params_from_message(pb.EnergyParams()) == EnergyParams()
+    given = params_from_message(pb.EnergyParams(loss_weight=20, beta=1.5, steps=40, optimizer=pb.OPTIMIZER_ADAM))
     assert (given.loss_weight, given.beta, given.steps, given.optimizer) == (20, 1.5, 40, "adam")
     assert given.alpha == 6 and given.refine_steps is None  # still resolved per task later
     # Explicit zeros are honoured, not mistaken for "unset" (proto3 optional).
-    assert energy_params(pb.EnergyParams(lambda_tv=0.0, refine_steps=0)).lambda_tv == 0.0
+    assert params_from_message(pb.EnergyParams(lambda_tv=0.0, refine_steps=0)).lambda_tv == 0.0
 
 
 def test_resolved_params_round_trip() -> None:
     resolved = EnergyParams().resolved("invert", 32, 32, 4)
     msg = params_message(resolved)
     assert msg.loss_weight == 300 and msg.refine_steps == 50 and msg.jitter == 1
-    assert energy_params(msg) == resolved
+    assert params_from_message(msg) == resolved
 
 
 @pytest.mark.parametrize(
@@ -43,7 +44,7 @@ def test_resolved_params_round_trip() -> None:
 )
 def test_bad_params_are_invalid_argument(params: pb.EnergyParams, hint: str) -> None:
     with pytest.raises(ServiceError) as err:
-        energy_params(params)
+        params_from_message(params)
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and hint in err.value.message
 
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.auth import AuthConfig, write_config
-from service.scheduler import SchedulerLimits
-from service.server import ServerConfig, start_server
+from service.jobs.scheduler import SchedulerLimits
+from service.rpc.app import start_server
+from service.rpc.auth import AuthConfig, write_config
+from service.rpc.config import ServerConfig
 from tests._load import run_load
 
 SECONDS = float(os.environ.get("PREIMAGE_LOAD_SECONDS", "10"))

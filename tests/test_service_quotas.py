@@ -16,11 +16,12 @@ import torch
 from PIL import Image
 
 from service.api.preimage.v1 import preimage_pb2 as pb
-from service.auth import AuthConfig, write_config
 from service.client import PreimageClient
-from service.jobs import JobLimits
-from service.quotas import Quota
-from service.server import ServerConfig, start_server
+from service.jobs.job import JobLimits
+from service.jobs.quotas import Quota
+from service.rpc.app import start_server
+from service.rpc.auth import AuthConfig, write_config
+from service.rpc.config import ServerConfig
 from tests._service_models import conv_net
 
 NET = conv_net(seed=21)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from service.store import (
+from service.models.store import (
     AmbiguousModel,
     ConvertedCache,
     ModelNotFound,

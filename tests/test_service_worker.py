@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.convert_worker import VetError, WorkerLimits, vet_model
+from service.models.worker import VetError, WorkerLimits, vet_model
 from tests._service_models import conv_net
 
 

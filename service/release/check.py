@@ -27,7 +27,7 @@ import torch
 from converters.parity import ParityReport, check_parity, computing_taps, default_taps
 from converters.taps import TapInfo
 from service.energy import EnergyParams, Objective, Problem, channel_statistics, channel_weights, minimize
-from service.reference import effective_receptive_field, reference_batch
+from service.jobs.reference import effective_receptive_field, reference_batch
 from service.release.drift import LayerDrift, layer_drift
 
 Progress = Callable[[str, int, int, str], None]  # (stage, done, total, message)
@@ -113,7 +113,7 @@ def _no_progress(stage: str, done: int, total: int, message: str) -> None:
 
 def check_size(model: Any, preset: Preset) -> tuple[int, int]:
     """A fixed-size graph dictates the size; otherwise the preset's square."""
-    from service.jobs import fixed_input_size
+    from service.jobs.job import fixed_input_size
 
     return fixed_input_size(model) or (preset.size, preset.size)
 

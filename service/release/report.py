@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from service.jobs import png_bytes
+from service.jobs.images import png_bytes
 from service.release.check import CheckResult, LayerReport, Visual, summary
 
 _CSS = """

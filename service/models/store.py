@@ -49,6 +49,11 @@ SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 MIN_PREFIX = 8
 
 
+def default_store_dir() -> Path:
+    """Where a store lives when nothing names one (the CLI's and the server's default)."""
+    return Path.home() / ".local" / "share" / "preimage" / "store"
+
+
 class StoreError(Exception):
     """Base of the store's errors; messages are meant for the person calling the service."""
 
@@ -85,7 +90,7 @@ class ModelRecord:
     bundled: bool = False
     description: str = ""
     created_at: float = field(default_factory=time.time)
-    # Tenancy (service/auth.py): the uploading tenant ("" on open servers and for bundled models),
+    # Tenancy (service/rpc/auth.py): the uploading tenant ("" on open servers and for bundled models),
     # who else may read/use it, and whether everyone may.
     owner: str = ""
     shared_with: list[str] = field(default_factory=list)

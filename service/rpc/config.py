@@ -16,8 +16,8 @@ The settings are discovered from the dataclasses themselves, and ``docs/operatio
 table ``settings_table()`` prints (a test compares the two), so a new field cannot be added
 without being documented, nor a documented one disappear.
 
-    python -m service.config --table          # the Markdown table for docs/operations.md
-    python -m service.config --show FILE      # the configuration FILE + environment resolve to
+    python -m service.rpc.config --table          # the Markdown table for docs/operations.md
+    python -m service.rpc.config --show FILE      # the configuration FILE + environment resolve to
 """
 
 from __future__ import annotations
@@ -29,11 +29,13 @@ import tomllib
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.server import ServerConfig
+from service.jobs.limits import JobLimits, SchedulerLimits
+from service.models.store import default_store_dir
+from service.models.worker import WorkerLimits
 
 ENV_PREFIX = "PREIMAGE_"
 DEFAULT_ADDRESS = "localhost:50051"
@@ -68,11 +70,57 @@ HELP: dict[str, str] = {
     "worker_limits.extra_address_space": "bytes of address space a model's conversion child may add",
     "worker_limits.cpu_seconds": "CPU seconds of a model's conversion child",
     "worker_limits.wall_seconds": "wall-clock seconds of a model's conversion child",
-    "auth.tokens_file": "tenants' token hashes (JSON, service/auth.py); unset: open, loopback addresses only",
+    "auth.tokens_file": "tenants' token hashes (JSON, service/rpc/auth.py); unset: open, loopback addresses only",
     "auth.tls_cert": "PEM certificate: serve TLS only",
     "auth.tls_key": "PEM private key of `auth.tls_cert`",
     "auth.tls_client_ca": "PEM CA: also require client certificates it signed (mutual TLS)",
 }
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """How the server authenticates (a ServerConfig field).
+
+    ``tokens_file``: the JSON above; None runs open (loopback only). ``tls_cert``/``tls_key``: PEM
+    files; with them the server speaks TLS only. ``tls_client_ca``: also require client
+    certificates signed by this CA (mutual TLS). Tokens are still required with mutual TLS: the
+    certificate proves the machine, the token names the team.
+    """
+
+    tokens_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+
+    @property
+    def open(self) -> bool:
+        return self.tokens_file is None
+
+
+@dataclass
+class ServerConfig:
+    """Everything a deployment may tune; defaults suit one CPU box."""
+
+    store_dir: Path
+    device: str | None = None  # None: cuda when available, else cpu
+    rpc_threads: int = 16
+    # Threads of the optimizations' tensor operations; None: torch's default, one per core. Split the
+    # cores when replicas or other jobs share the box: oversubscribed threads wait on each other at
+    # every operator (2 processes × 2 threads on 2 cores made 17 ms steps take 1.7–2.6 s).
+    torch_threads: int | None = None
+    scheduler: SchedulerLimits = field(default_factory=SchedulerLimits)  # batch bounds, queue length
+    converted_cache_size: int = 4
+    max_model_bytes: int = 1 << 30
+    job_limits: JobLimits = field(default_factory=JobLimits)
+    worker_limits: WorkerLimits = field(default_factory=WorkerLimits)
+    seed_bundled: bool = True
+    auth: AuthConfig = field(default_factory=AuthConfig)  # tokens, TLS; default: open, loopback only
+    metrics_port: int | None = None  # Prometheus /metrics on this HTTP port (0: any free one); None: off
+    metrics_address: str = "127.0.0.1"  # the interface /metrics listens on (containers: 0.0.0.0)
+    shutdown_grace: float = 30.0  # seconds from SIGTERM to exit: jobs may finish, then are cancelled
+    # Results independent of batch composition; on CPU the network runs on batches padded with zero
+    # images to a multiple of 4 rows, which costs lone jobs 2.5× (service/jobs/batch_invariance.py).
+    batch_invariant: bool = False
 
 
 class ConfigError(ValueError):
@@ -191,10 +239,6 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def default_store() -> Path:
-    return Path.home() / ".local" / "share" / "preimage" / "store"
-
-
 def resolve(
     file: str | Path | None = None,
     env: Mapping[str, str] | None = None,
@@ -243,7 +287,7 @@ def resolve(
         if value is not None:
             values[name] = value
     if values["store_dir"] is None:
-        values["store_dir"] = default_store()
+        values["store_dir"] = default_store_dir()
     address = values.pop("address")
     return address, build(values)
 

@@ -1,14 +1,14 @@
 """Per-tenant quotas: how much of the server one team may hold and ask for.
 
 A ``Quota`` comes from the tokens file (``default_quotas`` merged with a tenant's ``quotas``;
-service/auth.py). Every field is optional: None means only the server-wide limits apply.
+service/rpc/auth.py). Every field is optional: None means only the server-wide limits apply.
 
 - storage: ``max_models`` and ``max_model_bytes`` (sum of the tenant's stored models), checked
   when an upload starts (from its declared size), while it streams (the staged file stops at what
   is left) and again right before it is committed, under a per-tenant lock, so two parallel
   uploads cannot both take the last slot;
 - jobs: ``max_concurrent_jobs`` (admitted and running at once: further jobs wait in the queue) and
-  ``max_queued_jobs`` (waiting); the scheduler enforces both (service/scheduler.py);
+  ``max_queued_jobs`` (waiting); the scheduler enforces both (service/jobs/scheduler.py);
 - requests: ``max_image_pixels`` (each input image before decoding and each output image) and
   ``max_steps`` (both stages of a job) tighten the server's JobLimits.
 
@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from service.errors import ServiceError, exhausted
+from service.jobs.errors import ServiceError, exhausted
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Exceptions → gRPC status codes (DESIGN.md "Conventions"), and the per-RPC wrapper that applies them.
 
-Every handler of the server runs inside ``rpc_handler``: whatever it raises becomes a status with
-a message a person can act on, the RPC is logged as one JSON line, and the server keeps serving.
+ServiceError (service/jobs/errors.py) carries a code decided where it is raised. Every handler
+of the server runs inside ``rpc_handler``: whatever it raises becomes a status with a message
+a person can act on, the RPC is logged as one JSON line, and the server keeps serving.
 Unexpected exceptions become INTERNAL with a reference to the log line instead of a traceback.
 """
 
@@ -17,29 +18,13 @@ from typing import Any
 
 import grpc
 
-from service.convert_worker import VetError
-from service.store import AmbiguousModel, ModelNotFound, ModelProtected, UploadTooLarge
+from service.jobs.errors import ServiceError
+from service.models.store import AmbiguousModel, ModelNotFound, ModelProtected, UploadTooLarge
+from service.models.worker import VetError
 
 log = logging.getLogger("preimage.server")
 MAX_STATUS_MESSAGE = 4000  # characters
 MAX_LOGGED_FIELD = 300  # characters of one string field of an rpc log line
-
-
-class ServiceError(Exception):
-    """An error with its status code already decided."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def invalid(message: str) -> ServiceError:
-    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message)
-
-
-def exhausted(message: str) -> ServiceError:
-    return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:

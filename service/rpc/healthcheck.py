@@ -1,6 +1,6 @@
 """Exit 0 when the local server answers grpc.health.v1 SERVING, else 1: the container's HEALTHCHECK.
 
-    python -m service.healthcheck [--address HOST:PORT] [--service NAME] [--timeout S]
+    python -m service.rpc.healthcheck [--address HOST:PORT] [--service NAME] [--timeout S]
 
 The address defaults to $PREIMAGE_ADDRESS with a wildcard host (0.0.0.0, [::]) replaced by
 loopback, so the check follows the server's own setting. Imports only grpc (no torch): Docker runs

@@ -34,9 +34,11 @@ from service.energy import (
     from_uint8,
     neuron_weights,
 )
-from service.errors import ServiceError, exhausted, invalid
-from service.reference import center_crop_resize, effective_receptive_field
-from service.reference import channel_max as channel_max_stats
+from service.jobs.errors import ServiceError, exhausted, invalid
+from service.jobs.images import png_bytes
+from service.jobs.limits import JobLimits
+from service.jobs.reference import center_crop_resize, effective_receptive_field
+from service.jobs.reference import channel_max as channel_max_stats
 
 DEFAULT_SIZE = 224
 DEFAULT_REPORT_EVERY = 10
@@ -48,19 +50,8 @@ _FLOAT_PARAMS = (
 _INT_PARAMS = ("jitter", "steps", "refine_steps")
 
 
-@dataclass(frozen=True)
-class JobLimits:
-    """What one request may ask for (issue 7 turns these into per-tenant quotas)."""
-
-    max_pixels: int = 1024 * 1024  # per output image
-    max_image_bytes: int = 32 << 20  # per encoded input image
-    max_input_pixels: int = 6000 * 6000  # decoded input image, checked before decoding
-    max_targets: int = 64
-    max_steps: int = 10_000  # both stages together
-
-
 # -- request → energy ---------------------------------------------------------------------------
-def energy_params(msg: pb.EnergyParams) -> EnergyParams:
+def params_from_message(msg: pb.EnergyParams) -> EnergyParams:
     """The request's hyperparameters; unset fields keep EnergyParams' (the paper's) defaults."""
     given: dict[str, Any] = {}
     for name in _FLOAT_PARAMS:
@@ -122,25 +113,6 @@ def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     if image.shape[:2] == (height, width):
         return image
     return center_crop_resize(image, height, width)
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def contact_sheet(images: Sequence[np.ndarray], gap: int = 2) -> np.ndarray:
-    """All images on a near-square grid, white gaps between them."""
-    n = len(images)
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    h, w = images[0].shape[:2]
-    sheet = np.full((rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap, 3), 255, dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, c = divmod(i, cols)
-        sheet[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = img
-    return sheet
 
 
 def tensor_message(x: torch.Tensor) -> pb.FloatTensor:
@@ -228,7 +200,7 @@ def build_job(
     """Validate ``request`` (InvertRequest, MaximizeRequest or CaricatureRequest) into a Job."""
     tap = converted.tap(request.tap)  # UnknownTap → INVALID_ARGUMENT with close names
     options = request.options
-    params = energy_params(request.params)
+    params = params_from_message(request.params)
     images: list[np.ndarray] = []
     if task in ("invert", "caricature"):
         if not request.images:
@@ -399,7 +371,7 @@ class JobStats:
         return self.end_time - self.cancel_time
 
 
-_DONE = object()
+_DONE = object()  # queued after the job's last event
 
 
 class JobHandle:
@@ -410,12 +382,12 @@ class JobHandle:
         self.stats = JobStats()
         self._events: queue.Queue = queue.Queue()
         self._stop = threading.Event()
-        self._step = 0
+        self.step = 0  # the last step the scheduler ran for this job (read by cancel)
 
     def cancel(self) -> None:
         if not self._stop.is_set():
             self.stats.cancel_time = time.monotonic()
-            self.stats.step_at_cancel = self._step
+            self.stats.step_at_cancel = self.step
             self._stop.set()
 
     @property
@@ -424,6 +396,10 @@ class JobHandle:
 
     def emit(self, kind: str, message: Any) -> None:
         self._events.put((kind, message))
+
+    def finish(self) -> None:
+        """No more events: ``events()`` returns once it has yielded those already emitted."""
+        self._events.put(_DONE)
 
     def events(self, alive: Callable[[], bool] = lambda: True) -> Iterator[tuple[str, Any]]:
         """Events until the job ends; re-raises the job's error. Stops early once ``alive()`` is false."""
@@ -443,7 +419,7 @@ class JobHandle:
             yield kind, message
 
 
-def _result_message(job: Job, index: int, result: Result, parity: float | None) -> pb.VisualizationResult:
+def result_message(job: Job, index: int, result: Result, parity: float | None) -> pb.VisualizationResult:
     msg = pb.VisualizationResult(
         target_index=index,
         png=png_bytes(result.image_uint8),

@@ -2,7 +2,7 @@
 
 Where each figure comes from, and why there:
 
-- RPCs by method and status code: the per-RPC JSON log line (service/errors.py ``rpc_handler``)
+- RPCs by method and status code: the per-RPC JSON log line (service/rpc/errors.py ``rpc_handler``)
   already carries both, for every RPC and every way it ends; counting those records means the
   logs and the metrics cannot disagree and no handler needs a second hook.
 - Jobs by task and outcome, optimization time: the scheduler's ``on_end`` callback, chained
@@ -30,8 +30,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from service.jobs import JobHandle
-    from service.server import PreimageServicer
+    import torch
+
+    from service.jobs.job import JobHandle
+    from service.jobs.scheduler import Scheduler
+    from service.models.store import ConvertedCache, ModelStore
 
 STEP_WINDOW_SECONDS = 10.0  # steps_per_second averages over this much recent time
 # Optimizations take from well under a second (tiny models, few steps) to many minutes (300+60
@@ -57,40 +60,40 @@ class _RpcLogHandler(logging.Handler):
 
 
 class _Sampled(Collector):
-    """Figures read at scrape time from the servicer."""
+    """Figures read at scrape time from the scheduler, the store and the converted cache."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.m = metrics
 
     def collect(self) -> Iterator[Any]:
-        servicer = self.m.servicer
-        runner = servicer.runner
-        described = runner.describe()
+        m = self.m
+        described = m.scheduler.describe()
         yield GaugeMetricFamily("preimage_queue_jobs", "Jobs waiting for admission", value=described["queued"])
         yield GaugeMetricFamily("preimage_running_batches", "Batches being optimized", value=described["batches"])
         yield GaugeMetricFamily(
             "preimage_running_images", "Images (rows) being optimized, over all batches", value=described["rows"]
         )
         yield CounterMetricFamily(
-            "preimage_batch_steps", "Optimization steps of batches (one forward/backward each)", value=runner.steps_run
+            "preimage_batch_steps",
+            "Optimization steps of batches (one forward/backward each)",
+            value=m.scheduler.steps_run,
         )
         yield GaugeMetricFamily(
             "preimage_steps_per_second",
             f"Batch steps per second over the last {STEP_WINDOW_SECONDS:g} s",
             value=self.m.steps_per_second(),
         )
-        records = servicer.store.list()
+        records = m.store.list()
         yield GaugeMetricFamily("preimage_store_models", "Models in the (shared) store", value=len(records))
         size = sum(r.size_bytes for r in records)
         yield GaugeMetricFamily("preimage_store_bytes", "Bytes of the models in the (shared) store", value=size)
         yield GaugeMetricFamily(
-            "preimage_converted_models", "Converted models in this replica's memory", value=len(list(servicer.cache))
+            "preimage_converted_models", "Converted models in this replica's memory", value=len(list(m.cache))
         )
-        yield from self._gpu(servicer)
+        yield from self._gpu(m.device)
 
     @staticmethod
-    def _gpu(servicer: PreimageServicer) -> Iterator[Any]:
-        device = servicer.device
+    def _gpu(device: torch.device) -> Iterator[Any]:
         if device.type != "cuda":
             return  # no samples: a CPU replica has no GPU memory to report
         import torch
@@ -117,8 +120,8 @@ class _Sampled(Collector):
 class Metrics:
     """The server's metrics: ``start()`` serves them over HTTP, ``stop()`` ends that."""
 
-    def __init__(self, servicer: PreimageServicer) -> None:
-        self.servicer = servicer
+    def __init__(self, scheduler: Scheduler, store: ModelStore, cache: ConvertedCache, device: torch.device) -> None:
+        self.scheduler, self.store, self.cache, self.device = scheduler, store, cache, device
         self.registry = CollectorRegistry()
         r = self.registry
         self.rpcs = Counter(
@@ -159,16 +162,16 @@ class Metrics:
         if logger.getEffectiveLevel() > logging.INFO:
             logger.setLevel(logging.INFO)
         logger.addHandler(self._handler)
-        runner = self.servicer.runner
-        previous_end: Callable[[JobHandle], None] | None = runner.on_end
+        scheduler = self.scheduler
+        previous_end: Callable[[JobHandle], None] | None = scheduler.on_end
 
         def on_end(handle: JobHandle) -> None:
             if previous_end is not None:
                 previous_end(handle)
             self.job_ended(handle)
 
-        runner.on_end = on_end
-        runner.on_step = self.step
+        scheduler.on_end = on_end
+        scheduler.on_step = self.step
         self._hooked = True
 
     def job_ended(self, handle: JobHandle) -> None:

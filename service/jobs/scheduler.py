@@ -32,18 +32,10 @@ import torch
 from service.api.preimage.v1 import preimage_pb2 as pb
 from service.energy import Minimizer, Result
 from service.energy.minimize import padded_rows, required_jitter
-from service.errors import ServiceError, exhausted, invalid
-from service.jobs import _DONE, Job, JobHandle, _result_message, contact_sheet, png_bytes
-
-
-@dataclass(frozen=True)
-class SchedulerLimits:
-    """Bounds of one batch and of the queue; defaults suit a 2-core CPU box (raise them on a GPU)."""
-
-    max_rows: int = 16  # rows (problems) per batch
-    max_pixels: int = 16 * 224 * 224  # Σ H·W over a batch's rows
-    max_total_pixels: int = 64 * 224 * 224  # Σ H·W over every running row
-    max_queued: int = 32  # jobs waiting for admission
+from service.jobs.errors import ServiceError, exhausted, invalid
+from service.jobs.images import contact_sheet, png_bytes
+from service.jobs.job import Job, JobHandle, result_message
+from service.jobs.limits import SchedulerLimits
 
 
 @dataclass
@@ -154,7 +146,7 @@ class Scheduler:
         return sum(1 for b in self._batches for s in b.jobs if s.tenant == tenant)
 
     def _check_tenant_quota(self, tenant: str, max_running: int | None, max_queued: int | None) -> None:
-        from service.quotas import quota_error
+        from service.jobs.quotas import quota_error
 
         if max_running == 0:  # such a job would wait forever
             raise quota_error(tenant, "may not run jobs on this server", "max_concurrent_jobs", 0)
@@ -325,9 +317,9 @@ class Scheduler:
                 continue
             state.results[index] = result
             if not state.handle.cancelled:
-                state.handle.emit("result", _result_message(state.job, index, result, state.parity))
+                state.handle.emit("result", result_message(state.job, index, result, state.parity))
         for state in batch.jobs:
-            state.handle._step = max((r.step for r in mini.rows if r.handle in state.rows), default=state.handle._step)
+            state.handle.step = max((r.step for r in mini.rows if r.handle in state.rows), default=state.handle.step)
         self._report(batch)
         for state in [s for s in batch.jobs if len(s.results) == len(s.rows)]:
             batch.jobs.remove(state)
@@ -390,8 +382,8 @@ class Scheduler:
         stats = state.handle.stats
         stats.end_time = stats.end_time or time.monotonic()
         stats.cancelled = state.handle.cancelled
-        stats.steps = stats.steps or state.handle._step
-        state.handle._events.put(_DONE)
+        stats.steps = stats.steps or state.handle.step
+        state.handle.finish()
         if self.on_end is not None:
             self.on_end(state.handle)
 

@@ -11,7 +11,7 @@ their sha256 (a leaked config file does not leak tokens) in a JSON file::
       "default_quotas": {"max_concurrent_jobs": 2}
     }
 
-``python -m service.auth new`` prints a fresh token and the line to put in the file. The file is
+``python -m service.rpc.auth new`` prints a fresh token and the line to put in the file. The file is
 re-read when its mtime (or size) changes, checked at most once a second, so tokens are added and
 revoked without a restart; a file that does not parse keeps the previous configuration (and logs
 why) rather than locking everybody out.
@@ -46,8 +46,9 @@ from typing import Any
 
 import grpc
 
-from service.errors import ServiceError
-from service.quotas import Quota
+from service.jobs.errors import ServiceError
+from service.jobs.quotas import Quota
+from service.rpc.config import AuthConfig
 
 log = logging.getLogger("preimage.auth")
 
@@ -83,26 +84,6 @@ class TenantConfig:
     token_hashes: frozenset[str]
     admin: bool
     quota: Quota
-
-
-@dataclass(frozen=True)
-class AuthConfig:
-    """How the server authenticates (a ServerConfig field).
-
-    ``tokens_file``: the JSON above; None runs open (loopback only). ``tls_cert``/``tls_key``: PEM
-    files; with them the server speaks TLS only. ``tls_client_ca``: also require client
-    certificates signed by this CA (mutual TLS). Tokens are still required with mutual TLS: the
-    certificate proves the machine, the token names the team.
-    """
-
-    tokens_file: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
-
-    @property
-    def open(self) -> bool:
-        return self.tokens_file is None
 
 
 def parse_config(raw: Any) -> tuple[dict[str, Principal], Quota]:
@@ -317,55 +298,12 @@ def check_listen(address: str, config: AuthConfig) -> None:
         )
 
 
-# -- client side ----------------------------------------------------------------------------------
-class _TokenInterceptor(
-    grpc.UnaryUnaryClientInterceptor,
-    grpc.UnaryStreamClientInterceptor,
-    grpc.StreamUnaryClientInterceptor,
-    grpc.StreamStreamClientInterceptor,
-):
-    def __init__(self, token: str) -> None:
-        self.header = ("authorization", f"Bearer {token}")
-
-    def _details(self, details: Any) -> Any:
-        metadata = [*(details.metadata or ()), self.header]
-        return _Details(details.method, details.timeout, metadata, details.credentials, details.wait_for_ready,
-                        details.compression)  # fmt: skip
-
-    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
-
-    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
-
-    def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
-        return continuation(self._details(details), request_iterator)
-
-    def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
-        return continuation(self._details(details), request_iterator)
-
-
-@dataclass(frozen=True)
-class _Details(grpc.ClientCallDetails):
-    method: str
-    timeout: float | None
-    metadata: Any
-    credentials: Any
-    wait_for_ready: Any
-    compression: Any
-
-
-def with_token(channel: grpc.Channel, token: str | None) -> grpc.Channel:
-    """``channel`` sending ``authorization: Bearer <token>`` on every call (unchanged without a token)."""
-    return channel if not token else grpc.intercept_channel(channel, _TokenInterceptor(token))
-
-
 def write_config(path: Path, tenants: Mapping[str, Mapping[str, Any]], default_quotas: Mapping | None = None) -> None:
     """Write a tokens file from plain tokens: {tenant: {"tokens": [plain, ...], "admin": bool, "quotas": {}}}.
 
     Hashes the tokens; written atomically so a reloading server never reads half a file.
     """
-    from service.store import atomic_write
+    from service.models.store import atomic_write
 
     raw: dict[str, Any] = {"tenants": {}, "default_quotas": dict(default_quotas or {})}
     for name, entry in tenants.items():

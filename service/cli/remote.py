@@ -1,8 +1,8 @@
 """The command line's remote half: subcommands that talk to a preimage server.
 
-Wiring (service/cli.py, owned by the lead)::
+Wiring (service/cli/main.py, owned by the lead)::
 
-    from service.cli_remote import add_remote_commands, add_server_argument, add_energy_arguments
+    from service.cli.remote import add_remote_commands, add_server_argument, add_energy_arguments
     add_remote_commands(subparsers, skip={"models", "invert", ...})  # the ones cli.py defines locally
     add_server_argument(local_invert_parser)   # then: if args.server: return run_remote(args)
 
@@ -26,10 +26,11 @@ from typing import Any
 import grpc
 
 from service.api.preimage.v1 import preimage_pb2 as pb
+from service.cli.resolve import token_from_env
+from service.rpc.messages import model_dict, preprocessing_dict
 
 DEFAULT_SERVER = "localhost:50051"
 ALL_COMMANDS = ("upload", "models", "taps", "delete", "invert", "maximize", "caricature")
-_ORDER_NAMES = {pb.CHANNEL_ORDER_RGB: "RGB", pb.CHANNEL_ORDER_BGR: "BGR", pb.CHANNEL_ORDER_GRAY: "GRAY"}
 _ENERGY_HELP = {
     "loss_weight": "C, weight of the loss (default 300 invert, 3e4 maximize, 100 caricature)",
     "alpha": "α of the α-norm (default 6)",
@@ -153,9 +154,7 @@ def run_remote(args: argparse.Namespace) -> int:
     from service.client import PreimageClient
 
     try:
-        # A team's token from the environment, not a flag: flags end up in shell history and `ps`.
-        token = os.environ.get("PREIMAGE_TOKEN") or None
-        with PreimageClient(args.server, timeout=getattr(args, "timeout", None), token=token) as client:
+        with PreimageClient(args.server, timeout=getattr(args, "timeout", None), token=token_from_env()) as client:
             return COMMANDS[args.command](client, args)
     except grpc.RpcError as err:
         code = err.code()
@@ -173,35 +172,8 @@ def _print(args: argparse.Namespace, obj: Any, text: str) -> None:
     print(json.dumps(obj, indent=1) if getattr(args, "json", False) else text)
 
 
-def _model_dict(m: pb.Model) -> dict[str, Any]:
-    p = m.preprocessing
-    return {
-        "id": m.id,
-        "name": m.name,
-        "size_bytes": m.size_bytes,
-        "taps": m.tap_count,
-        "output_tap": m.output_tap,
-        "bundled": m.bundled,
-        "description": m.description,
-        "preprocessing": _preprocessing_dict(p),
-        "preprocessing_source": m.preprocessing_source,
-        "labels": len(m.labels),
-    }
-
-
-def _preprocessing_dict(p: pb.Preprocessing) -> dict[str, Any]:
-    return {
-        "mean": list(p.mean),
-        "std": list(p.std),
-        "scale": p.scale if p.HasField("scale") else None,
-        "channel_order": _ORDER_NAMES.get(p.channel_order),
-        "height": p.height if p.HasField("height") else None,
-        "width": p.width if p.HasField("width") else None,
-    }
-
-
 def _upload(client: Any, args: argparse.Namespace) -> int:
-    from service.client import preprocessing
+    from service.rpc.messages import preprocessing
 
     floats = {k: [float(v) for v in getattr(args, k).split(",")] for k in ("mean", "std") if getattr(args, k)}
     pre = preprocessing(**floats, scale=args.scale, channel_order=args.channel_order)
@@ -220,7 +192,7 @@ def _upload(client: Any, args: argparse.Namespace) -> int:
     bar.close()
     m = response.model
     verb = "already stored" if response.already_existed else "stored"
-    _print(args, {**_model_dict(m), "already_existed": response.already_existed},
+    _print(args, {**model_dict(m), "already_existed": response.already_existed},
            f"{verb} {m.name} {m.id[:12]} ({m.tap_count} taps)")  # fmt: skip
     return 0
 
@@ -229,7 +201,7 @@ def _models(client: Any, args: argparse.Namespace) -> int:
     models = client.models(args.prefix)
     lines = [f"{m.id[:12]}  {m.name:<28} {m.size_bytes / 2**20:8.1f} MiB {m.tap_count:5d} taps"
              f"{'  (bundled)' if m.bundled else ''}" for m in models]  # fmt: skip
-    _print(args, [_model_dict(m) for m in models], "\n".join(lines) or "no models")
+    _print(args, [model_dict(m) for m in models], "\n".join(lines) or "no models")
     return 0
 
 
@@ -250,7 +222,7 @@ def _taps(client: Any, args: argparse.Namespace) -> int:
 
 def _delete(client: Any, args: argparse.Namespace) -> int:
     m = client.delete(args.model)
-    _print(args, _model_dict(m), f"deleted {m.name} {m.id[:12]}")
+    _print(args, model_dict(m), f"deleted {m.name} {m.id[:12]}")
     return 0
 
 
@@ -291,7 +263,7 @@ def _visualize(client: Any, args: argparse.Namespace) -> int:
     out = Path(getattr(args, "out", None) or f"{args.command}-{args.tap.replace('/', '_')}.png")
     report = write_results(out, run.results, run.summary, save_tensor=save_tensor)
     report = {**report, "model": model.name, "model_id": model.id, "tap": args.tap,
-              "preprocessing": _preprocessing_dict(model.preprocessing)}  # fmt: skip
+              "preprocessing": preprocessing_dict(model.preprocessing)}  # fmt: skip
     lines = []
     for r in report["results"]:
         error = r["feature_error"]
@@ -358,11 +330,10 @@ COMMANDS = {
     "maximize": _visualize,
     "caricature": _visualize,
 }
-_COMMANDS = COMMANDS  # the name service/cli.py used first
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (python -m service.cli_remote ...) until cli.py wires these in."""
+    """Stand-alone entry (python -m service.cli.remote ...) until cli.py wires these in."""
     parser = argparse.ArgumentParser(prog="preimage-remote", description="Talk to a preimage server.")
     add_remote_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

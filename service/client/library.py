@@ -26,13 +26,13 @@ import grpc
 
 from service.api.preimage.v1 import preimage_pb2 as pb
 from service.api.preimage.v1 import preimage_pb2_grpc as pb_grpc
+from service.client.token import with_token
+from service.rpc.messages import MAX_MESSAGE_BYTES, preprocessing
 
 CHUNK_BYTES = 1 << 20
-MAX_MESSAGE_BYTES = 64 << 20
 ENERGY_FIELDS = {f.name for f in pb.EnergyParams.DESCRIPTOR.fields}
 OPTIONS_FIELDS = {f.name for f in pb.RunOptions.DESCRIPTOR.fields}
 _OPTIMIZERS = {"paper": pb.OPTIMIZER_PAPER, "adam": pb.OPTIMIZER_ADAM}
-_ORDERS = {"RGB": pb.CHANNEL_ORDER_RGB, "BGR": pb.CHANNEL_ORDER_BGR, "GRAY": pb.CHANNEL_ORDER_GRAY}
 
 ImageLike = bytes | str | Path | Any  # encoded bytes, a file path, or an H×W×3 uint8 array
 
@@ -55,21 +55,6 @@ def run_options(**values: Any) -> pb.RunOptions:
     msg = pb.RunOptions()
     for name, value in values.items():
         if value is not None:
-            setattr(msg, name, value)
-    return msg
-
-
-def preprocessing(**values: Any) -> pb.Preprocessing:
-    """Preprocessing from keywords (mean, std, scale, channel_order="RGB"|"BGR"|"GRAY", height, width)."""
-    msg = pb.Preprocessing()
-    for name, value in values.items():
-        if value is None:
-            continue
-        if name in ("mean", "std"):
-            getattr(msg, name).extend(float(v) for v in value)
-        elif name == "channel_order":
-            msg.channel_order = _ORDERS[value.upper()] if isinstance(value, str) else value
-        else:
             setattr(msg, name, value)
     return msg
 
@@ -145,7 +130,6 @@ class PreimageClient:
     ):
         """``token``: the team's bearer token (sent as `authorization: Bearer ...` on every call);
         ``credentials``: TLS (``grpc.ssl_channel_credentials(ca, key, cert)`` for mutual TLS)."""
-        from service.auth import with_token
 
         self.address = address
         self.timeout = timeout

@@ -11,7 +11,7 @@ object either way, so a script moves from local to remote by one flag.
     preimage maximize --tap logits --channel 285 --out cat.png
     preimage caricature --tap /_blocks.4/_project_conv/Conv --image coffee.jpg --out car.png
     preimage models --json | preimage inspect model.onnx --json | preimage serve
-    preimage check release.onnx --baseline previous.onnx --out report/   # CI gate (service/cli_check.py)
+    preimage check release.onnx --baseline previous.onnx --out report/   # CI gate (service/cli/check.py)
 """
 
 from __future__ import annotations
@@ -26,23 +26,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from service import cli_remote
-from service.cli_check import add_check_command
-from service.cli_remote import add_energy_arguments, add_remote_commands, add_server_argument
+from service.cli import remote as cli_remote
+from service.cli.check import add_check_command
+from service.cli.remote import add_energy_arguments, add_remote_commands, add_server_argument
+from service.cli.resolve import default_store, resolve_image, resolve_model, token_from_env
 
 DEFAULT_MODEL = "efficientnet_lite0"
 DEFAULT_IMAGES = {"invert": "chelsea", "caricature": "coffee"}
 VISUALIZATIONS = ("invert", "maximize", "caricature")
 
 
-def default_store() -> Path:
-    return Path(os.environ.get("PREIMAGE_STORE") or Path.home() / ".local" / "share" / "preimage" / "store")
-
-
 @contextlib.contextmanager
 def embedded_server(store: Path | None = None) -> Iterator[str]:
     """An in-process server on a free loopback port; yields its address."""
-    from service.server import ServerConfig, start_server
+    from service.rpc.app import start_server
+    from service.rpc.config import ServerConfig
 
     running = start_server("127.0.0.1:0", ServerConfig(store_dir=store or default_store()))
     try:
@@ -51,44 +49,21 @@ def embedded_server(store: Path | None = None) -> Iterator[str]:
         running.stop(grace=None)
 
 
-def _resolve_image(spec: str) -> Any:
-    """A path on disk, or the name of one of scikit-image's bundled photographs."""
-    if Path(spec).exists():
-        return spec
-    from service.reference import photo
-
-    try:
-        return photo(spec)
-    except (ValueError, AttributeError) as exc:
-        raise SystemExit(f"error: --image {spec!r} is neither a file nor a scikit-image photo name") from exc
-
-
-def _resolve_model(client: Any, spec: str, as_json: bool) -> Any:
-    """A model id/name on the server, or an ONNX file uploaded first (idempotent: content-addressed)."""
-    if spec.endswith(".onnx") or Path(spec).is_file():
-        response = client.upload(spec, name=Path(spec).stem)
-        if not as_json:
-            print(f"model {response.model.name} {response.model.id[:12]}", file=sys.stderr)
-        return response.model
-    return client.get(spec)
-
-
 def _visualize(args: argparse.Namespace) -> int:
     """Local or remote: normalize the local flags into the remote command's arguments and run it."""
     from service.client import PreimageClient
 
     with contextlib.ExitStack() as stack:
         address = args.server or stack.enter_context(embedded_server())
-        token = os.environ.get("PREIMAGE_TOKEN") or None  # see cli_remote: not a flag, kept out of `ps`
-        client = stack.enter_context(PreimageClient(address, timeout=args.timeout, token=token))
+        client = stack.enter_context(PreimageClient(address, timeout=args.timeout, token=token_from_env()))
         try:
-            model = _resolve_model(client, args.model, args.json)
+            model = resolve_model(client, args.model, args.json)
             args.model = model.id
             if args.tap is None:
                 args.tap = model.output_tap
             if args.command in DEFAULT_IMAGES:
-                args.images = [_resolve_image(s) for s in (args.image or [DEFAULT_IMAGES[args.command]])]
-            return cli_remote._COMMANDS[args.command](client, args)
+                args.images = [resolve_image(s) for s in (args.image or [DEFAULT_IMAGES[args.command]])]
+            return cli_remote.COMMANDS[args.command](client, args)
         except cli_remote.grpc.RpcError as err:
             print(f"error ({err.code().name}): {err.details()}", file=sys.stderr)
             return 1
@@ -126,8 +101,8 @@ def _serve(args: argparse.Namespace) -> int:
     import dataclasses
     import logging
 
-    from service.config import ConfigError, resolve
-    from service.server import serve
+    from service.rpc.app import serve
+    from service.rpc.config import ConfigError, resolve
 
     # Flags override the environment, which overrides the file (docs/operations.md).
     flags = {
@@ -257,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="host:port to listen on (default localhost:50051)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
     p.add_argument("--shutdown-grace", type=float, default=None, help="seconds from SIGTERM to exit (default 30)")
-    p.add_argument("--tokens", default=None, help="tenants' tokens file (service/auth.py); required off loopback")
+    p.add_argument("--tokens", default=None, help="tenants' tokens file (service/rpc/auth.py); required off loopback")
     p.add_argument(
         "--store", default=None, help="store directory (default $PREIMAGE_STORE or ~/.local/share/preimage/store)"
     )

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from service.cli_remote import add_server_argument
+from service.cli.remote import add_server_argument
+from service.cli.resolve import resolve_model, token_from_env
 
 _LIMIT_FLAGS = {
     "parity_tolerance": "largest relative error vs onnxruntime at any tap (default 1e-4 for float32)",
@@ -89,13 +89,11 @@ def _run_local(args: argparse.Namespace, limits: dict[str, float]) -> tuple[dict
 
 
 def _run_remote(args: argparse.Namespace, limits: dict[str, float]) -> tuple[dict, str]:
-    from service.cli import _resolve_model
     from service.client import PreimageClient
 
-    token = os.environ.get("PREIMAGE_TOKEN") or None
-    with PreimageClient(args.server, token=token) as client:
-        model = _resolve_model(client, args.model, args.json)
-        baseline = _resolve_model(client, args.baseline, args.json) if args.baseline else None
+    with PreimageClient(args.server, token=token_from_env()) as client:
+        model = resolve_model(client, args.model, args.json)
+        baseline = resolve_model(client, args.baseline, args.json) if args.baseline else None
 
         def show(event: Any) -> None:
             _progress(event.stage, event.done, event.total, event.message)

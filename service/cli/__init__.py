@@ -1,0 +1,5 @@
+"""The `preimage` command line (pyproject's entry point `service.cli:main`)."""
+
+from service.cli.main import main
+
+__all__ = ["main"]
