@@ -24,6 +24,8 @@ import onnx
 import torch
 from torch import nn
 
+from converters.shallow.export import SHALLOW_MODELS, export_all
+
 # (repeats, kernel, stride, expand ratio, in channels, out channels) per stage: EfficientNet-B0,
 # which Lite0 keeps unscaled (width and depth coefficients 1.0).
 _STAGES = (
@@ -226,8 +228,5 @@ def bundled_models() -> list[BundledModel]:
     models = [
         BundledModel(MODEL_NAME, bundled_model_path(), "EfficientNet-Lite0, ImageNet-1k, 224x224 RGB"),
     ]
-    try:
-        from converters.shallow.export import bundled_shallow_models
-    except ImportError:  # the shallow models are optional until their module lands
-        return models
-    return models + list(bundled_shallow_models(cache_dir()))
+    shallow = export_all(cache_dir())  # exported on first use
+    return models + [BundledModel(name, path, SHALLOW_MODELS[name].description) for name, path in shallow.items()]

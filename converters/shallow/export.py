@@ -168,10 +168,3 @@ def export_all(directory: str | Path) -> dict[str, Path]:
             export_onnx(name, path)
         paths[name] = path
     return paths
-
-
-def bundled_shallow_models(directory: str | Path) -> list:
-    """The shallow models as ``converters.bundled.BundledModel`` entries (exported on first use)."""
-    from converters.bundled import BundledModel
-
-    return [BundledModel(name, path, SHALLOW_MODELS[name].description) for name, path in export_all(directory).items()]
