@@ -37,7 +37,8 @@ def _check(node: onnx.NodeProto, opset: int, inits=(), x: np.ndarray = X, n_out:
     want = ort_session(m).run(None, {"x": x})
     got = convert(m)(torch.from_numpy(x))
     got = got if isinstance(got, (tuple, list)) else [got]
-    for g_, w in zip(got, want, strict=False):
+    assert len(got) == len(want), f"{len(got)} outputs, onnxruntime has {len(want)}"
+    for g_, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g_.detach().numpy(), w, rtol=rtol, atol=1e-5)
 
 

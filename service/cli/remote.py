@@ -1,9 +1,9 @@
 """The command line's remote half: subcommands that talk to a preimage server.
 
-Wiring (service/cli/main.py, owned by the lead)::
+Wiring (as service/cli/main.py does it)::
 
     from service.cli.remote import add_remote_commands, add_server_argument, add_energy_arguments
-    add_remote_commands(subparsers, skip={"models", "invert", ...})  # the ones cli.py defines locally
+    add_remote_commands(subparsers, skip={"models", "invert", ...})  # the ones main.py defines locally
     add_server_argument(local_invert_parser)   # then: if args.server: return run_remote(args)
 
 Every subcommand here sets ``args.func``; ``run_remote(args)`` runs the remote version of a local
@@ -333,7 +333,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (python -m service.cli.remote ...) until cli.py wires these in."""
+    """Stand-alone entry with only the remote commands (python -m service.cli.remote ...)."""
     parser = argparse.ArgumentParser(prog="preimage-remote", description="Talk to a preimage server.")
     add_remote_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

@@ -98,7 +98,7 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
         quantum = row_quantum(self.device) if config.batch_invariant else 1
         self.scheduler = Scheduler(config.scheduler, on_end=self._job_ended, row_quantum=quantum)
         self._parity: dict[tuple[str, str], float] = {}
-        self._parity_lock = threading.Lock()
+        self._figures_lock = threading.Lock()  # guards _parity, recent_jobs and jobs_finished
         self.auth = Authenticator(config.auth)
         self.storage_quotas = StorageQuotas()
         self._vet_slots = threading.Semaphore(1)  # one conversion child at a time: each can use GBs
@@ -355,7 +355,7 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
 
     def _tap_parity(self, model_id: str, converted: Any, tap: str) -> float | None:
         key = (model_id, tap)
-        with self._parity_lock:
+        with self._figures_lock:
             if key in self._parity:
                 return self._parity[key]
         from converters.parity import check_parity
@@ -365,7 +365,7 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
         except Exception:  # a parity figure is informative; never fail a visualization over it
             log.warning("parity failed", exc_info=True, extra={"fields": {"model": model_id, "tap": tap}})
             return None
-        with self._parity_lock:
+        with self._figures_lock:
             self._parity[key] = value
         return value
 
@@ -381,6 +381,6 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
             fields["cancel_latency_s"] = round(s.cancel_latency, 4)
             fields["steps_after_cancel"] = s.steps_after_cancel
         log.info("job", extra={"fields": fields})
-        with self._parity_lock:
+        with self._figures_lock:
             self.recent_jobs.append(FinishedJob(handle.job.task, handle.job.model_id, handle.job.tap_name, s))
             self.jobs_finished += 1
