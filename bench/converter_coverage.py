@@ -3,11 +3,11 @@
 Each cell: export (legacy TorchScript exporter at opsets 13 and 17, dynamo exporter at opset 18) →
 converters.model.load_model (safe load, normalization, conversion, parity against onnxruntime at 3
 taps) → a gradient through the output tap to the input. Random non-degenerate weights
-(tests/_converter_zoo.py), plus one column with torchvision's default initialization.
+(tests/converters/_converter_zoo.py), plus one column with torchvision's default initialization.
 
     python bench/converter_coverage.py [--archs a,b] [--out docs/coverage.md]
 
-Takes ~10 minutes on two CPU cores (the dynamo exporter dominates). tests/test_converters_coverage.py
+Takes ~10 minutes on two CPU cores (the dynamo exporter dominates). tests/converters/test_coverage.py
 checks a subset of this grid in CI.
 """
 
@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from converters.errors import ModelError  # noqa: E402
 from converters.model import load_model  # noqa: E402
 from converters.parity import probe_images  # noqa: E402
-from tests._converter_zoo import ARCH_BY_NAME, ARCHS, EXPORTERS, build, export  # noqa: E402
+from tests.converters._converter_zoo import ARCH_BY_NAME, ARCHS, EXPORTERS, build, export  # noqa: E402
 
 COLUMNS = [(label, dynamo, opset, "random") for label, dynamo, opset in EXPORTERS] + [
     ("legacy-17, default init", False, 17, "default")]
@@ -69,7 +69,7 @@ def render(results: dict, archs: list[str]) -> str:
         "its parity against onnxruntime holds at 3 taps (max relative error shown, tolerance 1e-4) and a",
         "gradient reaches the input. Inputs 64×64 (AlexNet/VGG 224×224), batch 1, random non-degenerate",
         "weights unless marked default. Architectures named *_small are shrunk versions of the torchvision",
-        "classes (see tests/_converter_zoo.py).", "",
+        "classes (see tests/converters/_converter_zoo.py).", "",
         "| architecture | what it exercises | " + " | ".join(c[0] for c in COLUMNS) + " |",
         "|---|---|" + "---|" * len(COLUMNS),
     ]

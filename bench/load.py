@@ -5,7 +5,7 @@ code, lost/wrong results, and the server's resident memory after warm-up and at 
     python bench/load.py [--clients 16] [--seconds 60]
 
 Exit status 1 when anything was lost or wrong or an error other than RESOURCE_EXHAUSTED occurred.
-The generator and its checks are tests/_load.py (tests/test_service_load.py runs it briefly).
+The generator and its checks are tests/service/_load.py (tests/service/test_load.py runs it briefly).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from service.rpc.auth import write_config  # noqa: E402
-from tests._load import run_load  # noqa: E402
-from tests.test_service_crash import ServerProcess  # noqa: E402
+from tests.service._load import run_load  # noqa: E402
+from tests.service.test_crash import ServerProcess  # noqa: E402
 
 TENANTS = {f"team{i}": f"team{i}-token" for i in range(4)}
 

@@ -18,7 +18,7 @@ row costs what a real one does, and only a batch whose size is not already a mul
 job steps at about 2.5× its unpadded time (96 px, 13 → 32 ms), a batch of 4 at 1×. The previous
 mode (oneDNN off, native convolutions) cost 3.2–4.9× and did not cover the Gemm at all (its rows
 still differed for N ≥ 4). The block of 4 is the measured one for this BLAS on this CPU; another
-BLAS or CPU may block differently, which tests/test_scheduler.py would show there.
+BLAS or CPU may block differently, which tests/service/test_scheduler.py would show there.
 
 On CUDA, deterministic cuDNN algorithms without autotuning are the analogous setting; whether they
 and cuBLAS are batch-invariant for every layer has not been measured (no GPU was available).

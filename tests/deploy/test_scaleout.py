@@ -20,8 +20,8 @@ from PIL import Image
 
 from service.client import PreimageClient
 from service.rpc.messages import MAX_MESSAGE_BYTES
-from tests._deploy_servers import ServerProcess, start
 from tests._service_models import SIZE, conv_net
+from tests.deploy._servers import ServerProcess, start
 
 JOBS = 20
 FAST = {"steps": 8, "refine_steps": 2}

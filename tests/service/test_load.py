@@ -17,7 +17,7 @@ from service.jobs.scheduler import SchedulerLimits
 from service.rpc.app import start_server
 from service.rpc.auth import AuthConfig, write_config
 from service.rpc.config import ServerConfig
-from tests._load import run_load
+from tests.service._load import run_load
 
 SECONDS = float(os.environ.get("PREIMAGE_LOAD_SECONDS", "10"))
 TENANTS = {f"team{i}": f"team{i}-token" for i in range(4)}

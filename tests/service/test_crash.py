@@ -34,7 +34,7 @@ from tests._service_models import conv_net
 
 ROUNDS = int(os.environ.get("PREIMAGE_CRASH_ROUNDS", "10"))
 SEED = int(os.environ.get("PREIMAGE_CRASH_SEED", "7"))
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:

@@ -1,4 +1,4 @@
-"""A load generator for the preimage server (tests/test_service_load.py runs it briefly,
+"""A load generator for the preimage server (tests/service/test_load.py runs it briefly,
 bench/load.py for the full ≥ 60 s with ≥ 16 clients).
 
 Each client belongs to a tenant and loops over a random mix of calls: uploads (new small models,

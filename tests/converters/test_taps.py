@@ -17,7 +17,7 @@ from converters.model import load_model
 from converters.shallow.export import SHALLOW_MODELS, export_all
 from service.energy.params import EnergyParams
 from service.jobs.reference import effective_receptive_field
-from tests._converter_zoo import build, export
+from tests.converters._converter_zoo import build, export
 
 torch.set_num_threads(1)
 

@@ -27,8 +27,8 @@ from service.client import PreimageClient
 from service.jobs.job import JobLimits
 from service.rpc.app import start_server
 from service.rpc.config import ServerConfig
-from tests._logs import captured_server_logs
 from tests._service_models import SIZE, conv_net, external_data_net, fcn
+from tests.service._logs import captured_server_logs
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)

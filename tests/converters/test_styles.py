@@ -14,7 +14,7 @@ from torch import nn
 
 from converters.model import load_model
 from converters.spec import Preprocessing
-from tests._converter_zoo import build, export
+from tests.converters._converter_zoo import build, export
 
 torch.set_num_threads(1)
 

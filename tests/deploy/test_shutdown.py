@@ -24,8 +24,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.client import PreimageClient
-from tests._deploy_servers import start
 from tests._service_models import conv_net
+from tests.deploy._servers import start
 
 GRACE = 10.0
 ENDLESS = 50_000_000  # steps; at the tiny net's ~0.5 ms a step, about 7 hours

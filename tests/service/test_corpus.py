@@ -33,8 +33,8 @@ from service.jobs.job import JobLimits
 from service.rpc.app import start_server
 from service.rpc.config import ServerConfig
 from service.rpc.messages import MAX_MESSAGE_BYTES
-from tests._logs import captured_server_logs
 from tests._service_models import conv_net, external_data_net, fcn
+from tests.service._logs import captured_server_logs
 
 OK, INVALID, EXHAUSTED, NOT_FOUND = (
     grpc.StatusCode.OK,

@@ -12,7 +12,7 @@ from google.protobuf import descriptor_pb2
 
 from service.api import generate
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_checked_in_stubs_match_protos() -> None:

@@ -55,7 +55,7 @@ def start(store: Path, *extra: str, env: dict[str, str] | None = None) -> Server
         stderr=subprocess.STDOUT,
         text=True,
         env=environ,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
     )
     lines: list[str] = []
     found = threading.Event()

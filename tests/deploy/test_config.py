@@ -23,7 +23,7 @@ from service.rpc.app import start_server
 from service.rpc.config import ServerConfig
 from service.rpc.healthcheck import check, local_address
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs" / "operations.md"
 
 

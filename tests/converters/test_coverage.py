@@ -17,7 +17,7 @@ import torch
 
 from converters.model import load_model
 from converters.parity import probe_images
-from tests._converter_zoo import ARCH_BY_NAME, ARCHS, EXPORTERS, build, export
+from tests.converters._converter_zoo import ARCH_BY_NAME, ARCHS, EXPORTERS, build, export
 
 torch.set_num_threads(1)
 

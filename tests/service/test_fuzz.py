@@ -11,7 +11,7 @@ Properties:
   ServiceError.
 Every example has a deadline (no hang). The budget is bounded for CI: PREIMAGE_FUZZ_EXAMPLES
 (default 40) examples per target, under a minute on 2 cores for the whole file; raise it for a
-longer local run (``PREIMAGE_FUZZ_EXAMPLES=2000 pytest tests/test_fuzz.py``).
+longer local run (``PREIMAGE_FUZZ_EXAMPLES=2000 pytest tests/service/test_fuzz.py``).
 """
 
 from __future__ import annotations
