@@ -7,12 +7,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 from onnx2torch import convert
 
-import converters.ops  # noqa: F401  (registers the converters)
 from converters import supported_ops
 from converters.parity import ort_session
+from tests.converters._one_node import against_onnxruntime, graph
 
 torch.set_num_threads(1)
 RNG = np.random.default_rng(0)
@@ -26,20 +26,11 @@ def _ints(name: str, values) -> onnx.TensorProto:
 def _check(node: onnx.NodeProto, opset: int, inits=(), x: np.ndarray = X, n_out: int = 1,
            rtol: float = 1e-5, same_shape: bool = False) -> None:
     # same_shape: declare the output's shape (= the input's) where onnx's inference leaves it open
-    shape = list(x.shape) if same_shape else None
-    outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, shape) for o in node.output[:n_out]]
-    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
-                          outs, list(inits))
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+    m = graph(node, opset, x.shape, inits, node.output[:n_out], x.shape if same_shape else None)
     if not same_shape:  # onnx's own inference of some function ops (MVN) fails; declared shapes suffice
         m = onnx.shape_inference.infer_shapes(m)
     onnx.checker.check_model(m)
-    want = ort_session(m).run(None, {"x": x})
-    got = convert(m)(torch.from_numpy(x))
-    got = got if isinstance(got, (tuple, list)) else [got]
-    assert len(got) == len(want), f"{len(got)} outputs, onnxruntime has {len(want)}"
-    for g_, w in zip(got, want, strict=True):
-        np.testing.assert_allclose(g_.detach().numpy(), w, rtol=rtol, atol=1e-5)
+    against_onnxruntime(m, x).assert_close(rtol=rtol, atol=1e-5)
 
 
 REDUCE = ["ReduceMean", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceLogSumExp", "ReduceSumSquare",
@@ -126,10 +117,7 @@ def test_atanh() -> None:
 
 def test_new_attribute_is_refused_not_ignored() -> None:
     node = helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[3, 3], dilations=[2, 2])
-    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(X.shape))],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)], ir_version=10)
-    m = onnx.shape_inference.infer_shapes(m)
+    m = onnx.shape_inference.infer_shapes(graph(node, 19, X.shape))
     with pytest.raises(NotImplementedError, match="dilations"):
         convert(m)
 
@@ -154,10 +142,7 @@ def test_constant_pad_and_split_inputs_are_frozen(mode: str, pads) -> None:
              helper.make_node("Conv", ["a", "w"], ["y"])]
     inits = [_ints("pads", pads), _ints("s", [1, 2]),
              numpy_helper.from_array(np.ones((4, 1, 3, 3), dtype=np.float32), "w")]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    m = onnx.shape_inference.infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)],
-                                                            ir_version=8))
+    m = onnx.shape_inference.infer_shapes(graph(nodes, 13, x.shape, inits, ir_version=8))
     model = load_model(m.SerializeToString())
     assert model.parity.ok
     rep = model.representation(model.output_tap)

@@ -11,12 +11,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 from onnx2torch import convert
 
-import converters.ops  # noqa: F401  (registers the converters)
-from converters.parity import ort_session
 from converters.resize import Resize
+from tests.converters._one_node import against_onnxruntime, graph
 
 torch.set_num_threads(1)
 X = np.random.default_rng(0).standard_normal((1, 2, 9, 11)).astype(np.float32)
@@ -33,20 +32,12 @@ def _model(attrs: dict, opset: int, scales=None, sizes=None, roi=None, shape=X.s
             names[i] = name
     while names[-1] == "":
         names.pop()
-    g = helper.make_graph(
-        [helper.make_node("Resize", names, ["y"], **attrs)], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
-    )  # fmt: skip
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+    return graph(helper.make_node("Resize", names, ["y"], **attrs), opset, shape, inits)
 
 
 def _compare(m: onnx.ModelProto, x: np.ndarray = X) -> tuple[float, torch.nn.Module]:
-    want = ort_session(m).run(None, {"x": x})[0]
-    module = convert(m)
-    got = module(torch.from_numpy(x)).detach().numpy()
-    assert got.shape == want.shape
-    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-6)), module
+    compared = against_onnxruntime(m, x)
+    return compared.rel_error, compared.module
 
 
 MODES = ["nearest", "linear", "cubic"]
@@ -122,9 +113,7 @@ def test_sizes_computed_at_run_time() -> None:
     ]
     inits = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in (("zero", [0]), ("two", [2]),
                                                                               ("hw", [13, 6]))]  # fmt: skip
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(X.shape))],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    err, _ = _compare(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=10))
+    err, _ = _compare(graph(nodes, 13, X.shape, inits))
     assert err < 1e-5
 
 
