@@ -95,7 +95,7 @@ def test_torch_native_cases_take_the_interpolate_path() -> None:
                                                     (9, [1, 1, 41.0, 1.0], None), (3, [1, 1, 47.0, 55.0], None)])
 def test_nearest_picks_onnxruntimes_pixels_where_float_rounding_decides(n: int, scales, sizes) -> None:
     """torch's nearest (asymmetric, floor) and onnxruntime's round dst/scale differently: at these
-    ratios they pick other source pixels (found in review). Nearest always takes the matrix path."""
+    ratios they pick other source pixels. Nearest always takes the matrix path."""
     x = np.random.default_rng(1).standard_normal((1, 2, n, n)).astype(np.float32)
     attrs = {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}
     err, module = _compare(_model(attrs, 13, scales, sizes, shape=x.shape), x)

@@ -42,7 +42,7 @@ def test_every_setting_is_documented_and_settable() -> None:
     names = [s.name for s in cfg.settings()]
     assert len(names) == len(set(names))
     missing = [n for n in names if n not in cfg.HELP]
-    assert not missing, f"add a line for {missing} to service.config.HELP"
+    assert not missing, f"add a line for {missing} to service.rpc.config.HELP"
     assert not set(cfg.HELP) - set(names), f"HELP documents settings that no longer exist: {set(cfg.HELP) - set(names)}"
     assert not cfg.unsupported_settings(), "these settings cannot be written in TOML or an environment variable"
     assert len({s.env for s in cfg.settings()}) == len(names)

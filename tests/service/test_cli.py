@@ -79,7 +79,7 @@ def test_unreachable_server_is_a_clear_error(capsys: pytest.CaptureFixture) -> N
 def test_wiring_helpers() -> None:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
-    local = sub.add_parser("invert")  # what cli.py defines itself
+    local = sub.add_parser("invert")  # what service/cli/main.py defines itself
     add_server_argument(local)
     add_remote_commands(sub, skip={"invert"})
     assert parser.parse_args(["invert"]).server is None  # local unless --server

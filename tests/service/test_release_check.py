@@ -1,4 +1,4 @@
-"""Release checks (issue 9): drift localized to a changed layer, zero drift for identical models, a
+"""Release checks: drift localized to a changed layer, zero drift for identical models, a
 broken node named by parity, the HTML report in headless Chromium, and the CheckRelease RPC.
 
 The models are small CNNs exported from torch in the test (fixed 32×32 input, so the check runs at
