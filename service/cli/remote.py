@@ -25,6 +25,7 @@ from typing import Any
 
 import grpc
 
+from service.api.enums import ENERGY_ENUMS
 from service.api.preimage.v1 import preimage_pb2 as pb
 from service.cli.resolve import token_from_env
 from service.rpc.messages import model_dict, preprocessing_dict
@@ -47,6 +48,22 @@ _ENERGY_HELP = {
     "learning_rate": "η (default H·W·0.05·B²/α)",
     "momentum": "momentum (default 0.9)",
     "decay": "decay of G (default 0.9)",
+    "optimizer": "update rule (default: the preset's; paper for pixels, nadam/adam otherwise)",
+    "preset": "named defaults: paper (SPEC.md) or natural (default natural for maximize/caricature, paper for invert)",
+    "parameterization": "what is optimized (default: the preset's)",
+    "fourier_decay": "d of the fourier 1/f^d scale (default 1)",
+    "copies": "transformed views per step (fourier/phase; natural: 4)",
+    "translate": "largest random shift of a view, px",
+    "scale_min": "smallest random zoom of a view",
+    "scale_max": "largest random zoom of a view",
+    "rotate": "largest random rotation of a view, degrees",
+    "crop_start": "random crop side at the first step, fraction of the image",
+    "crop_end": "random crop side at the last step",
+    "crop_spread": "std of the crop centre, fraction of the side",
+    "noise": "std of the noise added to each view, 0-1 units",
+    "anchor": "weight of the pull back to the start image (caricature)",
+    "diversity": "weight of the diversity penalty among repeats of one target",
+    "spatial": "maximize a channel at the map's centre or its mean (default: the preset's)",
 }
 
 
@@ -67,12 +84,13 @@ def add_server_argument(parser: argparse.ArgumentParser, *, required: bool = Fal
 
 
 def add_energy_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per SPEC.md hyperparameter (--loss-weight, ..., --optimizer); unset = paper default."""
-    group = parser.add_argument_group("energy (SPEC.md; unset = the paper's default)")
+    """One flag per EnergyParams field (--loss-weight, ..., --preset); unset = the preset's default."""
+    group = parser.add_argument_group("energy (SPEC.md; unset = the preset's default)")
     for field in pb.EnergyParams.DESCRIPTOR.fields:
         flag = "--" + field.name.replace("_", "-")
-        if field.name == "optimizer":
-            group.add_argument(flag, choices=["paper", "adam"], default=None, help="update rule (default paper)")
+        if field.name in ENERGY_ENUMS:
+            choices = list(ENERGY_ENUMS[field.name])
+            group.add_argument(flag, choices=choices, default=None, help=_ENERGY_HELP[field.name])
         else:
             kind = int if field.type in (field.TYPE_INT32, field.TYPE_UINT32) else float
             group.add_argument(flag, type=kind, default=None, help=_ENERGY_HELP.get(field.name))

@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 
+from service.api.enums import ENERGY_ENUMS
 from service.api.preimage.v1 import preimage_pb2 as pb
 from service.api.preimage.v1 import preimage_pb2_grpc as pb_grpc
 from service.client.token import with_token
@@ -32,7 +33,6 @@ from service.rpc.messages import MAX_MESSAGE_BYTES, preprocessing
 CHUNK_BYTES = 1 << 20
 ENERGY_FIELDS = {f.name for f in pb.EnergyParams.DESCRIPTOR.fields}
 OPTIONS_FIELDS = {f.name for f in pb.RunOptions.DESCRIPTOR.fields}
-_OPTIMIZERS = {"paper": pb.OPTIMIZER_PAPER, "adam": pb.OPTIMIZER_ADAM}
 
 ImageLike = bytes | str | Path | Any  # encoded bytes, a file path, or an H×W×3 uint8 array
 
@@ -45,8 +45,10 @@ def energy_params(**values: Any) -> pb.EnergyParams:
             continue
         if name not in ENERGY_FIELDS:
             raise TypeError(f"unknown energy parameter {name!r}; known: {', '.join(sorted(ENERGY_FIELDS))}")
-        if name == "optimizer":
-            value = _OPTIMIZERS[value] if isinstance(value, str) else value
+        if name in ENERGY_ENUMS and isinstance(value, str):
+            if value not in ENERGY_ENUMS[name]:
+                raise ValueError(f"{name} must be one of {', '.join(ENERGY_ENUMS[name])}, got {value!r}")
+            value = ENERGY_ENUMS[name][value]
         setattr(msg, name, value)
     return msg
 

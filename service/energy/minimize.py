@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from service.energy.natural import NaturalRow, diversity_penalty, gram
 from service.energy.objectives import Objective, batched_loss, feature_error
 from service.energy.optimizers import adam_update_, paper_update_
 from service.energy.params import EnergyParams
@@ -47,6 +48,9 @@ class Problem:
     params: EnergyParams = field(default_factory=EnergyParams)
     seed: int = 0
     start: torch.Tensor | None = None  # 3×H×W energy-space image; None starts from noise
+    # Rows of one group (the images a request asks of one target) are kept apart by the
+    # diversity term (EnergyParams.diversity); None: no group.
+    group: int | None = None
 
 
 @dataclass
@@ -184,8 +188,15 @@ class Minimizer:
         device: str | torch.device = "cpu",
         max_jitter: int | None = None,
         row_quantum: int = 1,
+        channels: int = 3,
+        magnitude: torch.Tensor | None = None,
     ) -> None:
+        """``channels``: the model's input channels (1 for grey models), the channels a
+        parameterized image has; ``magnitude``: the amplitude spectrum of the phase
+        parameterization (``mean_amplitude`` of photographs at this size), when rows use it."""
         self.phi = phi
+        self.channels = int(channels)
+        self.magnitude = magnitude
         # The network runs on the batch padded with zero images to a multiple of this many rows:
         # batch-invariant mode (service/batch_invariance.py), where kernels depend on the batch size.
         self.row_quantum = max(int(row_quantum), 1)
@@ -194,7 +205,8 @@ class Minimizer:
         self.mean_rgb255 = torch.as_tensor(mean_rgb255, dtype=torch.float32)
         # The variable is padded by T−1 so every shift crops a full H×W image from it.
         self.pad = (max_jitter if max_jitter is not None else max(round(stride / 4), 1)) - 1
-        self.rows: list[_Row] = []
+        self._rows: list[_Row] = []  # the pixel rows, in the order of the batched state
+        self._natural: list[NaturalRow] = []  # parameterized rows (natural.py)
         self._handles = itertools.count()
         self._state: dict[str, torch.Tensor] = {}
         self._plan: _Plan | None = None
@@ -209,6 +221,13 @@ class Minimizer:
         saves a few passes over the image (see ``progress``)."""
         params = problem.params.resolved(problem.objective.task, self.height, self.width, self.stride)
         params.validate()
+        if params.parameterization != "pixel":
+            row = NaturalRow(
+                next(self._handles), problem, params, height=self.height, width=self.width, channels=self.channels,
+                mean_rgb255=self.mean_rgb255, device=self.device, magnitude=self.magnitude, record_every=record_every,
+            )  # fmt: skip
+            self._natural.append(row)
+            return row.handle
         if int(params.jitter or 1) - 1 > self.pad:
             raise ValueError(f"jitter T={params.jitter} exceeds this batch's padding (T ≤ {self.pad + 1})")
         generator = torch.Generator().manual_seed(int(problem.seed))
@@ -251,7 +270,7 @@ class Minimizer:
                 )
             self._state[name] = value if name not in self._state else torch.cat([self._state[name], value])
         handle = next(self._handles)
-        self.rows.append(_Row(handle, problem, params, generator, record_every))
+        self._rows.append(_Row(handle, problem, params, generator, record_every))
         self._plan = None
         return handle
 
@@ -261,30 +280,39 @@ class Minimizer:
             if row.handle == handle:
                 row.cancelled = True
 
+    @property
+    def rows(self) -> list[_Row | NaturalRow]:
+        """Every active row: pixel rows, then parameterized ones."""
+        return [*self._rows, *self._natural]
+
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self._rows) + len(self._natural)
+
+    def network_rows(self) -> int:
+        """Images the network runs per step (a parameterized row runs its views), before padding."""
+        return len(self._rows) + sum(row.copies for row in self._natural)
 
     # -- the plan: settings resolved on the host -------------------------------------------------
     def _scalar(self, value: Callable[[EnergyParams], float]) -> Scalar:
         """One float when the rows agree, else a (B,) tensor on the device."""
-        values = [float(value(row.params)) for row in self.rows]
+        values = [float(value(row.params)) for row in self._rows]
         if all(v == values[0] for v in values):
             return values[0]
         return torch.tensor(values, dtype=torch.float32, device=self.device)
 
     def _build_plan(self) -> _Plan:
         by_key: dict[tuple, list[int]] = {}
-        for i, row in enumerate(self.rows):
+        for i, row in enumerate(self._rows):
             by_key.setdefault(_group_key(row), []).append(i)
         groups = []
         for key, members in by_key.items():
             index = None if len(by_key) == 1 else torch.tensor(members, device=self.device)
-            groups.append(_Group(self.rows[members[0]].params, key[-1], members, index))
-        inversion = [row.problem.objective.task == "invert" for row in self.rows]
+            groups.append(_Group(self._rows[members[0]].params, key[-1], members, index))
+        inversion = [row.problem.objective.task == "invert" for row in self._rows]
         return _Plan(
             has_inversion=any(inversion),
             has_dot=not all(inversion),
-            masked=any(row.masked for row in self.rows),
+            masked=any(row.masked for row in self._rows),
             loss_weight=self._scalar(lambda p: float(p.loss_weight)),
             lambda_alpha=self._scalar(lambda p: p.lambda_alpha),
             lambda_tv=self._scalar(lambda p: p.lambda_tv),
@@ -296,7 +324,7 @@ class Minimizer:
         centre = self.pad // 2
         return [
             (centre, centre) if row.in_refine() or int(row.params.jitter or 1) <= 1 else row.next_shift()
-            for row in self.rows
+            for row in self._rows
         ]
 
     @torch.no_grad()
@@ -328,32 +356,118 @@ class Minimizer:
     def step(self) -> list[tuple[int, Result]]:
         """Advance every active row by one step; return the rows that finished or were cancelled."""
         done = self._collect(lambda row: row.cancelled or row.step >= row.total)
-        if not self.rows:
+        if not self._rows and not self._natural:
             return done
         s = self._state
-        for row_index, row in enumerate(self.rows):
+        for row_index, row in enumerate(self._rows):
             if row.step == row.params.steps and row.step > 0:
                 # Second stage: restart the optimizer from the first stage's image at a lower rate.
                 s["mu"][row_index].zero_()
                 s["G"][row_index].zero_()
                 s["t"][row_index] = 0
                 self._plan = None
-        if self._plan is None:
+        for natural in self._natural:
+            if natural.step == natural.params.steps and natural.step > 0:
+                natural.start_refine()
+        if self._rows and self._plan is None:
             self._plan = self._build_plan()
         plan = self._plan
         offsets = self._crop_offsets()
-        record = any(row.records(row.step + 1) for row in self.rows)
-        loss, grad_image = self._network_gradient(offsets, plan, record)
-        with torch.no_grad():
-            r_alpha, r_tv = self._image_steps(grad_image, offsets, plan, record)
-            if record:
-                energy = loss * plan.loss_weight + r_alpha * plan.lambda_alpha + r_tv * plan.lambda_tv
-                stacked = torch.stack([energy, loss, r_alpha, r_tv], dim=1)  # the order of TERMS
-        for row_index, row in enumerate(self.rows):
-            row.step += 1
-            if row.records(row.step):
-                row.history.append((row.step, stacked[row_index]))
+        record = any(row.records(row.step + 1) for row in self._rows)
+        if not self._natural:
+            loss, grad_image = self._network_gradient(offsets, plan, record)
+        else:
+            loss, grad_image = self._joint_gradient(offsets, plan, record)
+        if self._rows:
+            with torch.no_grad():
+                r_alpha, r_tv = self._image_steps(grad_image, offsets, plan, record)
+                if record:
+                    energy = loss * plan.loss_weight + r_alpha * plan.lambda_alpha + r_tv * plan.lambda_tv
+                    stacked = torch.stack([energy, loss, r_alpha, r_tv], dim=1)  # the order of TERMS
+            for row_index, row in enumerate(self._rows):
+                row.step += 1
+                if row.records(row.step):
+                    row.history.append((row.step, stacked[row_index]))
         return done + self._collect(lambda row: row.step >= row.total)
+
+    def _joint_gradient(
+        self, offsets: list[tuple[int, int]], plan: _Plan | None, record: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One forward and backward for the pixel rows' crops and the parameterized rows' views.
+
+        The pixel rows get ℓ and ∂(C·ℓ)/∂(crop) as in ``_network_gradient``; each parameterized
+        row gets the gradient of C·mean(ℓ over its views) + its image terms (+ the diversity of
+        its group) in its variable's ``.grad``, then its optimizer steps and it records."""
+        n_pixel = len(self._rows)
+        images = [row.image() for row in self._natural]
+        seen = [row.views(x) for row, x in zip(self._natural, images, strict=True)]
+        counts = [v.shape[0] for v in seen]
+        parts: list[torch.Tensor] = []
+        pixel_input = None
+        if n_pixel:
+            x = self._state["x"]
+            crop = self._work.get("crop", (n_pixel, 3, self.height, self.width), x)
+            pixel_input = jitter_crop(x, offsets, self.height, self.width, out=crop).detach().requires_grad_(True)
+            parts.append(pixel_input)
+        parts.extend(seen)
+        total = n_pixel + sum(counts)
+        padded = padded_rows(total, self.row_quantum)
+        if padded != total:
+            parts.append(parts[-1].new_zeros((padded - total, 3, self.height, self.width)))
+        out = self.phi(torch.cat(parts))
+        grads: list[torch.Tensor] = []
+        loss = None
+        if n_pixel:
+            assert plan is not None
+            loss, grad_pixel = self._loss_and_grad(out[:n_pixel].detach().float(), plan, record)
+            grads.append(grad_pixel)
+        features = out[n_pixel:total].detach().float().requires_grad_(True)
+        with torch.enable_grad():
+            per_row = list(torch.split(features, counts))
+            losses = [row.loss(f) for row, f in zip(self._natural, per_row, strict=True)]
+            objective = sum(
+                float(row.params.loss_weight) * l.mean() for row, l in zip(self._natural, losses, strict=True)
+            )
+            objective = objective + self._diversity(per_row)
+        grads.append(torch.autograd.grad(objective, features)[0])
+        if padded != total:
+            grads.append(grads[-1].new_zeros((padded - total, *grads[-1].shape[1:])))
+        grad_out = torch.cat(grads).to(out.dtype)
+        # The image-level terms (priors, anchor) of the parameterized rows, in the same backward.
+        records = [row.records(row.step + 1) for row in self._natural]
+        terms = [row.image_terms(x, r) for row, x, r in zip(self._natural, images, records, strict=True)]
+        inputs = ([pixel_input] if pixel_input is not None else []) + [row.variable for row in self._natural]
+        outputs, grad_outputs = [out], [grad_out]
+        for differentiable, _ in terms:
+            if differentiable is not None:
+                outputs.append(differentiable)
+                grad_outputs.append(torch.ones_like(differentiable))
+        gradients = torch.autograd.grad(outputs, inputs, grad_outputs=grad_outputs)
+        grad_image = gradients[0] if pixel_input is not None else None
+        for row, gradient, view_loss, (_, recorded) in zip(
+            self._natural, gradients[len(inputs) - len(self._natural) :], losses, terms, strict=True
+        ):
+            row.variable.grad = gradient
+            row.optimizer.step()
+            row.step += 1
+            if recorded is not None:  # [image energy, R_α, R_V]
+                ell = view_loss.detach().mean()
+                energy = float(row.params.loss_weight) * ell + recorded[0]
+                row.history.append((row.step, torch.stack([energy, ell, recorded[1], recorded[2]])))
+        return loss, grad_image
+
+    def _diversity(self, features: list[torch.Tensor]) -> torch.Tensor | float:
+        """λ·(mean Gram similarity) summed over the groups of parameterized rows (0 without any)."""
+        groups: dict[int, list[int]] = {}
+        for i, row in enumerate(self._natural):
+            if row.problem.group is not None and row.params.diversity > 0:
+                groups.setdefault(row.problem.group, []).append(i)
+        penalty: torch.Tensor | float = 0.0
+        for members in groups.values():
+            if len(members) > 1:
+                weight = max(self._natural[i].params.diversity for i in members)
+                penalty = penalty + weight * diversity_penalty([gram(features[i]) for i in members])
+        return penalty
 
     def _network_gradient(
         self, offsets: list[tuple[int, int]], plan: _Plan, record: bool
@@ -388,8 +502,8 @@ class Minimizer:
         s = self._state
         if len(plan.groups) == 1:
             return self._image_step(s, grad_image, offsets, plan.groups[0], record, self._work)
-        r_alpha = torch.empty(len(self.rows), device=self.device) if record else None
-        r_tv = torch.empty(len(self.rows), device=self.device) if record else None
+        r_alpha = torch.empty(len(self._rows), device=self.device) if record else None
+        r_tv = torch.empty(len(self._rows), device=self.device) if record else None
         for group in plan.groups:
             # A copy of the group's rows (copies are exact), stepped, then written back.
             rows = {k: s[k].index_select(0, group.index) for k in ("x", "mu", "G", "t")}
@@ -432,30 +546,44 @@ class Minimizer:
         return r_alpha, r_tv
 
     # -- results --------------------------------------------------------------------------------
-    def _collect(self, finished: Callable[[_Row], bool]) -> list[tuple[int, Result]]:
-        keep = [i for i, row in enumerate(self.rows) if not finished(row)]
-        if len(keep) == len(self.rows):
-            return []
-        gone = [i for i in range(len(self.rows)) if i not in keep]
-        results = [(self.rows[i].handle, self._result(i)) for i in gone]
+    def _collect(self, finished: Callable[[_Row | NaturalRow], bool]) -> list[tuple[int, Result]]:
+        results = [(row.handle, self._natural_result(row)) for row in self._natural if finished(row)]
+        if results:
+            self._natural = [row for row in self._natural if not finished(row)]
+        keep = [i for i, row in enumerate(self._rows) if not finished(row)]
+        if len(keep) == len(self._rows):
+            return results
+        gone = [i for i in range(len(self._rows)) if i not in keep]
+        results = [(self._rows[i].handle, self._result(i)) for i in gone] + results
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         self._state = {k: v.index_select(0, index) for k, v in self._state.items()}
-        self.rows = [self.rows[i] for i in keep]
+        self._rows = [self._rows[i] for i in keep]
         self._plan = None
         return results
 
     def _result(self, i: int) -> Result:
-        row = self.rows[i]
+        row = self._rows[i]
         s = self._state
         lo = self.pad // 2
         x = s["x"][i, :, lo : lo + self.height, lo : lo + self.width].detach()
+        single = {k: v[i : i + 1] for k, v in s.items()}
+        return self._measure(row, x, single["target"], single["mask"], single["weights"], single["is_inv"])
+
+    def _natural_result(self, row: NaturalRow) -> Result:
+        with torch.no_grad():
+            x = row.image().detach()
+        return self._measure(row, x, row.target, row.mask, row.weights, row.is_inv)
+
+    def _measure(
+        self, row: _Row | NaturalRow, x: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+        weights: torch.Tensor, is_inv: torch.Tensor,
+    ) -> Result:  # fmt: skip
+        """The row's Result, every figure measured on the quantized image a client gets as PNG."""
         image_uint8 = to_uint8(x, self.mean_rgb255)
-        # Every final figure is measured on the quantized image a client gets as PNG.
         xq = from_uint8(image_uint8, self.mean_rgb255).to(self.device)[None]
         with torch.no_grad():
-            single = {k: v[i : i + 1] for k, v in s.items()}
             phi = self.phi(xq).float()
-            loss = batched_loss(phi, single["target"], single["mask"], single["weights"], single["is_inv"])
+            loss = batched_loss(phi, target, mask, weights, is_inv)
             r_alpha = alpha_norm(xq, float(row.params.alpha), float(row.params.b_norm))
             r_tv = total_variation(xq, float(row.params.beta), float(row.params.tv_norm))
         c = float(row.params.loss_weight or 0.0)
@@ -489,7 +617,11 @@ class Minimizer:
 
     def current_image(self, handle: int) -> np.ndarray:
         """The row's current image as H×W×3 uint8 (for previews; a host sync)."""
-        index = next(i for i, row in enumerate(self.rows) if row.handle == handle)
+        for natural in self._natural:
+            if natural.handle == handle:
+                with torch.no_grad():
+                    return to_uint8(natural.image(), self.mean_rgb255)
+        index = next(i for i, row in enumerate(self._rows) if row.handle == handle)
         lo = self.pad // 2
         return to_uint8(self._state["x"][index, :, lo : lo + self.height, lo : lo + self.width], self.mean_rgb255)
 
@@ -510,9 +642,30 @@ def padded_rows(rows: int, quantum: int) -> int:
 
 def required_jitter(problems: Sequence[Problem], height: int, width: int, stride: int) -> int:
     """The largest T among ``problems`` (defaults resolved): a batch holding them pads by T − 1."""
+    # Parameterized problems shift their views by their own transforms and need no padding: they
+    # count as the default T, so they batch with the paper's default problems.
+    default = max(round(stride / 4), 1)
     return max(
-        (int(p.params.resolved(p.objective.task, height, width, stride).jitter or 1) for p in problems), default=1
+        (
+            int(p.params.resolved(p.objective.task, height, width, stride).jitter or 1)
+            if p.params.parameterization == "pixel" else default
+            for p in problems
+        ),
+        default=1,
     )
+
+
+def batch_signature(problems: Sequence[Problem], height: int, width: int, stride: int) -> tuple[int, int, int]:
+    """What a Minimizer must share with ``problems`` to take them into its batch: the image size
+    and the padding of the pixel variable (T − 1). Presets, parameterizations and every other
+    setting may differ within a batch."""
+    return (int(height), int(width), required_jitter(problems, height, width, stride) - 1)
+
+
+def network_rows(problems: Sequence[Problem]) -> int:
+    """Images the network runs per step for ``problems``: one per pixel problem, ``copies`` per
+    parameterized one (what a batch's activation memory grows with)."""
+    return sum(1 if p.params.parameterization == "pixel" else int(p.params.copies) for p in problems)
 
 
 def minimize(
@@ -528,6 +681,8 @@ def minimize(
     report_every: int = 10,
     should_stop: Callable[[], bool] | None = None,
     row_quantum: int = 1,
+    channels: int = 3,
+    magnitude: torch.Tensor | None = None,
 ) -> list[Result]:
     """Run ``problems`` as one batch to the end (or until ``should_stop()``), in input order."""
     mini = Minimizer(
@@ -539,6 +694,8 @@ def minimize(
         device=device,
         max_jitter=required_jitter(problems, height, width, stride),
         row_quantum=row_quantum,
+        channels=channels,
+        magnitude=magnitude,
     )
     handles = [mini.add(p, record_every=report_every) for p in problems]
     results: dict[int, Result] = {}

@@ -6,11 +6,22 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Literal
 
+from service.energy.transforms import ViewSettings
+
 # Typical RGB-vector norm of a mean-subtracted image on the 0-255 scale (SPEC.md "Units").
 B_NORM = 80.0
 
 Task = Literal["invert", "maximize", "caricature"]
-OptimizerName = Literal["paper", "adam"]
+OptimizerName = Literal["paper", "adam", "nadam"]
+ParameterizationName = Literal["pixel", "fourier", "phase"]
+Spatial = Literal["centre", "mean"]
+PARAMETERIZATIONS = ("pixel", "fourier", "phase")
+OPTIMIZERS = ("paper", "adam", "nadam")
+SPATIAL = ("centre", "mean")
+
+# Step sizes of the parameterized images, in units of their variable: lucid's Adam rate for the
+# Fourier spectrum, MACO's NAdam rate for the phase (phases live on a scale of radians).
+DEFAULT_VARIABLE_LR: dict[str, float] = {"fourier": 0.05, "phase": 1.0}
 
 # C, the loss weight, by task. Inversion: the paper tries 1, 20, 100, 300 for CNNs (larger is
 # closer to Φ0 and less regularized) and 100 for HOG/DSIFT; we default to 300 because an
@@ -41,16 +52,39 @@ class EnergyParams:
     learning_rate: float | None = None  # η; default H·W·0.05·B²/α (paper), 4.0 px for Adam
     momentum: float = 0.9
     decay: float = 0.9  # of the running squared gradient G
+    # -- what is optimized and how it is seen (SPEC.md "Beyond the paper"); the defaults are the paper's
+    parameterization: ParameterizationName = "pixel"
+    fourier_decay: float = 1.0  # d of the 1/f^d spectrum scale (fourier)
+    copies: int = 1  # transformed views of the image per step (fourier/phase); the loss is their mean
+    translate: float = 0.0  # largest random shift of a view, pixels
+    scale_min: float = 1.0  # random zoom of a view, uniform in [scale_min, scale_max]
+    scale_max: float = 1.0
+    rotate: float = 0.0  # largest random rotation of a view, degrees
+    crop_start: float = 1.0  # random crop side (fraction of the image) at the first step …
+    crop_end: float = 1.0  # … and at the last (MACO's shrinking box)
+    crop_spread: float = 0.15  # std of the crop centre, fraction of the image side
+    noise: float = 0.0  # std of additive noise on each view, 0–1 units
+    anchor: float = 0.0  # weight of ‖x − x0‖²/(H·W·B²), the pull back to the start image (caricature)
+    diversity: float = 0.0  # weight of the Gram-similarity penalty among the images of one target
+    spatial: Spatial = "centre"  # maximize a channel at the map's centre (the paper) or its mean (lucid)
 
     def resolved(self, task: Task, height: int, width: int, stride: int) -> EnergyParams:
         """The same settings with every default filled in for this task and image size."""
         b = self.b_norm
         lr = self.learning_rate
-        if lr is None:
+        natural = self.parameterization != "pixel"
+        if lr is None and natural:
+            lr = DEFAULT_VARIABLE_LR[self.parameterization]
+        elif lr is None:
             lr = height * width * 0.05 * b * b / self.alpha if self.optimizer == "paper" else 4.0
+        # A parameterized image has no other prior by default, so C only weighs the loss against
+        # the anchor and the diversity term; the paper's C balances it against R_α and R_V.
+        loss_weight = self.loss_weight
+        if loss_weight is None:
+            loss_weight = 1.0 if natural else DEFAULT_LOSS_WEIGHT[task]
         return replace(
             self,
-            loss_weight=DEFAULT_LOSS_WEIGHT[task] if self.loss_weight is None else self.loss_weight,
+            loss_weight=loss_weight,
             tv_norm=b / 6.5 if self.tv_norm is None else self.tv_norm,
             bound=2 * b if self.bound is None else self.bound,
             jitter=max(round(stride / 4), 1) if self.jitter is None else self.jitter,
@@ -84,5 +118,52 @@ class EnergyParams:
             raise ValueError("learning_rate must be > 0")
         if not (0 <= self.momentum < 1 and 0 <= self.decay < 1):
             raise ValueError("momentum and decay must be in [0, 1)")
-        if self.optimizer not in ("paper", "adam"):
-            raise ValueError(f"optimizer must be 'paper' or 'adam', got {self.optimizer!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.parameterization not in PARAMETERIZATIONS:
+            raise ValueError(
+                f"parameterization must be one of {', '.join(PARAMETERIZATIONS)}, got {self.parameterization!r}"
+            )
+        if self.spatial not in SPATIAL:
+            raise ValueError(f"spatial must be 'centre' or 'mean', got {self.spatial!r}")
+        natural = self.parameterization != "pixel"
+        if natural and self.optimizer == "paper":
+            raise ValueError(
+                f"the paper's optimizer works on pixels only; use adam or nadam with the {self.parameterization} "
+                "parameterization"
+            )
+        if not natural and self.optimizer == "nadam":
+            raise ValueError("nadam works with the fourier and phase parameterizations; pixels take paper or adam")
+        if not 1 <= self.copies <= 64:
+            raise ValueError(f"copies must be in 1…64 (got {self.copies})")
+        if not 0 <= self.translate <= 1024:
+            raise ValueError(f"translate must be in 0…1024 pixels (got {self.translate})")
+        if not 0.05 <= self.scale_min <= self.scale_max <= 4:
+            raise ValueError(f"need 0.05 ≤ scale_min ≤ scale_max ≤ 4 (got {self.scale_min}, {self.scale_max})")
+        if not 0 <= self.rotate <= 180:
+            raise ValueError(f"rotate must be in 0…180 degrees (got {self.rotate})")
+        if not (0.02 <= self.crop_start <= 1 and 0.02 <= self.crop_end <= 1):
+            raise ValueError(f"crop_start and crop_end must be in [0.02, 1] (got {self.crop_start}, {self.crop_end})")
+        if not 0 <= self.crop_spread <= 1:
+            raise ValueError(f"crop_spread must be in [0, 1] (got {self.crop_spread})")
+        if not 0 <= self.noise <= 1:
+            raise ValueError(f"noise must be in [0, 1] (got {self.noise})")
+        if not 0 <= self.fourier_decay <= 4:
+            raise ValueError(f"fourier_decay must be in [0, 4] (got {self.fourier_decay})")
+        if self.anchor < 0 or self.diversity < 0:
+            raise ValueError("anchor and diversity must be ≥ 0")
+        if not natural and (self.anchor > 0 or self.diversity > 0):
+            raise ValueError("anchor and diversity need the fourier or phase parameterization")
+        if not natural and (self.copies > 1 or not self.views().identity):
+            raise ValueError(
+                "views (copies, translate, scale, rotate, crop, noise) need the fourier or phase "
+                "parameterization; pixels are shifted by jitter (T)"
+            )
+
+    def views(self) -> ViewSettings:
+        """The view settings of a parameterized image."""
+        return ViewSettings(
+            copies=self.copies, translate=self.translate, scale_min=self.scale_min, scale_max=self.scale_max,
+            rotate=self.rotate, crop_start=self.crop_start, crop_end=self.crop_end, crop_spread=self.crop_spread,
+            noise=self.noise,
+        )  # fmt: skip

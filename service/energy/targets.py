@@ -8,6 +8,7 @@ natural images (so a unit that fires weakly is pushed as hard as one that fires 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -34,11 +35,22 @@ def channel_weights(
     receptive_field: int = 1,
     channel_max: float = 1.0,
     position: tuple[int, ...] | None = None,
+    spatial: str = "centre",
 ) -> torch.Tensor:
-    """w selecting channel k at the centre of the map (or ``position``), scaled 1/(ρ² M_k).
+    """w selecting channel k at the centre of the map (or ``position``), scaled 1/(ρ² M_k); with
+    ``spatial="mean"``, the channel's mean over the whole map, scaled 1/M_k (lucid's "channel":
+    the unit may fire anywhere, which suits images seen through random views).
 
-    For a 1-D output such as the logits this selects the class logit.
+    For a 1-D output such as the logits both select the class logit.
     """
+    if spatial == "mean" and len(feature_shape) > 1 and position is None:
+        w = torch.zeros(tuple(feature_shape))
+        if not 0 <= channel < w.shape[0]:
+            raise ValueError(
+                f"channel {channel} is out of range: this tap has {w.shape[0]} channels (0–{w.shape[0] - 1})"
+            )
+        w[channel] = 1.0 / math.prod(feature_shape[1:])
+        return w / _scale(1, channel_max)
     return _selector(feature_shape, channel, position) / _scale(receptive_field, channel_max)
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from service.api.enums import ENERGY_ENUMS
 from service.api.preimage.v1 import preimage_pb2 as pb
 from service.energy import (
     EnergyParams,
@@ -34,25 +35,29 @@ from service.energy import (
     from_uint8,
     neuron_weights,
 )
+from service.energy.presets import preset_params
 from service.jobs.errors import ServiceError, exhausted, invalid
 from service.jobs.images import png_bytes
 from service.jobs.limits import JobLimits
-from service.jobs.reference import center_crop_resize, effective_receptive_field
+from service.jobs.reference import amplitude_spectrum, center_crop_resize, effective_receptive_field
 from service.jobs.reference import channel_max as channel_max_stats
 
 DEFAULT_SIZE = 224
 DEFAULT_REPORT_EVERY = 10
-_OPTIMIZERS = {pb.OPTIMIZER_UNSPECIFIED: "paper", pb.OPTIMIZER_PAPER: "paper", pb.OPTIMIZER_ADAM: "adam"}
+# Enum fields: {value: name}; UNSPECIFIED (0) is absent and means the preset's choice.
+_ENUMS = {name: {v: k for k, v in values.items()} for name, values in ENERGY_ENUMS.items()}
 _FLOAT_PARAMS = (
     "loss_weight", "alpha", "lambda_alpha", "beta", "lambda_tv", "b_norm", "tv_norm", "bound",
-    "refine_lr_scale", "learning_rate", "momentum", "decay",
+    "refine_lr_scale", "learning_rate", "momentum", "decay", "fourier_decay", "translate", "scale_min",
+    "scale_max", "rotate", "crop_start", "crop_end", "crop_spread", "noise", "anchor", "diversity",
 )  # fmt: skip
-_INT_PARAMS = ("jitter", "steps", "refine_steps")
+_INT_PARAMS = ("jitter", "steps", "refine_steps", "copies")
 
 
 # -- request → energy ---------------------------------------------------------------------------
-def params_from_message(msg: pb.EnergyParams) -> EnergyParams:
-    """The request's hyperparameters; unset fields keep EnergyParams' (the paper's) defaults."""
+def params_from_message(msg: pb.EnergyParams, task: str) -> EnergyParams:
+    """The request's hyperparameters: its preset's (or the task's default preset's) values, with
+    every field the request sets on top."""
     given: dict[str, Any] = {}
     for name in _FLOAT_PARAMS:
         if msg.HasField(name):
@@ -63,11 +68,14 @@ def params_from_message(msg: pb.EnergyParams) -> EnergyParams:
     for name in _INT_PARAMS:
         if msg.HasField(name):
             given[name] = int(getattr(msg, name))
-    if msg.optimizer not in _OPTIMIZERS:
-        raise invalid(f"params.optimizer {msg.optimizer} is not a known Optimizer value")
-    given["optimizer"] = _OPTIMIZERS[msg.optimizer]
+    for name, values in _ENUMS.items():
+        value = getattr(msg, name)
+        if value != 0 and value not in values:
+            raise invalid(f"params.{name} {value} is not a known value")
+        if value in values and name != "preset":
+            given[name] = values[value]
     try:
-        params = EnergyParams(**given)
+        params = preset_params(_ENUMS["preset"].get(msg.preset), task, **given)  # type: ignore[arg-type]
         params.validate()
     except ValueError as exc:
         raise invalid(f"params: {exc}") from exc
@@ -76,7 +84,10 @@ def params_from_message(msg: pb.EnergyParams) -> EnergyParams:
 
 def params_message(p: EnergyParams) -> pb.EnergyParams:
     """EnergyParams (resolved) → proto, every field set."""
-    msg = pb.EnergyParams(optimizer=pb.OPTIMIZER_ADAM if p.optimizer == "adam" else pb.OPTIMIZER_PAPER)
+    msg = pb.EnergyParams()
+    for name, values in _ENUMS.items():
+        if name != "preset":  # the resolved fields say everything a preset did
+            setattr(msg, name, next(k for k, v in values.items() if v == getattr(p, name)))
     for name in _FLOAT_PARAMS + _INT_PARAMS:
         value = getattr(p, name)
         if value is not None:
@@ -142,6 +153,8 @@ class Job:
     contact_sheet: bool
     parity: Callable[[], float | None] = lambda: None
     seeds: list[int] = field(default_factory=list)
+    channels: int = 3  # the model's input channels: what a parameterized image has
+    magnitude: torch.Tensor | None = None  # amplitude spectrum of the phase parameterization
 
 
 def fixed_input_size(converted: Any) -> tuple[int, int] | None:
@@ -200,7 +213,7 @@ def build_job(
     """Validate ``request`` (InvertRequest, MaximizeRequest or CaricatureRequest) into a Job."""
     tap = converted.tap(request.tap)  # UnknownTap → INVALID_ARGUMENT with close names
     options = request.options
-    params = params_from_message(request.params)
+    params = params_from_message(request.params, task)
     images: list[np.ndarray] = []
     if task in ("invert", "caricature"):
         if not request.images:
@@ -268,8 +281,9 @@ def build_job(
             try:
                 if kind == "channel":
                     w = channel_weights(
-                        shape, target.channel.channel, receptive_field=rf, channel_max=m_k(target.channel.channel)
-                    )
+                        shape, target.channel.channel, receptive_field=rf, channel_max=m_k(target.channel.channel),
+                        spatial=params.spatial,
+                    )  # fmt: skip
                     desc = f"channel {target.channel.channel}"
                 elif kind == "neuron":
                     n = target.neuron
@@ -285,7 +299,9 @@ def build_job(
                     raise ValueError("set one of channel, neuron or direction")
             except ValueError as exc:
                 raise invalid(f"targets[{i}] on tap {tap.alias!r} (shape {list(shape)}): {exc}") from exc
-            problems.append(Problem(Objective.maximize(w), params, seed=_seed(seed0, i)))
+            # Repeats of one target form a group that the diversity term keeps apart.
+            group = next((j for j, other in enumerate(request.targets[:i]) if other == target), i)
+            problems.append(Problem(Objective.maximize(w), params, seed=_seed(seed0, i), group=group))
             descriptions.append(desc)
 
     report_every = options.report_every if options.HasField("report_every") else DEFAULT_REPORT_EVERY
@@ -307,6 +323,11 @@ def build_job(
         contact_sheet=options.contact_sheet if options.HasField("contact_sheet") else True,
         parity=(lambda: parity(tap.name)) if parity is not None else (lambda: None),
         seeds=[p.seed for p in problems],
+        channels=converted.preprocessing.channels,
+        magnitude=(
+            amplitude_spectrum(height, width, converted.preprocessing.channels)
+            if params.parameterization == "phase" else None
+        ),
     )
 
 

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from service.energy import channel_statistics, from_uint8
+from service.energy.parameterizations import mean_amplitude
 
 # Photographs bundled with scikit-image (colour first; grey ones are repeated into RGB).
 REFERENCE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "camera", "brick", "clock")
@@ -89,3 +90,19 @@ def effective_receptive_field(
     if ry <= 0 or rx <= 0:
         ry, rx = height, width
     return max(1, round(math.sqrt(min(ry, height) * min(rx, width))))
+
+
+_amplitude_lock = threading.Lock()
+_amplitudes: dict[tuple[int, int, int], torch.Tensor] = {}
+
+
+def amplitude_spectrum(height: int, width: int, channels: int) -> torch.Tensor:
+    """The mean amplitude spectrum of the reference photographs at this size (the phase
+    parameterization's fixed magnitude), cached per size and channel count."""
+    key = (height, width, channels)
+    with _amplitude_lock:
+        if key not in _amplitudes:
+            photos = np.stack([center_crop_resize(photo(n), height, width) for n in REFERENCE_PHOTOS])
+            images = torch.from_numpy(photos).permute(0, 3, 1, 2).float() / 255.0
+            _amplitudes[key] = mean_amplitude(images, channels)
+        return _amplitudes[key]

@@ -31,7 +31,7 @@ import torch
 
 from service.api.preimage.v1 import preimage_pb2 as pb
 from service.energy import Minimizer, Result
-from service.energy.minimize import padded_rows, required_jitter
+from service.energy.minimize import batch_signature, network_rows, padded_rows
 from service.jobs.errors import ServiceError, exhausted, invalid
 from service.jobs.images import contact_sheet, png_bytes
 from service.jobs.job import Job, JobHandle, result_message
@@ -62,11 +62,7 @@ class _Batch:
         """Σ H·W of the images the network runs, with ``extra_rows`` more: the zero rows that pad
         the batch in batch-invariant mode count, since they take activation memory too."""
         mini = self.minimizer
-        return padded_rows(len(mini) + extra_rows, mini.row_quantum) * mini.height * mini.width
-
-
-def _pad_of(job: Job) -> int:
-    return required_jitter(job.problems, job.height, job.width, job.stride) - 1
+        return padded_rows(mini.network_rows() + extra_rows, mini.row_quantum) * mini.height * mini.width
 
 
 def _finite(result: Result) -> bool:
@@ -85,7 +81,8 @@ def _diverged(job: Job, index: int, result: Result) -> Exception:
 
 def batch_key(job: Job) -> tuple:
     """Jobs with equal keys can share one forward/backward."""
-    return (job.model_id, job.tap_name, job.height, job.width, str(job.device), _pad_of(job))
+    signature = batch_signature(job.problems, job.height, job.width, job.stride)
+    return (job.model_id, job.tap_name, str(job.device), *signature)
 
 
 class Scheduler:
@@ -231,14 +228,14 @@ class Scheduler:
     def _place(self, state: _JobState) -> bool:
         job = state.job
         key = batch_key(job)
-        rows = len(job.problems)
+        rows = network_rows(job.problems)
         pixels = padded_rows(rows, self.row_quantum) * job.height * job.width
         batch = next(
             (
                 b
                 for b in self._batches
                 if b.key == key
-                and len(b.minimizer) + rows <= self.limits.max_rows
+                and b.minimizer.network_rows() + rows <= self.limits.max_rows
                 and b.pixels(extra_rows=rows) <= self.limits.max_pixels
             ),
             None,
@@ -254,11 +251,14 @@ class Scheduler:
                 stride=job.stride,
                 mean_rgb255=job.mean_rgb255,
                 device=job.device,
-                max_jitter=_pad_of(job) + 1,
+                max_jitter=key[-1] + 1,
                 row_quantum=self.row_quantum,
+                channels=job.channels,
             )
             batch = _Batch(key, minimizer)
             self._batches.append(batch)
+        if job.magnitude is not None:  # the same for every job of this model and size
+            batch.minimizer.magnitude = job.magnitude
         try:
             for index, problem in enumerate(job.problems):
                 # Terms are recorded on the steps that report them (progress or preview), and only those.

@@ -272,7 +272,7 @@ def test_request_validator_maps_every_error(converted: dict[str, Any], request: 
 @given(msg=energy())
 def test_energy_params_parser_raises_only_service_errors(msg: pb.EnergyParams) -> None:
     try:
-        params_from_message(msg)
+        params_from_message(msg, "maximize")
     except ServiceError as exc:
         assert exc.code == grpc.StatusCode.INVALID_ARGUMENT
 

@@ -11,25 +11,43 @@ from PIL import Image
 
 from service.api.preimage.v1 import preimage_pb2 as pb
 from service.energy import EnergyParams
+from service.energy.presets import preset_params
 from service.jobs.errors import ServiceError
 from service.jobs.images import contact_sheet
 from service.jobs.job import JobLimits, decode_image, params_from_message, params_message
 
 
-def test_unset_params_keep_the_paper_defaults() -> None:
-    assert params_from_message(pb.EnergyParams()) == EnergyParams()
-    given = params_from_message(pb.EnergyParams(loss_weight=20, beta=1.5, steps=40, optimizer=pb.OPTIMIZER_ADAM))
+def test_unset_params_keep_the_paper_defaults_for_inversion() -> None:
+    assert params_from_message(pb.EnergyParams(), "invert") == EnergyParams()
+    msg = pb.EnergyParams(loss_weight=20, beta=1.5, steps=40, optimizer=pb.OPTIMIZER_ADAM)
+    given = params_from_message(msg, "invert")
     assert (given.loss_weight, given.beta, given.steps, given.optimizer) == (20, 1.5, 40, "adam")
     assert given.alpha == 6 and given.refine_steps is None  # still resolved per task later
     # Explicit zeros are honoured, not mistaken for "unset" (proto3 optional).
-    assert params_from_message(pb.EnergyParams(lambda_tv=0.0, refine_steps=0)).lambda_tv == 0.0
+    assert params_from_message(pb.EnergyParams(lambda_tv=0.0, refine_steps=0), "invert").lambda_tv == 0.0
 
 
-def test_resolved_params_round_trip() -> None:
-    resolved = EnergyParams().resolved("invert", 32, 32, 4)
+def test_maximize_defaults_to_the_natural_preset_and_fields_override_it() -> None:
+    natural = params_from_message(pb.EnergyParams(), "maximize")
+    assert natural == preset_params("natural", "maximize")
+    assert natural.parameterization == "phase" and natural.copies > 1
+    paper = params_from_message(pb.EnergyParams(preset=pb.PRESET_PAPER), "maximize")
+    assert paper == EnergyParams()
+    mixed = params_from_message(
+        pb.EnergyParams(copies=2, parameterization=pb.PARAMETERIZATION_FOURIER, spatial=pb.SPATIAL_CENTRE), "maximize"
+    )
+    assert (mixed.copies, mixed.parameterization, mixed.spatial) == (2, "fourier", "centre")
+    assert mixed.rotate == natural.rotate  # the rest still comes from the preset
+
+
+@pytest.mark.parametrize("task", ["invert", "maximize", "caricature"])
+@pytest.mark.parametrize("preset", [pb.PRESET_PAPER, pb.PRESET_NATURAL])
+def test_resolved_params_round_trip(task: str, preset: int) -> None:
+    resolved = params_from_message(pb.EnergyParams(preset=preset), task).resolved(task, 32, 32, 4)
     msg = params_message(resolved)
-    assert msg.loss_weight == 300 and msg.refine_steps == 50 and msg.jitter == 1
-    assert params_from_message(msg) == resolved
+    assert params_from_message(msg, task) == resolved
+    if preset == pb.PRESET_PAPER and task == "invert":
+        assert msg.loss_weight == 300 and msg.refine_steps == 50 and msg.jitter == 1
 
 
 @pytest.mark.parametrize(
@@ -40,11 +58,25 @@ def test_resolved_params_round_trip() -> None:
         (pb.EnergyParams(momentum=1.0), "momentum"),
         (pb.EnergyParams(learning_rate=float("inf")), "finite"),
         (pb.EnergyParams(jitter=0), "jitter"),
+        (pb.EnergyParams(preset=7), "preset"),
+        (pb.EnergyParams(parameterization=9), "parameterization"),
+        (pb.EnergyParams(spatial=5), "spatial"),
+        (pb.EnergyParams(copies=0, parameterization=pb.PARAMETERIZATION_PHASE), "copies"),
+        (pb.EnergyParams(copies=4, preset=pb.PRESET_PAPER), "views"),
+        (pb.EnergyParams(rotate=400), "rotate"),
+        (pb.EnergyParams(crop_end=0.0), "crop"),
+        (pb.EnergyParams(scale_min=2, scale_max=1), "scale_min"),
+        (pb.EnergyParams(noise=-0.1), "noise"),
+        (pb.EnergyParams(anchor=-1), "anchor"),
+        (pb.EnergyParams(diversity=1, preset=pb.PRESET_PAPER), "diversity"),
+        (pb.EnergyParams(optimizer=pb.OPTIMIZER_PAPER), "optimizer"),  # natural maximize: no paper rule
+        (pb.EnergyParams(optimizer=pb.OPTIMIZER_NADAM, preset=pb.PRESET_PAPER), "nadam"),
+        (pb.EnergyParams(fourier_decay=9), "fourier_decay"),
     ],
 )
 def test_bad_params_are_invalid_argument(params: pb.EnergyParams, hint: str) -> None:
     with pytest.raises(ServiceError) as err:
-        params_from_message(params)
+        params_from_message(params, "maximize")
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and hint in err.value.message
 
 

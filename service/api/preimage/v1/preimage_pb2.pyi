@@ -112,7 +112,11 @@ class _OptimizerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Optimizer.V
     OPTIMIZER_PAPER: _Optimizer.ValueType  # 1
     """The paper's rule, named explicitly."""
     OPTIMIZER_ADAM: _Optimizer.ValueType  # 2
-    """Adam, with the step size in pixel units."""
+    """Adam, with the step size in pixel units (in variable units for the fourier and phase
+    parameterizations).
+    """
+    OPTIMIZER_NADAM: _Optimizer.ValueType  # 3
+    """NAdam (Adam with Nesterov momentum); fourier and phase parameterizations only."""
 
 class Optimizer(_Optimizer, metaclass=_OptimizerEnumTypeWrapper):
     """Optimizer selects the update rule of the minimizer."""
@@ -122,8 +126,98 @@ OPTIMIZER_UNSPECIFIED: Optimizer.ValueType  # 0
 OPTIMIZER_PAPER: Optimizer.ValueType  # 1
 """The paper's rule, named explicitly."""
 OPTIMIZER_ADAM: Optimizer.ValueType  # 2
-"""Adam, with the step size in pixel units."""
+"""Adam, with the step size in pixel units (in variable units for the fourier and phase
+parameterizations).
+"""
+OPTIMIZER_NADAM: Optimizer.ValueType  # 3
+"""NAdam (Adam with Nesterov momentum); fourier and phase parameterizations only."""
 Global___Optimizer: _TypeAlias = Optimizer  # noqa: Y015
+
+class _Preset:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PresetEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Preset.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PRESET_UNSPECIFIED: _Preset.ValueType  # 0
+    """The task's default: natural for Maximize and Caricature, paper for Invert (the lower feature
+    error on the bundled model at every tap measured; docs/energy.md).
+    """
+    PRESET_PAPER: _Preset.ValueType  # 1
+    """SPEC.md exactly: pixels, alpha-norm + TV, jitter, the paper's optimizer and constants."""
+    PRESET_NATURAL: _Preset.ValueType  # 2
+    """Natural-looking images on modern networks: the phase parameterization (MACO) with random
+    zoomed, rotated views; values in docs/energy.md.
+    """
+
+class Preset(_Preset, metaclass=_PresetEnumTypeWrapper):
+    """Preset is a named set of defaults for every EnergyParams field; fields set explicitly still
+    override it.
+    """
+
+PRESET_UNSPECIFIED: Preset.ValueType  # 0
+"""The task's default: natural for Maximize and Caricature, paper for Invert (the lower feature
+error on the bundled model at every tap measured; docs/energy.md).
+"""
+PRESET_PAPER: Preset.ValueType  # 1
+"""SPEC.md exactly: pixels, alpha-norm + TV, jitter, the paper's optimizer and constants."""
+PRESET_NATURAL: Preset.ValueType  # 2
+"""Natural-looking images on modern networks: the phase parameterization (MACO) with random
+zoomed, rotated views; values in docs/energy.md.
+"""
+Global___Preset: _TypeAlias = Preset  # noqa: Y015
+
+class _Parameterization:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ParameterizationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Parameterization.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PARAMETERIZATION_UNSPECIFIED: _Parameterization.ValueType  # 0
+    """The preset's choice."""
+    PARAMETERIZATION_PIXEL: _Parameterization.ValueType  # 1
+    """The pixels themselves (the paper)."""
+    PARAMETERIZATION_FOURIER: _Parameterization.ValueType  # 2
+    """A Fourier spectrum scaled by 1/f^d, colour decorrelated, sigmoid-bounded (lucid)."""
+    PARAMETERIZATION_PHASE: _Parameterization.ValueType  # 3
+    """The Fourier phase only, with the amplitude fixed to that of photographs (MACO)."""
+
+class Parameterization(_Parameterization, metaclass=_ParameterizationEnumTypeWrapper):
+    """Parameterization says what is optimized: the image the network sees is a function of it."""
+
+PARAMETERIZATION_UNSPECIFIED: Parameterization.ValueType  # 0
+"""The preset's choice."""
+PARAMETERIZATION_PIXEL: Parameterization.ValueType  # 1
+"""The pixels themselves (the paper)."""
+PARAMETERIZATION_FOURIER: Parameterization.ValueType  # 2
+"""A Fourier spectrum scaled by 1/f^d, colour decorrelated, sigmoid-bounded (lucid)."""
+PARAMETERIZATION_PHASE: Parameterization.ValueType  # 3
+"""The Fourier phase only, with the amplitude fixed to that of photographs (MACO)."""
+Global___Parameterization: _TypeAlias = Parameterization  # noqa: Y015
+
+class _Spatial:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SpatialEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Spatial.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SPATIAL_UNSPECIFIED: _Spatial.ValueType  # 0
+    """The preset's choice."""
+    SPATIAL_CENTRE: _Spatial.ValueType  # 1
+    """The neuron at the centre of the map, scaled 1/(rho^2 M_k) (the paper)."""
+    SPATIAL_MEAN: _Spatial.ValueType  # 2
+    """The channel's mean over the map, scaled 1/M_k (lucid's "channel" objective)."""
+
+class Spatial(_Spatial, metaclass=_SpatialEnumTypeWrapper):
+    """Spatial says where on the feature map a Maximize channel target is read."""
+
+SPATIAL_UNSPECIFIED: Spatial.ValueType  # 0
+"""The preset's choice."""
+SPATIAL_CENTRE: Spatial.ValueType  # 1
+"""The neuron at the centre of the map, scaled 1/(rho^2 M_k) (the paper)."""
+SPATIAL_MEAN: Spatial.ValueType  # 2
+"""The channel's mean over the map, scaled 1/M_k (lucid's "channel" objective)."""
+Global___Spatial: _TypeAlias = Spatial  # noqa: Y015
 
 @_typing.final
 class Preprocessing(_message.Message):
@@ -753,6 +847,21 @@ class EnergyParams(_message.Message):
     LEARNING_RATE_FIELD_NUMBER: _builtins.int
     MOMENTUM_FIELD_NUMBER: _builtins.int
     DECAY_FIELD_NUMBER: _builtins.int
+    PRESET_FIELD_NUMBER: _builtins.int
+    PARAMETERIZATION_FIELD_NUMBER: _builtins.int
+    FOURIER_DECAY_FIELD_NUMBER: _builtins.int
+    COPIES_FIELD_NUMBER: _builtins.int
+    TRANSLATE_FIELD_NUMBER: _builtins.int
+    SCALE_MIN_FIELD_NUMBER: _builtins.int
+    SCALE_MAX_FIELD_NUMBER: _builtins.int
+    ROTATE_FIELD_NUMBER: _builtins.int
+    CROP_START_FIELD_NUMBER: _builtins.int
+    CROP_END_FIELD_NUMBER: _builtins.int
+    CROP_SPREAD_FIELD_NUMBER: _builtins.int
+    NOISE_FIELD_NUMBER: _builtins.int
+    ANCHOR_FIELD_NUMBER: _builtins.int
+    DIVERSITY_FIELD_NUMBER: _builtins.int
+    SPATIAL_FIELD_NUMBER: _builtins.int
     loss_weight: _builtins.float
     """C, the weight of the loss term. Default: 300 for inversion, 3e4 for maximization, 100 for caricature."""
     alpha: _builtins.float
@@ -785,6 +894,44 @@ class EnergyParams(_message.Message):
     """Momentum (Adam: beta1). Default 0.9."""
     decay: _builtins.float
     """Decay of the running squared gradient G. Default 0.9."""
+    preset: Global___Preset.ValueType
+    """Named defaults for every other field. Default: the task's (see Preset)."""
+    parameterization: Global___Parameterization.ValueType
+    """What is optimized. Default: the preset's (pixel for paper, phase for natural)."""
+    fourier_decay: _builtins.float
+    """d of the fourier parameterization's 1/f^d frequency scale, in [0, 4]. Default 1."""
+    copies: _builtins.int
+    """Transformed views of the image the network sees per step (1-64; fourier and phase only); the
+    loss is their mean. Default 1 (paper), 4 (natural).
+    """
+    translate: _builtins.float
+    """Largest random shift of a view, pixels. Default 0 (paper; it uses jitter), preset's otherwise."""
+    scale_min: _builtins.float
+    """A view's random zoom is uniform in [scale_min, scale_max] (0.05-4). Default 1, 1."""
+    scale_max: _builtins.float
+    """See scale_min."""
+    rotate: _builtins.float
+    """Largest random rotation of a view, degrees (0-180). Default 0 (paper), 10 (natural)."""
+    crop_start: _builtins.float
+    """Side of a view's random crop, as a fraction of the image, at the first step (0.02-1); the
+    side moves linearly to crop_end by the last step. Default 1 (paper), natural: see docs.
+    """
+    crop_end: _builtins.float
+    """See crop_start."""
+    crop_spread: _builtins.float
+    """Std of a crop's centre around the image centre, fraction of the side (0-1). Default 0.15."""
+    noise: _builtins.float
+    """Std of the noise added to each view, 0-1 units (0-1). Default 0 (paper)."""
+    anchor: _builtins.float
+    """Weight of ||x - x0||^2/(H*W*B^2), the pull towards the start image (Caricature with fourier or
+    phase: feature accentuation). Default 0 (paper), preset's for natural caricature.
+    """
+    diversity: _builtins.float
+    """Weight of the penalty on the Gram-matrix similarity, at the tap, between the images of one
+    target when a request repeats that target (fourier and phase only). Default 0.
+    """
+    spatial: Global___Spatial.ValueType
+    """Where a Maximize channel is read. Default: centre (paper), mean (natural)."""
     def __init__(
         self,
         *,
@@ -804,21 +951,50 @@ class EnergyParams(_message.Message):
         learning_rate: _builtins.float | None = ...,
         momentum: _builtins.float | None = ...,
         decay: _builtins.float | None = ...,
+        preset: Global___Preset.ValueType = ...,
+        parameterization: Global___Parameterization.ValueType = ...,
+        fourier_decay: _builtins.float | None = ...,
+        copies: _builtins.int | None = ...,
+        translate: _builtins.float | None = ...,
+        scale_min: _builtins.float | None = ...,
+        scale_max: _builtins.float | None = ...,
+        rotate: _builtins.float | None = ...,
+        crop_start: _builtins.float | None = ...,
+        crop_end: _builtins.float | None = ...,
+        crop_spread: _builtins.float | None = ...,
+        noise: _builtins.float | None = ...,
+        anchor: _builtins.float | None = ...,
+        diversity: _builtins.float | None = ...,
+        spatial: Global___Spatial.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_b_norm", b"_b_norm", "_beta", b"_beta", "_bound", b"_bound", "_decay", b"_decay", "_jitter", b"_jitter", "_lambda_alpha", b"_lambda_alpha", "_lambda_tv", b"_lambda_tv", "_learning_rate", b"_learning_rate", "_loss_weight", b"_loss_weight", "_momentum", b"_momentum", "_refine_lr_scale", b"_refine_lr_scale", "_refine_steps", b"_refine_steps", "_steps", b"_steps", "_tv_norm", b"_tv_norm", "alpha", b"alpha", "b_norm", b"b_norm", "beta", b"beta", "bound", b"bound", "decay", b"decay", "jitter", b"jitter", "lambda_alpha", b"lambda_alpha", "lambda_tv", b"lambda_tv", "learning_rate", b"learning_rate", "loss_weight", b"loss_weight", "momentum", b"momentum", "refine_lr_scale", b"refine_lr_scale", "refine_steps", b"refine_steps", "steps", b"steps", "tv_norm", b"tv_norm"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_anchor", b"_anchor", "_b_norm", b"_b_norm", "_beta", b"_beta", "_bound", b"_bound", "_copies", b"_copies", "_crop_end", b"_crop_end", "_crop_spread", b"_crop_spread", "_crop_start", b"_crop_start", "_decay", b"_decay", "_diversity", b"_diversity", "_fourier_decay", b"_fourier_decay", "_jitter", b"_jitter", "_lambda_alpha", b"_lambda_alpha", "_lambda_tv", b"_lambda_tv", "_learning_rate", b"_learning_rate", "_loss_weight", b"_loss_weight", "_momentum", b"_momentum", "_noise", b"_noise", "_refine_lr_scale", b"_refine_lr_scale", "_refine_steps", b"_refine_steps", "_rotate", b"_rotate", "_scale_max", b"_scale_max", "_scale_min", b"_scale_min", "_steps", b"_steps", "_translate", b"_translate", "_tv_norm", b"_tv_norm", "alpha", b"alpha", "anchor", b"anchor", "b_norm", b"b_norm", "beta", b"beta", "bound", b"bound", "copies", b"copies", "crop_end", b"crop_end", "crop_spread", b"crop_spread", "crop_start", b"crop_start", "decay", b"decay", "diversity", b"diversity", "fourier_decay", b"fourier_decay", "jitter", b"jitter", "lambda_alpha", b"lambda_alpha", "lambda_tv", b"lambda_tv", "learning_rate", b"learning_rate", "loss_weight", b"loss_weight", "momentum", b"momentum", "noise", b"noise", "refine_lr_scale", b"refine_lr_scale", "refine_steps", b"refine_steps", "rotate", b"rotate", "scale_max", b"scale_max", "scale_min", b"scale_min", "steps", b"steps", "translate", b"translate", "tv_norm", b"tv_norm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_b_norm", b"_b_norm", "_beta", b"_beta", "_bound", b"_bound", "_decay", b"_decay", "_jitter", b"_jitter", "_lambda_alpha", b"_lambda_alpha", "_lambda_tv", b"_lambda_tv", "_learning_rate", b"_learning_rate", "_loss_weight", b"_loss_weight", "_momentum", b"_momentum", "_refine_lr_scale", b"_refine_lr_scale", "_refine_steps", b"_refine_steps", "_steps", b"_steps", "_tv_norm", b"_tv_norm", "alpha", b"alpha", "b_norm", b"b_norm", "beta", b"beta", "bound", b"bound", "decay", b"decay", "jitter", b"jitter", "lambda_alpha", b"lambda_alpha", "lambda_tv", b"lambda_tv", "learning_rate", b"learning_rate", "loss_weight", b"loss_weight", "momentum", b"momentum", "optimizer", b"optimizer", "refine_lr_scale", b"refine_lr_scale", "refine_steps", b"refine_steps", "steps", b"steps", "tv_norm", b"tv_norm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_anchor", b"_anchor", "_b_norm", b"_b_norm", "_beta", b"_beta", "_bound", b"_bound", "_copies", b"_copies", "_crop_end", b"_crop_end", "_crop_spread", b"_crop_spread", "_crop_start", b"_crop_start", "_decay", b"_decay", "_diversity", b"_diversity", "_fourier_decay", b"_fourier_decay", "_jitter", b"_jitter", "_lambda_alpha", b"_lambda_alpha", "_lambda_tv", b"_lambda_tv", "_learning_rate", b"_learning_rate", "_loss_weight", b"_loss_weight", "_momentum", b"_momentum", "_noise", b"_noise", "_refine_lr_scale", b"_refine_lr_scale", "_refine_steps", b"_refine_steps", "_rotate", b"_rotate", "_scale_max", b"_scale_max", "_scale_min", b"_scale_min", "_steps", b"_steps", "_translate", b"_translate", "_tv_norm", b"_tv_norm", "alpha", b"alpha", "anchor", b"anchor", "b_norm", b"b_norm", "beta", b"beta", "bound", b"bound", "copies", b"copies", "crop_end", b"crop_end", "crop_spread", b"crop_spread", "crop_start", b"crop_start", "decay", b"decay", "diversity", b"diversity", "fourier_decay", b"fourier_decay", "jitter", b"jitter", "lambda_alpha", b"lambda_alpha", "lambda_tv", b"lambda_tv", "learning_rate", b"learning_rate", "loss_weight", b"loss_weight", "momentum", b"momentum", "noise", b"noise", "optimizer", b"optimizer", "parameterization", b"parameterization", "preset", b"preset", "refine_lr_scale", b"refine_lr_scale", "refine_steps", b"refine_steps", "rotate", b"rotate", "scale_max", b"scale_max", "scale_min", b"scale_min", "spatial", b"spatial", "steps", b"steps", "translate", b"translate", "tv_norm", b"tv_norm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__alpha: _TypeAlias = _typing.Literal["alpha"]  # noqa: Y015
     _WhichOneofArgType__alpha: _TypeAlias = _typing.Literal["_alpha", b"_alpha"]  # noqa: Y015
+    _WhichOneofReturnType__anchor: _TypeAlias = _typing.Literal["anchor"]  # noqa: Y015
+    _WhichOneofArgType__anchor: _TypeAlias = _typing.Literal["_anchor", b"_anchor"]  # noqa: Y015
     _WhichOneofReturnType__b_norm: _TypeAlias = _typing.Literal["b_norm"]  # noqa: Y015
     _WhichOneofArgType__b_norm: _TypeAlias = _typing.Literal["_b_norm", b"_b_norm"]  # noqa: Y015
     _WhichOneofReturnType__beta: _TypeAlias = _typing.Literal["beta"]  # noqa: Y015
     _WhichOneofArgType__beta: _TypeAlias = _typing.Literal["_beta", b"_beta"]  # noqa: Y015
     _WhichOneofReturnType__bound: _TypeAlias = _typing.Literal["bound"]  # noqa: Y015
     _WhichOneofArgType__bound: _TypeAlias = _typing.Literal["_bound", b"_bound"]  # noqa: Y015
+    _WhichOneofReturnType__copies: _TypeAlias = _typing.Literal["copies"]  # noqa: Y015
+    _WhichOneofArgType__copies: _TypeAlias = _typing.Literal["_copies", b"_copies"]  # noqa: Y015
+    _WhichOneofReturnType__crop_end: _TypeAlias = _typing.Literal["crop_end"]  # noqa: Y015
+    _WhichOneofArgType__crop_end: _TypeAlias = _typing.Literal["_crop_end", b"_crop_end"]  # noqa: Y015
+    _WhichOneofReturnType__crop_spread: _TypeAlias = _typing.Literal["crop_spread"]  # noqa: Y015
+    _WhichOneofArgType__crop_spread: _TypeAlias = _typing.Literal["_crop_spread", b"_crop_spread"]  # noqa: Y015
+    _WhichOneofReturnType__crop_start: _TypeAlias = _typing.Literal["crop_start"]  # noqa: Y015
+    _WhichOneofArgType__crop_start: _TypeAlias = _typing.Literal["_crop_start", b"_crop_start"]  # noqa: Y015
     _WhichOneofReturnType__decay: _TypeAlias = _typing.Literal["decay"]  # noqa: Y015
     _WhichOneofArgType__decay: _TypeAlias = _typing.Literal["_decay", b"_decay"]  # noqa: Y015
+    _WhichOneofReturnType__diversity: _TypeAlias = _typing.Literal["diversity"]  # noqa: Y015
+    _WhichOneofArgType__diversity: _TypeAlias = _typing.Literal["_diversity", b"_diversity"]  # noqa: Y015
+    _WhichOneofReturnType__fourier_decay: _TypeAlias = _typing.Literal["fourier_decay"]  # noqa: Y015
+    _WhichOneofArgType__fourier_decay: _TypeAlias = _typing.Literal["_fourier_decay", b"_fourier_decay"]  # noqa: Y015
     _WhichOneofReturnType__jitter: _TypeAlias = _typing.Literal["jitter"]  # noqa: Y015
     _WhichOneofArgType__jitter: _TypeAlias = _typing.Literal["_jitter", b"_jitter"]  # noqa: Y015
     _WhichOneofReturnType__lambda_alpha: _TypeAlias = _typing.Literal["lambda_alpha"]  # noqa: Y015
@@ -831,16 +1007,28 @@ class EnergyParams(_message.Message):
     _WhichOneofArgType__loss_weight: _TypeAlias = _typing.Literal["_loss_weight", b"_loss_weight"]  # noqa: Y015
     _WhichOneofReturnType__momentum: _TypeAlias = _typing.Literal["momentum"]  # noqa: Y015
     _WhichOneofArgType__momentum: _TypeAlias = _typing.Literal["_momentum", b"_momentum"]  # noqa: Y015
+    _WhichOneofReturnType__noise: _TypeAlias = _typing.Literal["noise"]  # noqa: Y015
+    _WhichOneofArgType__noise: _TypeAlias = _typing.Literal["_noise", b"_noise"]  # noqa: Y015
     _WhichOneofReturnType__refine_lr_scale: _TypeAlias = _typing.Literal["refine_lr_scale"]  # noqa: Y015
     _WhichOneofArgType__refine_lr_scale: _TypeAlias = _typing.Literal["_refine_lr_scale", b"_refine_lr_scale"]  # noqa: Y015
     _WhichOneofReturnType__refine_steps: _TypeAlias = _typing.Literal["refine_steps"]  # noqa: Y015
     _WhichOneofArgType__refine_steps: _TypeAlias = _typing.Literal["_refine_steps", b"_refine_steps"]  # noqa: Y015
+    _WhichOneofReturnType__rotate: _TypeAlias = _typing.Literal["rotate"]  # noqa: Y015
+    _WhichOneofArgType__rotate: _TypeAlias = _typing.Literal["_rotate", b"_rotate"]  # noqa: Y015
+    _WhichOneofReturnType__scale_max: _TypeAlias = _typing.Literal["scale_max"]  # noqa: Y015
+    _WhichOneofArgType__scale_max: _TypeAlias = _typing.Literal["_scale_max", b"_scale_max"]  # noqa: Y015
+    _WhichOneofReturnType__scale_min: _TypeAlias = _typing.Literal["scale_min"]  # noqa: Y015
+    _WhichOneofArgType__scale_min: _TypeAlias = _typing.Literal["_scale_min", b"_scale_min"]  # noqa: Y015
     _WhichOneofReturnType__steps: _TypeAlias = _typing.Literal["steps"]  # noqa: Y015
     _WhichOneofArgType__steps: _TypeAlias = _typing.Literal["_steps", b"_steps"]  # noqa: Y015
+    _WhichOneofReturnType__translate: _TypeAlias = _typing.Literal["translate"]  # noqa: Y015
+    _WhichOneofArgType__translate: _TypeAlias = _typing.Literal["_translate", b"_translate"]  # noqa: Y015
     _WhichOneofReturnType__tv_norm: _TypeAlias = _typing.Literal["tv_norm"]  # noqa: Y015
     _WhichOneofArgType__tv_norm: _TypeAlias = _typing.Literal["_tv_norm", b"_tv_norm"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__alpha) -> _WhichOneofReturnType__alpha | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__anchor) -> _WhichOneofReturnType__anchor | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__b_norm) -> _WhichOneofReturnType__b_norm | None: ...
     @_typing.overload
@@ -848,7 +1036,19 @@ class EnergyParams(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__bound) -> _WhichOneofReturnType__bound | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__copies) -> _WhichOneofReturnType__copies | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__crop_end) -> _WhichOneofReturnType__crop_end | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__crop_spread) -> _WhichOneofReturnType__crop_spread | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__crop_start) -> _WhichOneofReturnType__crop_start | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__decay) -> _WhichOneofReturnType__decay | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__diversity) -> _WhichOneofReturnType__diversity | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__fourier_decay) -> _WhichOneofReturnType__fourier_decay | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__jitter) -> _WhichOneofReturnType__jitter | None: ...
     @_typing.overload
@@ -862,11 +1062,21 @@ class EnergyParams(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__momentum) -> _WhichOneofReturnType__momentum | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__noise) -> _WhichOneofReturnType__noise | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__refine_lr_scale) -> _WhichOneofReturnType__refine_lr_scale | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__refine_steps) -> _WhichOneofReturnType__refine_steps | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rotate) -> _WhichOneofReturnType__rotate | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__scale_max) -> _WhichOneofReturnType__scale_max | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__scale_min) -> _WhichOneofReturnType__scale_min | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__steps) -> _WhichOneofReturnType__steps | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__translate) -> _WhichOneofReturnType__translate | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__tv_norm) -> _WhichOneofReturnType__tv_norm | None: ...
 

@@ -1,0 +1,179 @@
+"""Image parameterizations: the image the network sees as a function of the optimized variable.
+
+The paper optimizes pixels directly (``pixel``, handled by the minimizer's closed-form fast path).
+On networks with ReLU6/SiLU, depthwise convolutions or attention that gives grey high-frequency
+textures; later work changed *what is optimized* (SPEC.md "Beyond the paper"):
+
+- ``fourier``: the image is the inverse real FFT of a learned spectrum whose frequencies are
+  scaled by 1/max(f, 1/max(H, W))^d, so low frequencies dominate from the start; colour lives in
+  a decorrelated space and is mapped back through the square root of ImageNet's colour
+  covariance; a sigmoid bounds the result.
+- ``phase`` (MACO): the amplitude spectrum is fixed to the mean amplitude of natural images and
+  only the phase is optimized; phase and image are standardized before the colour map and the
+  sigmoid. The image's power spectrum is then that of photographs by construction.
+
+Each works for 1, 3 or N channels (colour decorrelation only applies to 3) and any size. Images
+come out in [0, 1]; ``to_energy`` maps them to the mean-subtracted 0–255 space the rest of the
+project uses (a 1-channel image is repeated over the three energy channels, which grey models
+average back).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from service.energy.params import ParameterizationName
+
+# Square root of ImageNet's colour covariance (lucid's ``color_correlation_svd_sqrt``), columns
+# scaled so the largest has unit norm: a unit step in decorrelated space is at most one unit of
+# colour.
+_COLOR_SQRT = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
+COLOR_CORRELATION = _COLOR_SQRT / _COLOR_SQRT.norm(dim=0).max()
+
+# The std of a phase uniform in [−π, π).
+_UNIFORM_PHASE_STD = math.pi / math.sqrt(3)
+
+# Keeps the inverse sigmoid finite for saturated pixels of a start image.
+_LOGIT_EPS = 1e-3
+
+
+def _recorrelate(z: torch.Tensor) -> torch.Tensor:
+    """Decorrelated colour → RGB for a C×H×W tensor; identity unless C = 3."""
+    if z.shape[0] != 3:
+        return z
+    return torch.einsum("ij,jhw->ihw", COLOR_CORRELATION.to(z.device, z.dtype), z)
+
+
+def _decorrelate(rgb: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``_recorrelate``."""
+    if rgb.shape[0] != 3:
+        return rgb
+    inverse = torch.linalg.inv(COLOR_CORRELATION).to(rgb.device, rgb.dtype)
+    return torch.einsum("ij,jhw->ihw", inverse, rgb)
+
+
+def frequency_scale(height: int, width: int, decay: float) -> torch.Tensor:
+    """1/max(f, 1/max(H, W))^d per rfft2 bin (H × W//2+1), f in cycles per pixel."""
+    fy = torch.fft.fftfreq(height)[:, None]
+    fx = torch.fft.rfftfreq(width)[None, :]
+    f = torch.sqrt(fx * fx + fy * fy)
+    return 1.0 / torch.clamp(f, min=1.0 / max(height, width)) ** decay
+
+
+def _standardize(t: torch.Tensor) -> torch.Tensor:
+    return (t - t.mean()) / (t.std() + 1e-4)
+
+
+class FourierImage:
+    """A spectrum variable (C × H × W//2+1 × 2, real and imaginary parts) → C×H×W in [0, 1]."""
+
+    def __init__(self, channels: int, height: int, width: int, decay: float = 1.0) -> None:
+        self.channels, self.height, self.width = channels, height, width
+        # √(HW) undoes irfft2's 1/(HW) normalization so the init scale does not depend on size;
+        # the /4 keeps the sigmoid's input in its linear range at the start (lucid's constants).
+        self.scale = frequency_scale(height, width, decay) * math.sqrt(height * width) / 4.0
+
+    def init(self, generator: torch.Generator, start: torch.Tensor | None = None) -> torch.Tensor:
+        """The variable: N(0, 0.01²) noise, or the spectrum that reproduces ``start`` (C×H×W, [0, 1])."""
+        shape = (self.channels, self.height, self.width // 2 + 1, 2)
+        if start is None:
+            return torch.randn(shape, generator=generator) * 0.01
+        p = start.float().clamp(0, 1)
+        logit = torch.log((p + _LOGIT_EPS) / (1 - p + _LOGIT_EPS))
+        spectrum = torch.fft.rfft2(_decorrelate(logit)) / self.scale
+        return torch.view_as_real(spectrum).contiguous()
+
+    def image(self, variable: torch.Tensor) -> torch.Tensor:
+        spectrum = torch.view_as_complex(variable) * self.scale.to(variable.device)
+        z = torch.fft.irfft2(spectrum, s=(self.height, self.width))
+        return torch.sigmoid(_recorrelate(z))
+
+
+class PhaseImage:
+    """MACO: a phase variable (C × H × W//2+1) with a fixed amplitude → C×H×W in [0, 1]."""
+
+    def __init__(self, magnitude: torch.Tensor, height: int, width: int) -> None:
+        if magnitude.dim() != 3 or tuple(magnitude.shape[1:]) != (height, width // 2 + 1):
+            raise ValueError(
+                f"the amplitude spectrum must be C×{height}×{width // 2 + 1}, got {tuple(magnitude.shape)}"
+            )
+        self.magnitude = magnitude.float()
+        self.channels, self.height, self.width = magnitude.shape[0], height, width
+
+    def init(self, generator: torch.Generator, start: torch.Tensor | None = None) -> torch.Tensor:
+        """The variable: phases uniform in [−π, π), or the phase of ``start`` (C×H×W, [0, 1])."""
+        if start is None:
+            uniform = torch.rand((self.channels, self.height, self.width // 2 + 1), generator=generator)
+            return (uniform * 2 - 1) * math.pi
+        return torch.angle(torch.fft.rfft2(_decorrelate(start.float())))
+
+    def image(self, variable: torch.Tensor) -> torch.Tensor:
+        # Standardized as in MACO, but to the spread of a uniform phase (std π/√3) rather than 1:
+        # phases of std 1 rad are mostly near 0, so every frequency peaks at the origin and the
+        # image gets a bright corner and lines along the axes through it.
+        phase = _standardize(variable) * _UNIFORM_PHASE_STD
+        magnitude = self.magnitude.to(variable.device)
+        spectrum = torch.polar(magnitude, phase)
+        z = _standardize(torch.fft.irfft2(spectrum, s=(self.height, self.width)))
+        return torch.sigmoid(_recorrelate(z))
+
+
+def mean_amplitude(images: torch.Tensor, channels: int = 3) -> torch.Tensor:
+    """The mean |rfft2| of natural images (N×3×H×W in [0, 1]) in the decorrelated colour space
+    the phase parameterization works in (C × H × W//2+1); grey for ``channels`` = 1."""
+    if images.dim() != 4 or images.shape[0] < 1:
+        raise ValueError("the amplitude spectrum needs at least one N×C×H×W image")
+    if channels == 1:
+        planes = images.float().mean(dim=1, keepdim=True)
+    elif images.shape[1] == 3 and channels == 3:
+        planes = torch.stack([_decorrelate(im) for im in images.float()])
+    else:
+        raise ValueError(f"amplitude spectra are computed for 1 or 3 channels, not {channels}")
+    planes = planes - planes.mean(dim=(2, 3), keepdim=True)
+    # A photograph is not periodic: its FFT puts the jump between opposite borders into a bright
+    # cross on the frequency axes, which a fixed amplitude would paint into every image as a grid
+    # of lines. The Hann window removes the jump (the periodic image gets the photos' texture).
+    h, w = planes.shape[-2:]
+    window = torch.hann_window(h, periodic=False)[:, None] * torch.hann_window(w, periodic=False)[None, :]
+    return torch.fft.rfft2(planes * window).abs().mean(dim=0)
+
+
+def to_energy(image01: torch.Tensor, mean_rgb255: torch.Tensor) -> torch.Tensor:
+    """C×H×W (or B×C×H×W) in [0, 1] → mean-subtracted 0–255 RGB (3 channels)."""
+    batched = image01 if image01.dim() == 4 else image01[None]
+    if batched.shape[1] == 1:
+        batched = batched.expand(-1, 3, -1, -1)
+    elif batched.shape[1] != 3:
+        batched = batched[:, :3]
+    out = batched * 255.0 - mean_rgb255.to(batched.device, batched.dtype).view(1, 3, 1, 1)
+    return out if image01.dim() == 4 else out[0]
+
+
+def from_energy(x: torch.Tensor, mean_rgb255: torch.Tensor, channels: int) -> torch.Tensor:
+    """3×H×W energy space → C×H×W in [0, 1] (grey: the channel mean)."""
+    rgb = ((x.float() + mean_rgb255.view(3, 1, 1).to(x.device)) / 255.0).clamp(0, 1)
+    return rgb.mean(dim=0, keepdim=True) if channels == 1 else rgb
+
+
+def make_parameterization(
+    name: ParameterizationName,
+    *,
+    channels: int,
+    height: int,
+    width: int,
+    decay: float = 1.0,
+    magnitude: torch.Tensor | None = None,
+) -> FourierImage | PhaseImage:
+    """The parameterization ``name`` (not ``pixel``, which the minimizer handles itself)."""
+    if name == "fourier":
+        return FourierImage(channels, height, width, decay)
+    if name == "phase":
+        if magnitude is None:
+            raise ValueError("the phase parameterization needs an amplitude spectrum (mean_amplitude of photographs)")
+        if magnitude.shape[0] != channels:
+            raise ValueError(f"the amplitude spectrum has {magnitude.shape[0]} channels, the image {channels}")
+        return PhaseImage(magnitude, height, width)
+    raise ValueError(f"unknown parameterization {name!r}; choose from pixel, fourier, phase")
+
