@@ -134,6 +134,11 @@ class EnergyParams:
             )
         if not natural and self.optimizer == "nadam":
             raise ValueError("nadam works with the fourier and phase parameterizations; pixels take paper or adam")
+        if natural and self.learning_rate is not None and self.learning_rate > 1e3:
+            raise ValueError(
+                f"learning_rate {self.learning_rate:g} is too large for the {self.parameterization} parameterization "
+                f"(its variable is O(1); the default is {DEFAULT_VARIABLE_LR[self.parameterization]:g}); use ≤ 1000"
+            )
         if not 1 <= self.copies <= 64:
             raise ValueError(f"copies must be in 1…64 (got {self.copies})")
         if not 0 <= self.translate <= 1024:

@@ -129,8 +129,8 @@ def test_pixel_and_natural_rows_share_one_batch() -> None:
     net = _net()
     shape = net(torch.zeros(1, 3, 32, 32))[0].shape
     w = channel_weights(shape, 1)
-    natural = Problem(Objective.maximize(w), preset_params("natural", "maximize", steps=6,
-                                                           parameterization="fourier", optimizer="adam"), seed=1)  # fmt: skip
+    settings = preset_params("natural", "maximize", steps=6, parameterization="fourier", optimizer="adam")
+    natural = Problem(Objective.maximize(w), settings, seed=1)
     paper = Problem(Objective.maximize(w), preset_params("paper", "maximize", steps=6), seed=2)
     assert batch_signature([natural], 32, 32, 4) == batch_signature([paper], 32, 32, 4)
     assert network_rows([natural, paper]) == natural.params.copies + 1

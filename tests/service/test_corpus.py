@@ -326,7 +326,9 @@ def corpus() -> list[Case]:
         Case("refine_steps int32 max", maximize([0], steps=1, refine_steps=I32), EXHAUSTED, "steps"),
         Case("jitter uint32 max", maximize([0], jitter=U32), INVALID, "jitter"),
         # Legal, if silly: the bound projection keeps the image finite, so it is an (ugly) answer.
-        Case("learning_rate 1e308", maximize([0], learning_rate=1e308), OK),
+        Case("learning_rate 1e308", maximize([0], learning_rate=1e308, preset=pb.PRESET_PAPER), OK),
+        # A parameterized image's variable is O(1): such a rate is refused with the default to use.
+        Case("learning_rate 1e308 natural", maximize([0], learning_rate=1e308), INVALID, "learning_rate"),
         Case("learning_rate -inf", maximize([0], learning_rate=float("-inf")), INVALID, "finite"),
         Case("loss_weight NaN", maximize([0], loss_weight=nan), INVALID, "finite"),
         Case("beta 0", maximize([0], beta=0.0), INVALID, "beta"),

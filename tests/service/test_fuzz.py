@@ -183,13 +183,15 @@ TAPS = st.one_of(st.sampled_from(["relu2", "conv1", "fc", "logits", "r2", "relu1
 
 @st.composite
 def energy(draw: st.DrawFn) -> pb.EnergyParams:
-    msg = pb.EnergyParams(optimizer=draw(st.sampled_from([0, 1, 2, 3, -1, 2**31 - 1])))
+    msg = pb.EnergyParams()
     for f in pb.EnergyParams.DESCRIPTOR.fields:
-        if f.name == "optimizer" or not draw(st.booleans()):
+        if not draw(st.booleans()):
             continue
-        if f.name in ("steps", "refine_steps"):  # keep most jobs tiny; extremes still drawn
+        if f.type == f.TYPE_ENUM:  # known values, the unspecified 0, and values no enum has
+            value = draw(st.sampled_from([0, 1, 2, 3, 4, -1, 2**31 - 1]))
+        elif f.name in ("steps", "refine_steps"):  # keep most jobs tiny; extremes still drawn
             value = draw(st.one_of(st.integers(-3, 4), I32))
-        elif f.name == "jitter":
+        elif f.name in ("jitter", "copies"):
             value = draw(st.one_of(st.integers(0, 40), U32))
         else:
             value = draw(FLOATS)

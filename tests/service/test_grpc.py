@@ -156,12 +156,17 @@ def test_caricature_feature_error_matches_onnxruntime(client: PreimageClient, ti
 def test_maximize_objective_matches_onnxruntime(client: PreimageClient, tiny: pb.Model) -> None:
     # Maximization has no Φ0, so the figure to check is the objective ⟨Φ(x*), w⟩ with
     # w = one-hot at the centre / (ρ² M_k) (ρ = 7 for conv2; M_k given as 1 instead of measured).
-    run = client.maximize("tiny", "conv2", [3, (5, 2, 9)], channel_max=1.0, **FAST).wait()
+    run = client.maximize("tiny", "conv2", [3, (5, 2, 9)], channel_max=1.0, preset="paper", **FAST).wait()
     assert [r.description for r in run.results] == ["channel 3", "neuron 5 at (2, 9)"]
     for (c, y, x), result in zip([(3, 8, 8), (5, 2, 9)], run.results, strict=True):
         phi = features(TINY, "c2", decode(result.png))
         assert phi[c, y, x] / 49 == pytest.approx(result.objective_value, rel=1e-3, abs=1e-6)
         assert not result.HasField("feature_error")
+    # The natural preset reads a channel's mean over the map, scaled 1/M_k.
+    (mean,) = client.maximize("tiny", "conv2", [3], channel_max=1.0, **FAST).wait().results
+    assert mean.resolved.params.spatial == pb.SPATIAL_MEAN
+    phi = features(TINY, "c2", decode(mean.png))
+    assert float(phi[3].mean()) == pytest.approx(mean.objective_value, rel=1e-3, abs=1e-6)
     # A class logit of the global output works the same way.
     (logit,) = client.maximize("tiny", "fc", [4], **FAST).wait().results
     assert logit.objective_value > 0
