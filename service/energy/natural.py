@@ -57,7 +57,8 @@ class NaturalRow:
         self.mean = mean_rgb255.to(device)
         seed = int(problem.seed)
         self.generator = torch.Generator().manual_seed(seed)  # init and view geometry
-        self.noise_generator = torch.Generator(device=device).manual_seed((seed + 1) % 2**64)  # view noise, on the device
+        # The view noise is drawn on the device.
+        self.noise_generator = torch.Generator(device=device).manual_seed((seed + 1) % 2**64)
         self.parameterization = make_parameterization(
             params.parameterization, channels=channels, height=height, width=width,
             decay=params.fourier_decay, magnitude=magnitude,
