@@ -3,7 +3,9 @@ another, on one server (bundled EfficientNet-Lite0). One run, one ratio:
 
     concurrent wall time / sequential wall time      (target ≤ 0.6 on CPU, ≤ 0.2 on a GPU)
 
-    python bench/batching.py [--jobs 8] [--tap /_blocks.7/Add] [--size 128] [--steps 40]
+    python bench/batching.py [--jobs 8] [--tap /_blocks.7/Add] [--size 128] [--steps 40] [--preset mixed]
+
+``--preset mixed`` (the default) alternates paper and natural jobs: they share batches.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--preset", choices=["paper", "natural", "mixed"], default="mixed")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as store:
         running = start_server("127.0.0.1:0", ServerConfig(store_dir=Path(store), device=args.device))
@@ -34,10 +37,14 @@ def main() -> None:
             options = dict(height=args.size, width=args.size, steps=args.steps, report_every=0)
 
             def job(channel: int) -> None:
-                run = client.maximize("efficientnet_lite0", args.tap, [channel], seed=channel, **options).wait()
+                preset = args.preset if args.preset != "mixed" else ("paper", "natural")[channel % 2]
+                run = client.maximize(
+                    "efficientnet_lite0", args.tap, [channel], seed=channel, preset=preset, **options
+                ).wait()
                 assert len(run.results) == 1
 
             job(0)  # warm-up: conversion, channel statistics, first-step allocations
+            job(1)
             start = time.perf_counter()
             for channel in range(args.jobs):
                 job(channel)
@@ -51,7 +58,7 @@ def main() -> None:
             concurrent = time.perf_counter() - start
             sizes = list(getattr(running.servicer.scheduler, "batch_sizes", []))
             print(
-                f"{args.jobs} Maximize jobs, tap {args.tap}, {args.size}px, {args.steps} steps, device "
+                f"{args.jobs} Maximize jobs ({args.preset}), tap {args.tap}, {args.size}px, {args.steps} steps, device "
                 f"{running.servicer.device}: sequential {sequential:.1f} s, concurrent {concurrent:.1f} s"
                 + (f", largest batch {max(sizes)}" if sizes else "")
             )

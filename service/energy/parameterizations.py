@@ -137,7 +137,27 @@ def mean_amplitude(images: torch.Tensor, channels: int = 3) -> torch.Tensor:
     # of lines. The Hann window removes the jump (the periodic image gets the photos' texture).
     h, w = planes.shape[-2:]
     window = torch.hann_window(h, periodic=False)[:, None] * torch.hann_window(w, periodic=False)[None, :]
-    return torch.fft.rfft2(planes * window).abs().mean(dim=0)
+    amplitude = torch.fft.rfft2(planes * window).abs().mean(dim=0)
+    # Half-way (in log amplitude) to the orientation average: a few photographs carry a few strong
+    # orientations (a rocket's edges, a brick wall's rows) that a fixed amplitude stamps into every
+    # image as streaks, while the fully isotropic amplitude gives objects that read as fur (measured
+    # on the bundled model: docs/energy.md).
+    return torch.sqrt(amplitude * _radial_mean(amplitude, w))
+
+
+def _radial_mean(amplitude: torch.Tensor, width: int) -> torch.Tensor:
+    """Each rfft2 bin (C × H × width//2+1) replaced by the mean over the bins at the same radial
+    frequency, per channel."""
+    height = amplitude.shape[1]
+    fy = torch.fft.fftfreq(height)[:, None]
+    fx = torch.fft.rfftfreq(width)[None, :]
+    # Radius in cycles per image of the shorter side, so non-square images bin consistently.
+    side = min(height, width)
+    bins = torch.sqrt((fy * side) ** 2 + (fx * side) ** 2).round().long().flatten()
+    count = torch.bincount(bins).clamp_min(1).float()
+    flat = amplitude.reshape(amplitude.shape[0], -1)
+    sums = torch.zeros(amplitude.shape[0], count.numel()).index_add_(1, bins, flat)
+    return (sums / count)[:, bins].reshape(amplitude.shape)
 
 
 def to_energy(image01: torch.Tensor, mean_rgb255: torch.Tensor) -> torch.Tensor:

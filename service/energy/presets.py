@@ -44,9 +44,16 @@ _NATURAL: dict[Task, dict[str, Any]] = {
         "steps": 128,
         "spatial": "mean",
     },
+    # The caricature's target Φ0⁺ is a map aligned with the photograph: zoomed crops would ask for
+    # its features everywhere, so its views only shift, turn and scale a little.
     "caricature": {
         **_NATURAL_VIEWS,
-        "crop_end": 0.7,
+        "copies": 2,
+        "crop_end": 1.0,
+        "rotate": 5.0,
+        "translate": 4.0,
+        "scale_min": 0.95,
+        "scale_max": 1.05,
         "parameterization": "fourier",
         "optimizer": "adam",
         "steps": 128,

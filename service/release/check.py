@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,8 @@ import torch
 from converters.parity import ParityReport, check_parity, computing_taps, default_taps
 from converters.taps import TapInfo
 from service.energy import EnergyParams, Objective, Problem, channel_statistics, channel_weights, minimize
-from service.jobs.reference import effective_receptive_field, reference_batch
+from service.energy.presets import preset_params
+from service.jobs.reference import amplitude_spectrum, effective_receptive_field, reference_batch
 from service.release.drift import LayerDrift, layer_drift
 
 Progress = Callable[[str, int, int, str], None]  # (stage, done, total, message)
@@ -164,19 +165,23 @@ def render_layer(
         phi0 = phi(starts.to(device)).float().cpu()
     shape = tuple(phi0.shape[1:])
     rf = effective_receptive_field(tap.receptive_field_yx, h, w)
+    # The visual record uses each task's default preset (natural Maximize, paper inversion), so the
+    # report shows what a user of the service would see.
     params = EnergyParams(steps=preset.steps, refine_steps=preset.steps // 6)
+    natural = preset_params("natural", "maximize", steps=preset.steps)
     problems: list[Problem] = []
     labels: list[tuple[str, str, int]] = []
     for i, c in enumerate(channels):
-        weights = channel_weights(shape, c, receptive_field=rf, channel_max=float(stats[c]))
-        problems.append(Problem(Objective.maximize(weights), replace(params, refine_steps=0), seed=seed + i))
+        weights = channel_weights(shape, c, receptive_field=rf, channel_max=float(stats[c]), spatial=natural.spatial)
+        problems.append(Problem(Objective.maximize(weights), natural, seed=seed + i))
         labels.append(("maximize", f"channel {c}", seed + i))
     for j, name in enumerate(preset.photos):
         s = seed + 1000 + j
         problems.append(Problem(Objective.invert(phi0[j]), params, seed=s))
         labels.append(("invert", name, s))
+    channels_in = model.preprocessing.channels
     results = minimize(phi, problems, height=h, width=w, stride=tap.stride, mean_rgb255=mean, device=device,
-                       should_stop=should_stop)
+                       should_stop=should_stop, channels=channels_in, magnitude=amplitude_spectrum(h, w, channels_in))
     if any(r.stopped for r in results):
         raise CheckCancelled()
     return [
