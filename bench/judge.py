@@ -42,7 +42,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from converters.bundled import _BN_EPS, _STAGES, IMAGENET_MEAN, IMAGENET_STD, _MBConv, _SameConv
+from converters.bundled import _BN_EPS, _STAGES, IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite0, _MBConv, _SameConv
 
 MODEL_NAME = "efficientnet_lite1"
 INPUT_SIZE = 240
@@ -121,12 +121,8 @@ class EfficientNetLite(nn.Module):
         self._fc = nn.Linear(1280, num_classes)
         self.act = nn.ReLU6()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self._bn0(self._conv_stem(self._stem_pad(x))))
-        for block in self._blocks:
-            x = block(x)
-        x = self.act(self._bn1(self._conv_head(x)))
-        return self._fc(x.mean(dim=(2, 3)))
+    # The same attributes as Lite0, so the same forward pass.
+    forward = EfficientNetLite0.forward
 
 
 def _weights_path() -> Path:

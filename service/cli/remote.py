@@ -33,7 +33,7 @@ from service.rpc.messages import model_dict, preprocessing_dict
 DEFAULT_SERVER = "localhost:50051"
 ALL_COMMANDS = ("upload", "models", "taps", "delete", "invert", "maximize", "caricature")
 _ENERGY_HELP = {
-    "loss_weight": "C, weight of the loss (default 300 invert, 3e4 maximize, 100 caricature)",
+    "loss_weight": "C, weight of the loss (paper: 300 invert, 3e4 maximize, 100 caricature; fourier/phase: 1)",
     "alpha": "α of the α-norm (default 6)",
     "lambda_alpha": "λ_α (default 1)",
     "beta": "β of TV^β (default 2)",
@@ -45,7 +45,7 @@ _ENERGY_HELP = {
     "steps": "first-stage steps (default 300)",
     "refine_steps": "second-stage steps (default 50 invert, 0 otherwise)",
     "refine_lr_scale": "second-stage learning-rate factor (default 0.1)",
-    "learning_rate": "η (default H·W·0.05·B²/α)",
+    "learning_rate": "η (paper: H·W·0.05·B²/α; adam on pixels 4; fourier 0.05; phase 1)",
     "momentum": "momentum (default 0.9)",
     "decay": "decay of G (default 0.9)",
     "optimizer": "update rule (default: the preset's; paper for pixels, nadam/adam otherwise)",

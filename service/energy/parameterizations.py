@@ -128,7 +128,10 @@ def mean_amplitude(images: torch.Tensor, channels: int = 3) -> torch.Tensor:
     if channels == 1:
         planes = images.float().mean(dim=1, keepdim=True)
     elif images.shape[1] == 3 and channels == 3:
-        planes = torch.stack([_decorrelate(im) for im in images.float()])
+        # Grey photographs carry no colour: averaged in, they would thin the colour channels'
+        # amplitude and wash every image out. They count for colour models only when all are grey.
+        colour = [im for im in images.float() if float((im - im.mean(dim=0, keepdim=True)).abs().max()) > 1e-3]
+        planes = torch.stack([_decorrelate(im) for im in (colour or list(images.float()))])
     else:
         raise ValueError(f"amplitude spectra are computed for 1 or 3 channels, not {channels}")
     planes = planes - planes.mean(dim=(2, 3), keepdim=True)

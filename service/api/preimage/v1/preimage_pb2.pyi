@@ -863,7 +863,9 @@ class EnergyParams(_message.Message):
     DIVERSITY_FIELD_NUMBER: _builtins.int
     SPATIAL_FIELD_NUMBER: _builtins.int
     loss_weight: _builtins.float
-    """C, the weight of the loss term. Default: 300 for inversion, 3e4 for maximization, 100 for caricature."""
+    """C, the weight of the loss term. Default for pixels: 300 for inversion, 3e4 for maximization,
+    100 for caricature; 1 for the fourier and phase parameterizations (no other prior by default).
+    """
     alpha: _builtins.float
     """alpha, the exponent of the alpha-norm regularizer. Default 6."""
     lambda_alpha: _builtins.float
@@ -889,7 +891,9 @@ class EnergyParams(_message.Message):
     optimizer: Global___Optimizer.ValueType
     """Update rule. Default: the paper's."""
     learning_rate: _builtins.float
-    """eta, the learning rate. Default H*W*0.05*B^2/alpha for the paper's rule, 4 (pixels) for Adam."""
+    """eta, the learning rate. Default H*W*0.05*B^2/alpha for the paper's rule, 4 (pixels) for Adam on
+    pixels, 0.05 for fourier, 1 for phase (at most 1000 for those two: their variable is O(1)).
+    """
     momentum: _builtins.float
     """Momentum (Adam: beta1). Default 0.9."""
     decay: _builtins.float
