@@ -10,7 +10,8 @@
         run.results[0].png           # bytes of the PNG
 
 Every keyword of ``EnergyParams`` in SPEC.md (``loss_weight``, ``alpha``, ``steps``, ...) can be
-passed to invert/maximize/caricature; unset ones take the paper's defaults on the server.
+passed to invert/maximize/caricature; unset ones take the defaults of the request's preset on the
+server (``preset=``: natural for Maximize and Caricature, paper for Invert).
 """
 
 from __future__ import annotations
