@@ -21,7 +21,9 @@ class JobLimits:
 class SchedulerLimits:
     """Bounds of one batch and of the queue; defaults suit a 2-core CPU box (raise them on a GPU)."""
 
-    max_rows: int = 16  # images the network runs per batch (a parameterized problem counts its views)
+    # Images the network runs per batch (a parameterized problem counts its views); max_pixels is
+    # the memory bound at large sizes, this one at small sizes.
+    max_rows: int = 32
     max_pixels: int = 16 * 224 * 224  # Σ H·W over a batch's rows
     max_total_pixels: int = 64 * 224 * 224  # Σ H·W over every running row
     max_queued: int = 32  # jobs waiting for admission

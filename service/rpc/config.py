@@ -58,7 +58,7 @@ HELP: dict[str, str] = {
     "metrics_address": "interface the metrics endpoint listens on (`0.0.0.0` in a container, for Prometheus)",
     "shutdown_grace": "seconds from SIGTERM to exit: running jobs may finish, then are cancelled (UNAVAILABLE)",
     "batch_invariant": "results independent of who shares a batch (CPU: batches padded to 4 rows; lone jobs 2.5×)",
-    "scheduler.max_rows": "images optimized together in one batch",
+    "scheduler.max_rows": "images the network runs in one batch (a fourier/phase job counts its views)",
     "scheduler.max_pixels": "Σ H·W of one batch's images (stands in for activation memory)",
     "scheduler.max_total_pixels": "Σ H·W of every running image, over all batches",
     "scheduler.max_queued": "jobs waiting for admission before RESOURCE_EXHAUSTED",
