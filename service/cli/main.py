@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from service.cli import remote as cli_remote
+import service.cli.remote as cli_remote
 from service.cli.check import add_check_command
 from service.cli.remote import add_energy_arguments, add_remote_commands, add_server_argument
 from service.cli.resolve import default_store, resolve_image, resolve_model, token_from_env
