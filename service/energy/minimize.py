@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from service.energy.natural import NaturalRow, diversity_penalty, gram
+from service.energy.natural import NaturalRow, diversity_penalty, gram, records_at
 from service.energy.objectives import Objective, batched_loss, feature_error
 from service.energy.optimizers import adam_update_, paper_update_
 from service.energy.params import EnergyParams
@@ -133,7 +133,7 @@ class _Row:
     def records(self, step: int) -> bool:
         """Whether the energy terms are recorded at ``step`` (1-based): the first and last steps,
         and every ``record_every``-th."""
-        return step in (1, self.total) or (self.record_every > 0 and step % self.record_every == 0)
+        return records_at(step, self.total, self.record_every)
 
 
 @dataclass

@@ -20,6 +20,12 @@ from service.energy.regularizers import alpha_norm, total_variation
 from service.energy.transforms import views
 
 
+def records_at(step: int, total: int, record_every: int) -> bool:
+    """Whether a row records its energy terms at ``step`` (1-based): the first and last steps, and
+    every ``record_every``-th (pixel and parameterized rows alike)."""
+    return step in (1, total) or (record_every > 0 and step % record_every == 0)
+
+
 def make_optimizer(params: EnergyParams, variable: torch.Tensor, lr_scale: float = 1.0) -> torch.optim.Optimizer:
     """The row's optimizer: Adam or NAdam with β1 = momentum and β2 = 1 − (1 − decay)/100 (0.999
     at the default), as the pixel Adam."""
@@ -89,7 +95,7 @@ class NaturalRow:
         return self.step >= self.params.steps
 
     def records(self, step: int) -> bool:
-        return step in (1, self.total) or (self.record_every > 0 and step % self.record_every == 0)
+        return records_at(step, self.total, self.record_every)
 
     def image(self) -> torch.Tensor:
         """The current image in energy space (3×H×W), differentiable in the variable."""

@@ -87,7 +87,3 @@ def preset_params(name: str | None, task: Task, **overrides: Any) -> EnergyParam
     base = {} if chosen == "paper" else dict(_NATURAL[task])
     base.update(overrides)
     return replace(EnergyParams(), **base)
-
-
-def default_preset(task: Task) -> str:
-    return DEFAULT_PRESET[task]
