@@ -20,6 +20,7 @@ from converters.representation import Preprocess, Representation
 from converters.spec import Preprocessing
 from converters.taps import TapInfo, compute_taps
 from converters.truncate import truncate_fx
+from converters.upgrade import Upgrade, upgrade
 
 # When the input's height/width are dynamic, taps (shapes, strides) are described at this size.
 NOMINAL_SIZE = 224
@@ -28,8 +29,15 @@ NOMINAL_SIZE = 224
 class ConvertedModel:
     """A normalized ONNX model plus the torch representations of its taps (built lazily, cached)."""
 
-    def __init__(self, onnx_model: onnx.ModelProto, preprocessing: Preprocessing, input_name: str,
-                 taps: list[TapInfo], preprocessing_source: str, batch: int | None = None):
+    def __init__(
+        self,
+        onnx_model: onnx.ModelProto,
+        preprocessing: Preprocessing,
+        input_name: str,
+        taps: list[TapInfo],
+        preprocessing_source: str,
+        batch: int | None = None,
+    ):
         self.onnx = onnx_model
         self.preprocessing = preprocessing
         self.preprocessing_source = preprocessing_source  # "uploader" | "metadata" | "default"
@@ -49,6 +57,10 @@ class ConvertedModel:
         self._lock = threading.RLock()
         self.parity = None  # converters.parity.ParityReport once verified
         self._full: torch.fx.GraphModule | None = None
+        # What was upgraded in the uploaded file (IR, opset) and, when anything was, the file as
+        # uploaded: the judge runs it, so a faulty upgrade is caught like a faulty conversion.
+        self.upgrade: Upgrade | None = None
+        self.reference: onnx.ModelProto | None = None
 
     @property
     def output_tap(self) -> TapInfo:
@@ -60,8 +72,9 @@ class ConvertedModel:
         """A tap by ONNX value name, node alias, or torch module path (the module's output)."""
         if isinstance(name_or_alias, TapInfo):
             return self._by_name[name_or_alias.name]
-        tap = (self._by_name.get(name_or_alias) or self._by_alias.get(name_or_alias)
-               or self._by_module.get(name_or_alias))
+        tap = (
+            self._by_name.get(name_or_alias) or self._by_alias.get(name_or_alias) or self._by_module.get(name_or_alias)
+        )
         if tap is None:
             known = [*self._by_module, *(t.alias for t in self.taps), *(t.name for t in self.taps)]
             raise UnknownTap(name_or_alias, known)
@@ -112,8 +125,10 @@ def check_value_sizes(shaped: onnx.ModelProto, limits: LoadLimits, hw: tuple[int
         for d in dims:
             n *= d.dim_value
         if n > limits.max_value_elements:
-            raise ModelError(f"value {vi.name!r} would hold {n:.3g} elements ({[d.dim_value for d in dims]}) "
-                             f"for one {hw[0]}×{hw[1]} image; the limit is {limits.max_value_elements:.3g}")
+            raise ModelError(
+                f"value {vi.name!r} would hold {n:.3g} elements ({[d.dim_value for d in dims]}) "
+                f"for one {hw[0]}×{hw[1]} image; the limit is {limits.max_value_elements:.3g}"
+            )
 
 
 def check_supported_ops(model: onnx.ModelProto) -> None:
@@ -128,8 +143,10 @@ def check_supported_ops(model: onnx.ModelProto) -> None:
         except NotImplementedError:
             missing.add(node.op_type)
     if missing:
-        raise ModelError(f"the model uses ONNX ops that cannot be converted to torch at opset "
-                         f"{opset.get('', '?')}: {', '.join(sorted(missing))} (see docs/supported_ops.md)")
+        raise ModelError(
+            f"the model uses ONNX ops that cannot be converted to torch at opset "
+            f"{opset.get('', '?')}: {', '.join(sorted(missing))} (see docs/supported_ops.md)"
+        )
 
 
 def load_model(
@@ -145,6 +162,8 @@ def load_model(
     (``converters.parity``); a mismatch raises ParityError (a ModelError) carrying the report, which
     is kept as ``model.parity`` otherwise. Pass ``verify=False`` only for models already verified."""
     model = load_untrusted(data, limits or LoadLimits())
+    uploaded = model
+    model, upgraded = upgrade(model)
     model = normalize(model, copy=False)
     input_name, spec = detect_input(model)
     pre, source = resolve_preprocessing(model, spec, preprocessing)
@@ -156,6 +175,9 @@ def load_model(
     if not taps:
         raise ModelError("the model has no floating-point tensors that depend on its image input")
     converted = ConvertedModel(model, pre, input_name, taps, source, spec.batch)
+    converted.upgrade = upgraded
+    if upgraded.changed:
+        converted.reference = uploaded
     if verify:
         from converters.parity import verify as verify_parity
 
