@@ -3,9 +3,10 @@
     preimage check release.onnx --baseline previous.onnx --out report/ --max-drift 0.05
     preimage check release.onnx --out report/ --server preimage.internal:50051   # on a GPU server
 
-Without ``--server`` the check runs in this process, on the ONNX files themselves: the models are
-loaded without the upload's parity gate, because the check's own parity section is the judge and a
-release that fails it still deserves a report that says where. With ``--server`` the files are
+Without a server (``--server`` or ``$PREIMAGE_SERVER``) the check runs in this process, on the
+ONNX files themselves: the models are loaded without the upload's parity gate, because the
+check's own parity section is the judge and a release that fails it still deserves a report
+that says where. With ``--server`` the files are
 uploaded (a model whose parity is broken is refused there, with the taps named) and the server's
 CheckRelease RPC renders the same report.
 
@@ -21,8 +22,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from service.cli import args as types
 from service.cli.remote import add_server_argument
-from service.cli.resolve import resolve_model, token_from_env
+from service.cli.resolve import resolve_model, server_address, token_from_env
 
 _LIMIT_FLAGS = {
     "parity_tolerance": "largest relative error vs onnxruntime at any tap (default 1e-4 for float32)",
@@ -33,18 +35,27 @@ _LIMIT_FLAGS = {
 }
 
 
+DESCRIPTION = (
+    "Gate a model release in CI: parity against onnxruntime at every tap, a visual report "
+    "(report.html, check.json) and, with --baseline, drift from the previous release. Without a server "
+    "(--server or $PREIMAGE_SERVER) the check runs in this process on the ONNX files themselves."
+)
+EXIT_STATUS = "Exit status: 0 parity holds and drift is within the limits, 1 the check failed, 2 it could not run."
+
+
 def add_check_command(sub: Any) -> None:
     p = sub.add_parser("check", help="check a model release: parity, visual report, drift from a baseline",
-                       description=__doc__.split("\n\n")[0])
-    p.add_argument("model", help="the release: an .onnx file (or a bundled/server model name)")
-    p.add_argument("--baseline", default=None, help="the previous release, for drift figures")
+                       description=DESCRIPTION, epilog=EXIT_STATUS)
+    p.add_argument("model", type=types.model_ref, help="the release: an .onnx file (or a bundled/server model name)")
+    p.add_argument("--baseline", default=None, type=types.model_ref,
+                   help="the previous release, for drift figures (on a server: a name, an id or NAME:previous)")
     p.add_argument("--out", required=True, help="folder for report.html and check.json")
     p.add_argument("--preset", default="small", choices=("small", "full"),
                    help="small: CPU in minutes (default); full: the paper's 300 steps at 224 px, for GPUs")
     p.add_argument("--tap", action="append", default=[], help="layer to visualize (repeatable; default: spread)")
     for name, text in _LIMIT_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=None, help=text)
-    p.add_argument("--seed", type=int, default=0, help="seed of every visualization (default 0)")
+        p.add_argument("--" + name.replace("_", "-"), type=types.nonneg_float, default=None, metavar="X", help=text)
+    p.add_argument("--seed", type=types.nonneg_int, default=0, help="seed of every visualization (default 0)")
     p.add_argument("--device", default=None, help="local runs: cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print the JSON summary instead of the verdict lines")
     add_server_argument(p)
@@ -52,11 +63,8 @@ def add_check_command(sub: Any) -> None:
 
 
 def _limits(args: argparse.Namespace) -> dict[str, float]:
-    given = {name: getattr(args, name) for name in _LIMIT_FLAGS if getattr(args, name) is not None}
-    for name, value in given.items():
-        if not value >= 0:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be ≥ 0")
-    return given
+    # argparse checked each value (finite, ≥ 0).
+    return {name: getattr(args, name) for name in _LIMIT_FLAGS if getattr(args, name) is not None}
 
 
 def _progress(stage: str, done: int, total: int, message: str) -> None:
@@ -91,7 +99,7 @@ def _run_local(args: argparse.Namespace, limits: dict[str, float]) -> tuple[dict
 def _run_remote(args: argparse.Namespace, limits: dict[str, float]) -> tuple[dict, str]:
     from service.client import PreimageClient
 
-    with PreimageClient(args.server, token=token_from_env()) as client:
+    with PreimageClient(server_address(args.server), token=token_from_env()) as client:
         model = resolve_model(client, args.model, args.json)
         baseline = resolve_model(client, args.baseline, args.json) if args.baseline else None
 
@@ -112,12 +120,12 @@ def run_check_command(args: argparse.Namespace) -> int:
 
     limits = _limits(args)
     try:
-        data, page = _run_remote(args, limits) if args.server else _run_local(args, limits)
+        data, page = _run_remote(args, limits) if server_address(args.server) else _run_local(args, limits)
     except grpc.RpcError as err:
-        print(f"error ({err.code().name}): {err.details()}", file=sys.stderr)
+        print(f"error ({err.code().name}): {' '.join((err.details() or '').split())}", file=sys.stderr)
         return 2
     except (ModelError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,23 +1,27 @@
-"""The command line's remote half: subcommands that talk to a preimage server.
+"""The command line's server half: subcommands that talk to a preimage server.
+
+Every command here follows the one rule of service/cli/resolve.py: ``--server ADDR``, else
+``$PREIMAGE_SERVER``, else an embedded server on the local store (service/cli/embedded.py).
 
 Wiring (as service/cli/main.py does it)::
 
     from service.cli.remote import add_remote_commands, add_server_argument, add_energy_arguments
-    add_remote_commands(subparsers, skip={"models", "invert", ...})  # the ones main.py defines locally
-    add_server_argument(local_invert_parser)   # then: if args.server: return run_remote(args)
+    add_remote_commands(subparsers, skip={"invert", ...})  # the ones main.py defines with flags
+    add_server_argument(local_invert_parser)
 
-Every subcommand here sets ``args.func``; ``run_remote(args)`` runs the remote version of a local
-command whose parser also went through ``add_server_argument`` and uses the same argument names
-(``model``, ``tap``, ``images``, ``out``, ``json`` and the energy flags of ``add_energy_arguments``).
-``--json`` prints the same object as the local commands:
+Every subcommand here sets ``args.func``; ``run_remote(args)`` runs ``COMMANDS[args.command]`` with
+a client. The visualizations take the same argument names in both forms (``model``, ``tap``,
+``images``, ``out``, ``json`` and the energy flags of ``add_energy_arguments``); ``--json`` prints
 ``{"output", "model", "tap", "preprocessing", "terms", "feature_error", ...}``.
+
+Exit status of every command: 0 done; 1 the service failed or refused (unavailable, busy,
+permission, quota); 2 a bad argument, found here or by the server (INVALID_ARGUMENT, NOT_FOUND).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -27,11 +31,15 @@ import grpc
 
 from service.api.enums import ENERGY_ENUMS
 from service.api.preimage.v1 import preimage_pb2 as pb
-from service.cli.resolve import token_from_env
+from service.cli import args as types
+from service.cli.args import EXIT_USAGE, CliParser, UsageError, model_ref, run_cli
+from service.cli.embedded import connect, say
+from service.cli.resolve import SERVER_ENV, image_ref, resolve_image
 from service.rpc.messages import model_dict, preprocessing_dict
 
-DEFAULT_SERVER = "localhost:50051"
-ALL_COMMANDS = ("upload", "models", "taps", "delete", "invert", "maximize", "caricature")
+ALL_COMMANDS = ("upload", "models", "taps", "delete", "share", "invert", "maximize", "caricature")
+# What the server's code says about the arguments: these are the caller's to fix (exit 2).
+USAGE_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
 _ENERGY_HELP = {
     "loss_weight": "C, weight of the loss (paper: 300 invert, 3e4 maximize, 100 caricature; fourier/phase: 1)",
     "alpha": "α of the α-norm (default 6)",
@@ -67,20 +75,12 @@ _ENERGY_HELP = {
 }
 
 
-def default_server() -> str:
-    return os.environ.get("PREIMAGE_SERVER", DEFAULT_SERVER)
+SERVER_HELP = f"preimage server host:port (default: ${SERVER_ENV}, else an embedded server on the local store)"
 
 
-def add_server_argument(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
-    """``--server ADDR``: run against a server instead of locally (default: local, or $PREIMAGE_SERVER
-    when ``required``)."""
-    default_help = f"$PREIMAGE_SERVER or {DEFAULT_SERVER}" if required else "run locally"
-    parser.add_argument(
-        "--server",
-        metavar="ADDR",
-        default=default_server() if required else None,
-        help=f"preimage server host:port (default: {default_help})",
-    )
+def add_server_argument(parser: argparse.ArgumentParser) -> None:
+    """``--server ADDR``; unset: $PREIMAGE_SERVER, else embedded (service/cli/resolve.py)."""
+    parser.add_argument("--server", metavar="ADDR", default=None, help=SERVER_HELP)
 
 
 def add_energy_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,98 +92,140 @@ def add_energy_arguments(parser: argparse.ArgumentParser) -> None:
             choices = list(ENERGY_ENUMS[field.name])
             group.add_argument(flag, choices=choices, default=None, help=_ENERGY_HELP[field.name])
         else:
-            kind = int if field.type in (field.TYPE_INT32, field.TYPE_UINT32) else float
-            group.add_argument(flag, type=kind, default=None, help=_ENERGY_HELP.get(field.name))
+            integral = field.type in (field.TYPE_INT32, field.TYPE_UINT32)
+            kind = types.nonneg_int if integral else types.number
+            group.add_argument(flag, type=kind, default=None, metavar="N" if integral else "X",
+                               help=_ENERGY_HELP.get(field.name))  # fmt: skip
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--height", type=int, default=None, help="output height (default: the model's)")
-    parser.add_argument("--width", type=int, default=None, help="output width (default: the model's)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
-    parser.add_argument("--report-every", type=int, default=None, help="progress every N steps (default 10)")
+    parser.add_argument("--height", type=types.positive_int, default=None, help="output height (default: the model's)")
+    parser.add_argument("--width", type=types.positive_int, default=None, help="output width (default: the model's)")
+    parser.add_argument("--seed", type=types.nonneg_int, default=None, help="random seed (default 0)")
+    parser.add_argument("--report-every", type=types.nonneg_int, default=None,
+                        help="progress every N steps (default 10; 0: none)")  # fmt: skip
     parser.add_argument("--tensor", action="store_true", help="also save the float result as .npy")
     parser.add_argument("-o", "--out", default=None, help="output PNG (several results: PATH-<i>.png + contact sheet)")
-    parser.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    parser.add_argument("--timeout", type=types.positive_float, default=None, help="give up after this many seconds")
+
+
+def add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    """Maximize's targets: --channel and --neuron, checked as they are parsed."""
+    parser.add_argument("--channel", action="append", type=types.channels, default=[], metavar="SPEC",
+                        help="channel(s) or class: 3, 0-15 or 1,4,9 (repeatable)")  # fmt: skip
+    parser.add_argument("--neuron", action="append", type=types.neuron, default=[], metavar="C,Y,X",
+                        help="one neuron: channel,row,column (repeatable)")  # fmt: skip
+    parser.add_argument("--channel-max", type=types.positive_float, default=None,
+                        help="M_k of the paper's normalization (default: measured on reference photos)")  # fmt: skip
 
 
 def add_remote_commands(subparsers: Any, skip: Iterable[str] = ()) -> None:
-    """Register the remote subcommands (all of ALL_COMMANDS except ``skip``)."""
+    """Register the server subcommands (all of ALL_COMMANDS except ``skip``)."""
     skip = set(skip)
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser | None:
+    def command(name: str, help_text: str, description: str | None = None) -> argparse.ArgumentParser | None:
         if name in skip:
             return None
-        p = subparsers.add_parser(name, help=help_text, description=help_text)
-        add_server_argument(p, required=True)
+        p = subparsers.add_parser(name, help=help_text, description=description or help_text)
+        add_server_argument(p)
         p.add_argument("--json", action="store_true", help="print machine-readable JSON")
         p.set_defaults(func=run_remote, command=name)
         return p
 
-    if p := command("upload", "upload an ONNX model to the server"):
-        p.add_argument("file", help="the .onnx file")
+    if p := command("upload", "upload an ONNX model to the store",
+                    "Upload an ONNX model: the server converts it, checks it against onnxruntime and "
+                    "stores it. Uploading the same bytes again answers with the stored model."):  # fmt: skip
+        p.add_argument("file", type=types.existing_file, help="the .onnx file")
         p.add_argument("--name", default=None, help="model name (default: the file name)")
-        p.add_argument("--mean", default=None, help="per-channel mean, e.g. 0.485,0.456,0.406")
-        p.add_argument("--std", default=None, help="per-channel std, e.g. 0.229,0.224,0.225")
-        p.add_argument("--scale", type=float, default=None, help="pixel (0-255) → model multiplier (default 1/255)")
-        p.add_argument("--channel-order", choices=["RGB", "BGR", "GRAY"], default=None)
-        p.add_argument("--labels", default=None, help="text file with one class label per line")
-        p.add_argument("--description", default="")
-    if p := command("models", "list the server's models"):
+        p.add_argument("--mean", type=types.floats, default=None, help="per-channel mean, e.g. 0.485,0.456,0.406")
+        p.add_argument("--std", type=types.floats, default=None, help="per-channel std, e.g. 0.229,0.224,0.225")
+        p.add_argument("--scale", type=types.positive_float, default=None,
+                       help="pixel (0-255) → model multiplier (default 1/255)")  # fmt: skip
+        p.add_argument("--channel-order", choices=["RGB", "BGR", "GRAY"], default=None,
+                       help="colour order of the model's input (default: its metadata, else RGB)")  # fmt: skip
+        p.add_argument("--labels", type=types.existing_file, default=None,
+                       help="text file with one class label per line")  # fmt: skip
+        p.add_argument("--description", default="", help="free text shown by `models`")
+    if p := command("models", "list the models in the store (bundled ones included)"):
         p.add_argument("--prefix", default="", help="only names starting with this")
-    if p := command("taps", "list a model's taps (layers) with shapes, strides, receptive fields"):
-        p.add_argument("model", help="model id, id prefix or name")
-    if p := command("delete", "delete an uploaded model"):
-        p.add_argument("model", help="model id, id prefix or name")
+    if p := command("taps", "list a model's taps (layers) with shapes, strides, receptive fields",
+                    "List the tensors of a model that can be visualized. A tap is named by its ONNX value "
+                    "name (the 'name' column of --json) or by the name of the node producing it (the first "
+                    "column). Torch module paths of the converted graph (e.g. _blocks.9 for a block's "
+                    "output) name taps too: --all lists them."):  # fmt: skip
+        p.add_argument("model", type=model_ref, help="model id, id prefix or name")
+        p.add_argument("--all", action="store_true", help="also list the torch module paths that name a tap")
+    if p := command("delete", "delete an uploaded model from the store"):
+        p.add_argument("model", type=model_ref, help="model id, id prefix or name")
+    if p := command("share", "share one of your models with other tenants, or with everyone",
+                    "Set who else may read and use one of your models (replaces the previous sharing). "
+                    "Sharing is read-only: only the owner deletes or re-shares."):  # fmt: skip
+        p.add_argument("model", type=model_ref, help="model id, id prefix or name")
+        p.add_argument("--with", dest="shared_with", type=types.tenants, default=[], metavar="TENANTS",
+                       help="comma-separated tenants that may use it (default: nobody)")  # fmt: skip
+        public = p.add_mutually_exclusive_group()
+        public.add_argument("--public", dest="public", action="store_true", help="every tenant may use it")
+        public.add_argument("--private", dest="public", action="store_false",
+                            help="only the owner and --with tenants (the default)")  # fmt: skip
     for task, target_help in (("invert", "images to invert"), ("caricature", "start images")):
-        if p := command(task, f"{task} images at a tap on the server"):
-            p.add_argument("model", help="model id, id prefix or name")
+        if p := command(task, f"{task} images at a tap (positional form)"):
+            p.add_argument("model", type=model_ref, help="model id, id prefix or name")
             p.add_argument("tap", help="tap name or alias (see `taps`)")
-            p.add_argument("images", nargs="+", help=target_help)
+            p.add_argument("images", nargs="+", type=image_ref, help=target_help)
             if task == "invert":
-                p.add_argument("--mask-center", type=int, default=0, help="keep a central k×k window of features")
+                p.add_argument("--mask-center", type=types.nonneg_int, default=0,
+                               help="keep a central k×k window of features")  # fmt: skip
             add_run_arguments(p)
             add_energy_arguments(p)
-    if p := command("maximize", "find images that excite channels/neurons of a tap on the server"):
-        p.add_argument("model", help="model id, id prefix or name")
+    if p := command("maximize", "find images that excite channels/neurons of a tap (positional form)"):
+        p.add_argument("model", type=model_ref, help="model id, id prefix or name")
         p.add_argument("tap", help="tap name or alias (see `taps`)")
-        p.add_argument("--channel", action="append", default=[], help="channel(s): 3, 0-15 or 1,4,9 (repeatable)")
-        p.add_argument("--neuron", action="append", default=[], help="neuron c,y,x (repeatable)")
-        p.add_argument("--channel-max", type=float, default=None, help="M_k of the paper's normalization")
+        add_target_arguments(p)
         add_run_arguments(p)
         add_energy_arguments(p)
 
 
+def maximize_targets(args: argparse.Namespace) -> list[Any]:
+    """The parsed --channel and --neuron flags as client targets; UsageError when there are none."""
+    targets: list[Any] = [c for group in getattr(args, "channel", None) or [] for c in group]
+    targets += list(getattr(args, "neuron", None) or [])
+    if not targets:
+        raise UsageError("maximize needs a target: give --channel (e.g. 285 or 0-15) or --neuron c,y,x")
+    return targets
+
+
 def parse_channels(specs: Sequence[str]) -> list[int]:
-    """'3', '0-15', '1,4,9' → channel indices."""
-    out: list[int] = []
-    for spec in specs:
-        for part in spec.split(","):
-            part = part.strip()
-            if "-" in part:
-                lo, hi = part.split("-", 1)
-                out.extend(range(int(lo), int(hi) + 1))
-            elif part:
-                out.append(int(part))
-    return out
+    """'3', '0-15', '1,4,9' → channel indices (argparse.ArgumentTypeError for a bad one)."""
+    return [c for spec in specs for c in types.channels(spec)]
+
+
+def rpc_error(err: grpc.RpcError, address: str | None) -> int:
+    """Print a gRPC error as one line; the exit status (2 when the server blames the arguments)."""
+    code = err.code()
+    if code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (err.details() or "").lower():
+        where = address or "the embedded server"
+        print(f"error: no preimage server at {where} (start one with `preimage serve`, or unset --server "
+              f"and ${SERVER_ENV} to run embedded)", file=sys.stderr)  # fmt: skip
+        return 1
+    message = " ".join((err.details() or "").split())
+    print(f"error ({code.name}): {message}", file=sys.stderr)
+    return EXIT_USAGE if code in USAGE_CODES else 1
 
 
 def run_remote(args: argparse.Namespace) -> int:
-    """Run ``args.command`` against ``args.server``; return the exit status (gRPC error: 1 + message)."""
-    from service.client import PreimageClient
+    """Run ``args.command`` against the server the one rule picks; return the exit status."""
+    from service.cli.resolve import server_address
 
+    if args.command == "maximize":
+        maximize_targets(args)  # before any server starts
     try:
-        with PreimageClient(args.server, timeout=getattr(args, "timeout", None), token=token_from_env()) as client:
+        with connect(args.server, timeout=getattr(args, "timeout", None)) as (client, embedded):
+            args.embedded = embedded
+            if args.command in ("invert", "caricature"):
+                args.images = [resolve_image(s) for s in args.images]
             return COMMANDS[args.command](client, args)
     except grpc.RpcError as err:
-        code = err.code()
-        if code == grpc.StatusCode.UNAVAILABLE:
-            print(
-                f"error: no preimage server at {args.server} (start one with `preimage serve`)",
-                file=sys.stderr,
-            )
-        else:
-            print(f"error ({code.name}): {err.details()}", file=sys.stderr)
-        return 1
+        return rpc_error(err, server_address(args.server))
 
 
 def _print(args: argparse.Namespace, obj: Any, text: str) -> None:
@@ -193,9 +235,12 @@ def _print(args: argparse.Namespace, obj: Any, text: str) -> None:
 def _upload(client: Any, args: argparse.Namespace) -> int:
     from service.rpc.messages import preprocessing
 
-    floats = {k: [float(v) for v in getattr(args, k).split(",")] for k in ("mean", "std") if getattr(args, k)}
+    floats = {k: getattr(args, k) for k in ("mean", "std") if getattr(args, k)}
     pre = preprocessing(**floats, scale=args.scale, channel_order=args.channel_order)
-    labels = Path(args.labels).read_text().splitlines() if args.labels else []
+    try:
+        labels = Path(args.labels).read_text().splitlines() if args.labels else []
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--labels {args.labels}: cannot read it as text ({exc})") from exc
     bar = _bar(Path(args.file).stat().st_size, "upload", unit="B", disable=args.json)
     sent = [0]
 
@@ -224,7 +269,7 @@ def _models(client: Any, args: argparse.Namespace) -> int:
 
 
 def _taps(client: Any, args: argparse.Namespace) -> int:
-    reply = client.taps(args.model)
+    reply = client.taps(args.model, module_paths=args.all)
     rows = [
         {"name": t.name, "alias": t.alias, "op_type": t.op_type, "shape": list(t.shape), "stride": t.stride,
          "receptive_field": t.receptive_field, "global": t.is_global}
@@ -234,13 +279,27 @@ def _taps(client: Any, args: argparse.Namespace) -> int:
         f"{r['alias']:<40} {r['op_type']:<12} {str(r['shape']):<18} stride {r['stride']:<4} rf {r['receptive_field']}"
         for r in rows
     ]
-    _print(args, {"model": reply.model_id, "taps": rows}, "\n".join(lines))
+    obj: dict[str, Any] = {"model": reply.model_id, "taps": rows}
+    if args.all:
+        alias = {t.name: t.alias for t in reply.taps}
+        obj["module_paths"] = [{"path": m.path, "tap": m.tap} for m in reply.module_paths]
+        lines.append(f"\n{len(reply.module_paths)} torch module paths (each names the tap of its output):")
+        lines += [f"{m.path:<40} → {alias.get(m.tap, m.tap)}" for m in reply.module_paths]
+    _print(args, obj, "\n".join(lines))
     return 0
 
 
 def _delete(client: Any, args: argparse.Namespace) -> int:
     m = client.delete(args.model)
     _print(args, model_dict(m), f"deleted {m.name} {m.id[:12]}")
+    return 0
+
+
+def _share(client: Any, args: argparse.Namespace) -> int:
+    m = client.share(args.model, shared_with=args.shared_with, public=args.public)
+    who = "everyone" if m.public else (", ".join(m.shared_with) or "nobody else")
+    _print(args, {**model_dict(m), "shared_with": list(m.shared_with), "public": m.public},
+           f"{m.name} {m.id[:12]} is shared with {who}")  # fmt: skip
     return 0
 
 
@@ -253,17 +312,19 @@ def _energy_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _visualize(client: Any, args: argparse.Namespace) -> int:
-    # getattr: the lead's local parsers may not define every optional flag defined here.
+    # getattr: main.py's parsers do not define every optional flag defined here.
     as_json, save_tensor = getattr(args, "json", False), getattr(args, "tensor", False)
+    embedded = getattr(args, "embedded", False)
     kwargs = _energy_kwargs(args)
     model = client.get(args.model)
+    if embedded:
+        say(f"converting {model.name} to torch (first use in this process)")
     if args.command == "maximize":
-        targets: list[Any] = parse_channels(getattr(args, "channel", None) or [])
-        targets += [tuple(int(v) for v in n.split(",")) for n in getattr(args, "neuron", None) or []]
-        if not targets:
-            print("error: give at least one --channel or --neuron", file=sys.stderr)
-            return 2
-        run = client.maximize(model.id, args.tap, targets, channel_max=getattr(args, "channel_max", None), **kwargs)
+        targets = maximize_targets(args)
+        channel_max = getattr(args, "channel_max", None)
+        if embedded and channel_max is None:
+            say(f"measuring the channel statistics of {args.tap} on reference photographs")
+        run = client.maximize(model.id, args.tap, targets, channel_max=channel_max, **kwargs)
     elif args.command == "invert":
         run = client.invert(model.id, args.tap, args.images, mask_center=getattr(args, "mask_center", 0) or 0, **kwargs)
     else:
@@ -273,6 +334,7 @@ def _visualize(client: Any, args: argparse.Namespace) -> int:
         if isinstance(event, pb.ProgressEvent) and event.target_index == 0:
             if bar is None:
                 bar = _bar(event.total_steps, args.command, disable=as_json)
+            bar.total = event.total_steps  # the last event's total is the steps actually run
             bar.update(event.step - bar.n)
             bar.set_postfix(energy=f"{event.terms.get('energy', float('nan')):.3g}")
     if bar is not None:
@@ -344,6 +406,7 @@ COMMANDS = {
     "models": _models,
     "taps": _taps,
     "delete": _delete,
+    "share": _share,
     "invert": _visualize,
     "maximize": _visualize,
     "caricature": _visualize,
@@ -352,10 +415,9 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry with only the remote commands (python -m service.cli.remote ...)."""
-    parser = argparse.ArgumentParser(prog="preimage-remote", description="Talk to a preimage server.")
+    parser = CliParser(prog="preimage-remote", description="Talk to a preimage server.")
     add_remote_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return run_cli(parser, argv)
 
 
 if __name__ == "__main__":

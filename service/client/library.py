@@ -225,8 +225,10 @@ class PreimageClient:
         request = pb.ShareModelRequest(model=model, shared_with=list(shared_with), public=public)
         return self.stub.ShareModel(request, timeout=self._timeout(timeout)).model
 
-    def taps(self, model: str, timeout: float | None = None) -> pb.ListTapsResponse:
-        return self.stub.ListTaps(pb.ListTapsRequest(model=model), timeout=self._timeout(timeout))
+    def taps(self, model: str, module_paths: bool = False, timeout: float | None = None) -> pb.ListTapsResponse:
+        """The model's taps; ``module_paths`` also lists the torch module paths that name taps."""
+        request = pb.ListTapsRequest(model=model, module_paths=module_paths)
+        return self.stub.ListTaps(request, timeout=self._timeout(timeout))
 
     # -- release checks -------------------------------------------------------------------------
     def check(

@@ -201,6 +201,22 @@ def _size(options: pb.RunOptions, converted: Any, first: np.ndarray | None, limi
     return int(h), int(w)
 
 
+def find_tap(converted: Any, name: str) -> Any:
+    """The tap ``name`` names (ONNX value name, node name or torch module path); INVALID_ARGUMENT
+    otherwise, counting the taps ListTaps lists (not every name that resolves) and naming close ones."""
+    from converters.errors import UnknownTap
+
+    try:
+        return converted.tap(name)
+    except UnknownTap as exc:
+        hint = f"; close names: {', '.join(exc.close)}" if exc.close else ""
+        raise invalid(
+            f"unknown tap {name!r}: this model has {len(converted.taps)} taps (ListTaps, `preimage taps MODEL`), "
+            f"each named by its ONNX value name or its node's name; torch module paths also work "
+            f"(`preimage taps MODEL --all`){hint}"
+        ) from exc
+
+
 def build_job(
     task: str,
     request: Any,
@@ -211,7 +227,7 @@ def build_job(
     parity: Callable[[str], float | None] | None = None,
 ) -> Job:
     """Validate ``request`` (InvertRequest, MaximizeRequest or CaricatureRequest) into a Job."""
-    tap = converted.tap(request.tap)  # UnknownTap → INVALID_ARGUMENT with close names
+    tap = find_tap(converted, request.tap)
     options = request.options
     params = params_from_message(request.params, task)
     images: list[np.ndarray] = []

@@ -317,6 +317,12 @@ class Scheduler:
                 continue
             state.results[index] = result
             if not state.handle.cancelled:
+                if state.job.report_every and not result.stopped:
+                    # The row left the batch at its last step, before _report: report that step here,
+                    # so a progress bar ends at total/total (terms: the final ones, on the PNG).
+                    state.handle.emit("progress", pb.ProgressEvent(
+                        target_index=index, step=result.steps_run, total_steps=result.steps_run,
+                        terms=result.terms))  # fmt: skip
                 state.handle.emit("result", result_message(state.job, index, result, state.parity))
         for state in batch.jobs:
             state.handle.step = max((r.step for r in mini.rows if r.handle in state.rows), default=state.handle.step)

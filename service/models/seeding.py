@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from converters.bundled import bundled_models
@@ -12,12 +14,29 @@ from service.models.worker import WorkerLimits, vet_model
 log = logging.getLogger("preimage.server")
 
 
-def seed_bundled(store: ModelStore, worker_limits: WorkerLimits | None = None) -> list[ModelRecord]:
-    """Put the bundled models into the store (a no-op for those already there)."""
+def quiet_bundled_models() -> list:
+    """``bundled_models()`` without the torch exporter's UserWarnings (constant folding, opset
+    notes): they are about our own export, which a test checks, and only alarm whoever runs it."""
+    with warnings.catch_warnings():
+        # Only around our own export: warnings of anything else still show.
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return bundled_models()
+
+
+def seed_bundled(
+    store: ModelStore, worker_limits: WorkerLimits | None = None, progress: Callable[[str], None] | None = None
+) -> list[ModelRecord]:
+    """Put the bundled models into the store (a no-op for those already there).
+
+    ``progress`` hears about the slow part only: a bundled model being checked for the first time.
+    """
     records = []
-    for bundled in bundled_models():
+    for bundled in quiet_bundled_models():
 
         def record_for(sha: str, size: int, b=bundled) -> ModelRecord:
+            if progress is not None:
+                progress(f"checking the bundled model {b.name} against onnxruntime (once per store)")
             # Vetted like an upload: same conversion, same figures in the record.
             answer = vet_model(str(b.path), None, worker_limits)
             return ModelRecord(

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from service.api.preimage.v1 import preimage_pb2 as pb
+from service.jobs.job import find_tap
 from service.release.check import PRESETS, CheckCancelled, Thresholds, run_check, summary
 from service.release.report import render_html
 
@@ -50,7 +51,7 @@ def check_events(
         raise ValueError(f"preset {request.preset!r} is not known; choose one of {', '.join(PRESETS)}")
     limits = thresholds_from(request.thresholds)
     for tap in request.taps:
-        model.tap(tap)  # UnknownTap (INVALID_ARGUMENT, close names) before any work starts
+        find_tap(model, tap)  # INVALID_ARGUMENT, close names, before any work starts
     events: queue.Queue = queue.Queue()
     stop = threading.Event()
 

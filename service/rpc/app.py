@@ -36,7 +36,6 @@ from typing import Any
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from service.api.preimage.v1 import preimage_pb2_grpc as pb_grpc
 from service.jobs.batch_invariance import use_batch_invariant_kernels
@@ -47,6 +46,7 @@ from service.rpc.auth import AuthInterceptor, check_listen, server_credentials
 from service.rpc.config import ServerConfig
 from service.rpc.errors import configure_logging
 from service.rpc.messages import MAX_MESSAGE_BYTES
+from service.rpc.reflection import enable_reflection
 from service.rpc.servicer import SERVICE_NAME, PreimageServicer
 
 log = logging.getLogger("preimage.server")
@@ -132,8 +132,10 @@ def server_options() -> list[tuple[str, int]]:
     ]
 
 
-def start_server(address: str, config: ServerConfig) -> RunningServer:
-    """Start serving on ``address`` ("host:port"; port 0 picks a free one) and return at once."""
+def start_server(address: str, config: ServerConfig, progress: Callable[[str], None] | None = None) -> RunningServer:
+    """Start serving on ``address`` ("host:port"; port 0 picks a free one) and return at once.
+
+    ``progress`` hears what a slow start is doing (the CLI's embedded server prints it)."""
     check_listen(address, config.auth)  # an open server (no tokens) may only listen on loopback
     if config.torch_threads is not None and config.torch_threads < 1:
         raise ValueError(f"torch_threads must be ≥ 1 (or unset for one per core), got {config.torch_threads}")
@@ -141,7 +143,7 @@ def start_server(address: str, config: ServerConfig) -> RunningServer:
     # The conversion fork server starts on the first upload (or a bundled model not yet stored);
     # short-lived embedded servers (the CLI's local commands) never pay for it. serve() warms it.
     if config.seed_bundled:
-        seed_bundled(store, config.worker_limits)
+        seed_bundled(store, config.worker_limits, progress)
     servicer = PreimageServicer(config, store)
     credentials = server_credentials(config.auth)
     server = grpc.server(
@@ -154,10 +156,7 @@ def start_server(address: str, config: ServerConfig) -> RunningServer:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
+    enable_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError:

@@ -87,6 +87,18 @@ def _check_name(name: str) -> str:
     return name
 
 
+def module_paths(taps: list[Any]) -> dict[str, str]:
+    """Every torch module path that names a tap → that tap's value name, as ConvertedModel.tap
+    resolves them: a path names the last tap computed inside it (taps are in topological order)."""
+    out: dict[str, str] = {}
+    for t in taps:
+        parts = t.module.split(".") if t.module else []
+        for i in range(1, len(parts) + 1):
+            out.pop(".".join(parts[:i]), None)  # re-insert: the order follows the tap each path names
+            out[".".join(parts[:i])] = t.name
+    return out
+
+
 class PreimageServicer(pb_grpc.PreimageServiceServicer):
     """The RPCs. Each handler gets ``fields``: what it adds there goes into the RPC's log line."""
 
@@ -237,12 +249,15 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
         ]
         from converters.model import NOMINAL_SIZE
 
-        return pb.ListTapsResponse(
+        reply = pb.ListTapsResponse(
             model_id=record.id,
             taps=taps,
             nominal_height=pre.height or NOMINAL_SIZE,
             nominal_width=pre.width or NOMINAL_SIZE,
         )
+        if request.module_paths:
+            reply.module_paths.extend(pb.ModulePath(path=p, tap=t) for p, t in module_paths(converted.taps).items())
+        return reply
 
     # -- visualizations -------------------------------------------------------------------------
     def _visualize(self, task: str, request: Any, context: grpc.ServicerContext, fields, response_cls) -> Iterator:

@@ -331,5 +331,5 @@ def test_cli_sends_the_token_from_the_environment(
     assert main(["models", "--server", address, "--json"]) == 0
     assert secret.id in capsys.readouterr().out
     monkeypatch.setenv("PREIMAGE_TOKEN", TOKENS["bob"])
-    assert main(["taps", secret.id, "--server", address]) == 1
+    assert main(["taps", secret.id, "--server", address]) == 2  # NOT_FOUND: a bad argument
     assert "NOT_FOUND" in capsys.readouterr().err

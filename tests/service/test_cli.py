@@ -66,7 +66,7 @@ def test_remote_commands(address: str, tmp_path: Path, capsys: pytest.CaptureFix
     assert report["feature_error"] is not None
 
     assert main(["delete", "net", "--server", address]) == 0
-    assert main(["taps", "net", "--server", address]) == 1
+    assert main(["taps", "net", "--server", address]) == 2  # NOT_FOUND: the argument is wrong
     assert "NOT_FOUND" in capsys.readouterr().err
 
 

@@ -218,9 +218,10 @@ def test_progress_events_arrive_in_order(client: PreimageClient, tiny: pb.Model)
                 assert decode(event.preview_png).shape == (SIZE, SIZE, 3)
             else:
                 assert not event.preview_png
-    assert steps == {0: [4, 8, 12], 1: [4, 8, 12]}
-    assert kinds[-3:] == ["VisualizationResult", "VisualizationResult", "RunSummary"]
-    assert kinds[:-3] == ["ProgressEvent"] * 6
+    # Every 4th step, then the last one (15) just before that target's result.
+    assert steps == {0: [4, 8, 12, 15], 1: [4, 8, 12, 15]}
+    assert kinds[-5:] == ["ProgressEvent", "VisualizationResult", "ProgressEvent", "VisualizationResult", "RunSummary"]
+    assert kinds[:-5] == ["ProgressEvent"] * 6
 
 
 # -- cancellation and deadlines -------------------------------------------------------------------

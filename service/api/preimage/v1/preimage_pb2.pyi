@@ -720,16 +720,20 @@ class ListTapsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
+    MODULE_PATHS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model's id, a unique id prefix of at least 8 characters, or its unique name."""
+    module_paths: _builtins.bool
+    """Also list the torch module paths that name a tap (ListTapsResponse.module_paths)."""
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
+        module_paths: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "module_paths", b"module_paths"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -797,6 +801,7 @@ class ListTapsResponse(_message.Message):
     TAPS_FIELD_NUMBER: _builtins.int
     NOMINAL_HEIGHT_FIELD_NUMBER: _builtins.int
     NOMINAL_WIDTH_FIELD_NUMBER: _builtins.int
+    MODULE_PATHS_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """The model's id."""
     nominal_height: _builtins.int
@@ -807,6 +812,13 @@ class ListTapsResponse(_message.Message):
     def taps(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tap]:
         """The taps in topological order."""
 
+    @_builtins.property
+    def module_paths(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModulePath]:
+        """With ListTapsRequest.module_paths: every torch module path of the converted graph that names a
+        tap (the tap of the module's output), in topological order of those taps. Requests accept
+        them wherever they accept a tap's name or alias.
+        """
+
     def __init__(
         self,
         *,
@@ -814,14 +826,41 @@ class ListTapsResponse(_message.Message):
         taps: _abc.Iterable[Global___Tap] | None = ...,
         nominal_height: _builtins.int = ...,
         nominal_width: _builtins.int = ...,
+        module_paths: _abc.Iterable[Global___ModulePath] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_id", b"model_id", "nominal_height", b"nominal_height", "nominal_width", b"nominal_width", "taps", b"taps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_id", b"model_id", "module_paths", b"module_paths", "nominal_height", b"nominal_height", "nominal_width", b"nominal_width", "taps", b"taps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListTapsResponse: _TypeAlias = ListTapsResponse  # noqa: Y015
+
+@_typing.final
+class ModulePath(_message.Message):
+    """ModulePath is a torch module path of the converted graph and the tap it names."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    TAP_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """The dotted module path, e.g. "_blocks.9" (a block's output) or "_blocks.9._bn2"."""
+    tap: _builtins.str
+    """The ONNX value name of the tap it names (see Tap.name)."""
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        tap: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "tap", b"tap"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModulePath: _TypeAlias = ModulePath  # noqa: Y015
 
 @_typing.final
 class EnergyParams(_message.Message):
