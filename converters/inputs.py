@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from converters.errors import ModelError
+from converters.errors import FailsAtSize, ModelError
 from converters.spec import Preprocessing
 
 _DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}
@@ -25,8 +25,7 @@ class InputSpec:
 
 
 def _dims(vi: onnx.ValueInfoProto) -> list[int | None]:
-    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
-            for d in vi.type.tensor_type.shape.dim]
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in vi.type.tensor_type.shape.dim]
 
 
 def _describe(vi: onnx.ValueInfoProto) -> str:
@@ -77,10 +76,12 @@ def detect_input(model: onnx.ModelProto) -> tuple[str, InputSpec]:
     if not images:
         raise ModelError(
             f"no image-like input: expected one float32/float16 input of rank 4 with 1 or 3 channels "
-            f"(N×C×H×W or N×H×W×C); the model's inputs are {described}")
+            f"(N×C×H×W or N×H×W×C); the model's inputs are {described}"
+        )
     if len(inputs) > 1:
-        raise ModelError(f"the model has {len(inputs)} inputs ({described}); only single-input image "
-                         "models can be visualized")
+        raise ModelError(
+            f"the model has {len(inputs)} inputs ({described}); only single-input image models can be visualized"
+        )
     vi, spec = images[0]
     return vi.name, spec
 
@@ -121,8 +122,9 @@ def preprocessing_from_metadata(model: onnx.ModelProto) -> dict:
     return found
 
 
-def resolve_preprocessing(model: onnx.ModelProto, spec: InputSpec,
-                          given: Preprocessing | None) -> tuple[Preprocessing, str]:
+def resolve_preprocessing(
+    model: onnx.ModelProto, spec: InputSpec, given: Preprocessing | None
+) -> tuple[Preprocessing, str]:
     """The uploader's preprocessing if given, else the model's metadata_props, else ImageNet defaults
     (grey models: mean 0.5, std 0.25 is NOT assumed; they get mean 0, std 1 on the 0–1 scale).
     Layout, size and dtype always come from the graph; a contradiction is an error."""
@@ -141,8 +143,10 @@ def resolve_preprocessing(model: onnx.ModelProto, spec: InputSpec,
         except TypeError as exc:
             raise ModelError(f"bad preprocessing in metadata_props: {exc}") from exc
     if pre.channels != spec.channels:
-        raise ModelError(f"preprocessing says {pre.channel_order} ({pre.channels} channels) but the "
-                         f"model's input {spec.name!r} has {spec.channels} channels")
+        raise ModelError(
+            f"preprocessing says {pre.channel_order} ({pre.channels} channels) but the "
+            f"model's input {spec.name!r} has {spec.channels} channels"
+        )
     for key in ("height", "width"):
         mine, theirs = getattr(pre, key), structural[key]
         if mine is not None and theirs is not None and mine != theirs:
@@ -152,8 +156,9 @@ def resolve_preprocessing(model: onnx.ModelProto, spec: InputSpec,
     return dataclasses.replace(pre, **structural), source
 
 
-def fixed_shape_copy(model: onnx.ModelProto, input_name: str, pre: Preprocessing,
-                     hw: tuple[int, int], batch: int | None = None) -> onnx.ModelProto:
+def fixed_shape_copy(
+    model: onnx.ModelProto, input_name: str, pre: Preprocessing, hw: tuple[int, int], batch: int | None = None
+) -> onnx.ModelProto:
     """A copy with the image input fixed at ``batch`` (default 1) and ``hw``, shape-inferred (for taps and
     checks)."""
     from converters.normalize import skeleton
@@ -174,5 +179,7 @@ def fixed_shape_copy(model: onnx.ModelProto, input_name: str, pre: Preprocessing
     try:
         return onnx.shape_inference.infer_shapes(m, check_type=True, strict_mode=True, data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
-        raise ModelError(f"ONNX shape inference fails on the model at input size {hw}: "
-                         f"{str(exc).strip().splitlines()[0]}") from exc
+        first = str(exc).strip().splitlines()[0]
+        raise FailsAtSize(
+            f"ONNX shape inference fails on the model at input size {hw[0]}×{hw[1]}: {first}", tuple(hw), first
+        ) from exc

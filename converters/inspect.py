@@ -16,7 +16,10 @@ from converters.spec import Preprocessing
 
 
 def inspect_model(
-    path: str | Path | bytes, preprocessing: Preprocessing | None = None, limits: LoadLimits | None = None
+    path: str | Path | bytes,
+    preprocessing: Preprocessing | None = None,
+    limits: LoadLimits | None = None,
+    size: tuple[int, int] | None = None,
 ) -> dict:
     """Input spec, preprocessing, ops, taps and the parity report of a model; JSON-serializable."""
     from converters.inputs import detect_input
@@ -26,7 +29,7 @@ def inspect_model(
     source = "<bytes>" if isinstance(path, (bytes, bytearray)) else str(path)
     result: dict = {"model": source, "ok": False, "error": None}
     try:
-        model = load_model(path, preprocessing=preprocessing, limits=limits)
+        model = load_model(path, preprocessing=preprocessing, limits=limits, size=size)
     except ParityError as exc:
         result["error"] = str(exc).splitlines()[0]
         result["parity"] = exc.report.as_dict()
@@ -54,6 +57,8 @@ def inspect_model(
                 "dtype": spec.dtype,
                 "nominal_height": model.preprocessing.height or NOMINAL_SIZE,
                 "nominal_width": model.preprocessing.width or NOMINAL_SIZE,
+                # graph | declared | metadata | probed | default (see converters.model.load_model)
+                "size_source": model.size_source,
             },
             "preprocessing": {
                 **dataclasses.asdict(model.preprocessing),
@@ -90,7 +95,7 @@ def format_inspection(info: dict, max_taps: int = 400) -> str:
     size = (
         f"{inp['height']}×{inp['width']}"
         if inp["height"]
-        else f"dynamic H×W (nominal {inp['nominal_height']}×{inp['nominal_width']})"
+        else f"dynamic H×W (nominal {inp['nominal_height']}×{inp['nominal_width']}, {inp.get('size_source', '?')})"
     )
     lines += [
         f"producer: {info['producer'] or '?'}; opset {info['opset']}; {info['nodes']} nodes, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from onnx2torch import convert
 
 from converters import ops as _ops  # noqa: F401  (registers our extra onnx2torch converters)
-from converters.errors import ModelError, UnknownTap
+from converters.errors import FailsAtSize, ModelError, UnknownTap
 from converters.freeze import freeze_constant_args
 from converters.inputs import detect_input, fixed_shape_copy, resolve_preprocessing
 from converters.loading import LoadLimits, load_untrusted
@@ -61,6 +62,9 @@ class ConvertedModel:
         # uploaded: the judge runs it, so a faulty upgrade is caught like a faulty conversion.
         self.upgrade: Upgrade | None = None
         self.reference: onnx.ModelProto | None = None
+        # where the nominal input size came from: "graph" (fixed), "declared" (by the caller), "metadata",
+        # "probed" (the first common size the graph runs at) or "default" (dynamic: NOMINAL_SIZE)
+        self.size_source = "graph"
 
     @property
     def output_tap(self) -> TapInfo:
@@ -149,28 +153,136 @@ def check_supported_ops(model: onnx.ModelProto) -> None:
         )
 
 
+# Sizes tried, in this order, for a dynamic-size graph that runs neither at the nominal size nor at the
+# parity size and declares no size: classifiers' and detectors' sizes first, then text lines' heights.
+COMMON_SIZES = (224, 256, 192, 160, 128, 96, 320, 384, 448, 512, 640, 64, 48, 32)
+SIZE_HELP = (
+    "declare the size it runs at: `preimage upload/inspect/check --size HxW`, Preprocessing height/width "
+    "(Python client: preprocessing={'height': H, 'width': W}), or metadata_props preimage.height/preimage.width"
+)
+
+
 def load_model(
     data: bytes | str | Path,
     preprocessing: Preprocessing | None = None,
     limits: LoadLimits | None = None,
     verify: bool = True,
+    size: tuple[int, int] | None = None,
 ) -> ConvertedModel:
     """Load untrusted ONNX (bytes, or a path on disk that the caller trusts), normalize it, find its image
     input and preprocessing, and list its taps. Raises ModelError with an actionable message.
 
+    ``size`` (height, width) declares the size a dynamic-size graph runs at; it overrides only the size of
+    the preprocessing (the rest still comes from ``preprocessing``, the metadata or the defaults). Without a
+    declared size: the metadata's, else the nominal size; a dynamic graph that does not run there is tried
+    at ``COMMON_SIZES``, and refused with the failing op named when none works.
+
     With ``verify`` (the default) the model is also checked against onnxruntime at three taps
     (``converters.parity``); a mismatch raises ParityError (a ModelError) carrying the report, which
     is kept as ``model.parity`` otherwise. Pass ``verify=False`` only for models already verified."""
-    model = load_untrusted(data, limits or LoadLimits())
+    limits = limits or LoadLimits()
+    model = load_untrusted(data, limits)
     uploaded = model
     model, upgraded = upgrade(model)
     model = normalize(model, copy=False)
     input_name, spec = detect_input(model)
     pre, source = resolve_preprocessing(model, spec, preprocessing)
+    fixed = spec.height is not None and spec.width is not None
+    if size is not None:
+        pre = _declare_size(pre, spec, size)
+        size_source = "declared"
+    elif fixed:
+        size_source = "graph"
+    elif (spec.height is None and pre.height is not None) or (spec.width is None and pre.width is not None):
+        size_source = "declared" if source == "uploader" else "metadata"
+    else:
+        size_source = "default"
+    check_supported_ops(model)
+
+    def build(p: Preprocessing) -> ConvertedModel:
+        converted = _build(model, p, input_name, spec, source, limits, verify, upgraded, uploaded)
+        converted.size_source = size_source
+        return converted
+
+    try:
+        return build(pre)
+    except FailsAtSize as exc:
+        if size_source == "graph":
+            raise
+        if size_source != "default":
+            raise ModelError(
+                f"{exc}; the model does not run at its {size_source} size "
+                f"{exc.size[0]}×{exc.size[1]} {exc.where()}: {SIZE_HELP}"
+            ) from exc
+        first = exc
+    found = _runs_at_common_size(model, input_name, pre, spec)
+    if found is None:
+        dims = _dims_text(spec)
+        tried = ", ".join(str(s) for s in COMMON_SIZES)
+        blamed = f"{first.op} node {first.node!r} fails" if first.op else "it fails"
+        raise ModelError(
+            f"the model's input {input_name!r} has a dynamic size ({dims}) and it runs at none of the "
+            f"sizes tried ({tried} px): at {first.size[0]}×{first.size[1]} {blamed}: "
+            f"{first.detail.strip().splitlines()[0]}; {SIZE_HELP}"
+        ) from first
+    size_source = "probed"
+    return build(dataclasses.replace(pre, height=found[0], width=found[1]))
+
+
+def _declare_size(pre: Preprocessing, spec, size: tuple[int, int]) -> Preprocessing:
+    h, w = (int(v) for v in size)
+    if h <= 0 or w <= 0:
+        raise ModelError(f"a declared input size must be positive, got {h}×{w}")
+    for name, mine, theirs in (("height", h, spec.height), ("width", w, spec.width)):
+        if theirs is not None and mine != theirs:
+            raise ModelError(f"the declared {name} {mine} differs from the model's input, fixed at {theirs}")
+    return dataclasses.replace(pre, height=h, width=w)
+
+
+def _dims_text(spec) -> str:
+    hw = ["?" if v is None else str(v) for v in (spec.height, spec.width)]
+    dims = ["N", str(spec.channels), *hw] if spec.layout == "NCHW" else ["N", *hw, str(spec.channels)]
+    return "[" + ", ".join(dims) + "]"
+
+
+def _runs_at_common_size(model: onnx.ModelProto, input_name: str, pre: Preprocessing, spec) -> tuple[int, int] | None:
+    """The first of COMMON_SIZES (along the dynamic axes) at which shape inference passes and onnxruntime runs
+    a probe image through the whole graph; None when none does."""
+    from converters.parity import ort_session, probe_images
+
+    try:
+        session = ort_session(model)
+    except Exception:  # the runtime cannot even load it: no size will help, the caller reports why
+        return None
+    for side in COMMON_SIZES:
+        hw = (spec.height or side, spec.width or side)
+        candidate = dataclasses.replace(pre, height=hw[0], width=hw[1])
+        try:
+            fixed_shape_copy(model, input_name, candidate, hw, spec.batch)
+            x = Preprocess(candidate)(probe_images(1, *hw)).numpy()
+            if spec.batch and spec.batch > 1:
+                x = np.repeat(x, spec.batch, axis=0)
+            session.run(None, {input_name: x})
+        except Exception:  # this size does not work; the next may
+            continue
+        return hw
+    return None
+
+
+def _build(
+    model: onnx.ModelProto,
+    pre: Preprocessing,
+    input_name: str,
+    spec,
+    source: str,
+    limits: LoadLimits,
+    verify: bool,
+    upgraded: Upgrade,
+    uploaded: onnx.ModelProto,
+) -> ConvertedModel:
     hw = (pre.height or NOMINAL_SIZE, pre.width or NOMINAL_SIZE)
     shaped = fixed_shape_copy(model, input_name, pre, hw, spec.batch)
-    check_value_sizes(shaped, limits or LoadLimits(), hw)
-    check_supported_ops(model)
+    check_value_sizes(shaped, limits, hw)
     taps = compute_taps(shaped, input_name, pre.layout, hw)
     if not taps:
         raise ModelError("the model has no floating-point tensors that depend on its image input")

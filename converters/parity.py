@@ -33,7 +33,7 @@ import onnx
 import torch
 from onnx import helper
 
-from converters.errors import ModelError
+from converters.errors import FailsAtSize, ModelError
 from converters.taps import TapInfo
 from converters.truncate import extract_subgraph
 
@@ -288,7 +288,11 @@ def _reference_runs(model, names: list[str], x: torch.Tensor) -> dict[str, np.nd
         step = model.batch or len(x)  # a fixed-batch graph is run in chunks of its batch size
         chunks = [session.run(names, {input_name: inp[i : i + step]}) for i in range(0, len(x), step)]
     except Exception as exc:  # the judge itself cannot run the graph: not servable either
-        raise ModelError(f"onnxruntime cannot run the model: {str(exc).strip().splitlines()[0]}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        raise FailsAtSize(
+            f"onnxruntime cannot run the model at input size {size[0]}×{size[1]}: {first}", size, str(exc)
+        ) from exc
     return {n: np.concatenate(parts, axis=0) for n, parts in zip(names, zip(*chunks, strict=True), strict=True)}
 
 

@@ -120,7 +120,8 @@ def test_inspect_model_good_and_bad(tmp_path) -> None:
     json.dumps(info)  # JSON-able
     assert info["ok"] and info["error"] is None
     assert info["input"] == {"name": "image", "batch": None, "layout": "NCHW", "height": None, "width": None,
-                             "dtype": "float32", "nominal_height": 224, "nominal_width": 224}
+                             "dtype": "float32", "nominal_height": 224, "nominal_width": 224,
+                             "size_source": "default"}
     assert info["preprocessing"]["source"] == "default"
     assert info["ops"]["Conv"] == 1 and info["parity"]["ok"]
     assert [t["op_type"] for t in info["taps"]][:2] == ["Conv", "Relu"]
