@@ -56,6 +56,32 @@ def test_buf_lint_standard() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+BASELINE = ROOT / ".ci" / "buf-baseline"
+
+
+def test_buf_breaking_against_the_frozen_v1() -> None:
+    buf = _buf()
+    if buf is None:
+        pytest.skip("buf not installed (pip install buf-bin)")
+    assert (BASELINE / "preimage" / "v1" / "preimage.proto").exists()
+    proc = subprocess.run([buf, "breaking", "--against", str(BASELINE)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_buf_breaking_catches_a_renamed_field(tmp_path: Path) -> None:
+    # What v1 once did unnoticed (Tap.global → is_global changed the JSON name): now CI says so.
+    buf = _buf()
+    if buf is None:
+        pytest.skip("buf not installed (pip install buf-bin)")
+    old = tmp_path / "preimage" / "v1" / "preimage.proto"
+    old.parent.mkdir(parents=True)
+    text = (BASELINE / "preimage" / "v1" / "preimage.proto").read_text()
+    assert "bool is_global = 7;" in text
+    old.write_text(text.replace("bool is_global = 7;", "bool global = 7;"))
+    proc = subprocess.run([buf, "breaking", "--against", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0 and "json_name" in proc.stdout, proc.stdout + proc.stderr
+
+
 def _descriptor_with_comments(tmp_path: Path) -> descriptor_pb2.FileDescriptorSet:
     from grpc_tools import protoc
 
