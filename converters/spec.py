@@ -54,8 +54,7 @@ class Preprocessing:
             if len(values) == 1 and n == 3:
                 object.__setattr__(self, field_name, values * 3)
             elif len(values) != n:
-                raise ModelError(
-                    f"{field_name} has {len(values)} values; a {self.channel_order} model needs {n}")
+                raise ModelError(f"{field_name} has {len(values)} values; a {self.channel_order} model needs {n}")
         if any(s <= 0 for s in self.std):
             raise ModelError(f"std must be positive, got {self.std}")
         if not self.scale > 0:
@@ -82,3 +81,16 @@ class Preprocessing:
     @property
     def fixed_size(self) -> bool:
         return self.height is not None and self.width is not None
+
+
+def input_size(text: str) -> tuple[int, int]:
+    """A declared input size: '48x320' (also '48×320', '48X320') → (height, width), both positive.
+    Named for the message argparse makes of its ValueError ("invalid input_size value")."""
+    parts = text.strip().lower().replace("×", "x").split("x")
+    try:
+        h, w = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"expected HxW, e.g. 48x320, got {text!r}") from None
+    if h <= 0 or w <= 0:
+        raise ValueError(f"both sides must be positive, got {text!r}")
+    return h, w

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from converters.spec import input_size
 from service.cli import args as types
 from service.cli.remote import add_server_argument
 from service.cli.resolve import resolve_model, server_address, token_from_env
@@ -57,6 +58,8 @@ def add_check_command(sub: Any) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=types.nonneg_float, default=None, metavar="X", help=text)
     p.add_argument("--seed", type=types.nonneg_int, default=0, help="seed of every visualization (default 0)")
     p.add_argument("--device", default=None, help="local runs: cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--size", type=input_size, default=None, metavar="HxW",
+                   help="input size of dynamic-size models (release and baseline), e.g. 48x320")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the JSON summary instead of the verdict lines")
     add_server_argument(p)
     p.set_defaults(func=run_check_command)
@@ -71,13 +74,13 @@ def _progress(stage: str, done: int, total: int, message: str) -> None:
     print(f"[{stage} {done}/{total}] {message}", file=sys.stderr, flush=True)
 
 
-def _load_local(spec: str) -> Any:
+def _load_local(spec: str, size: tuple[int, int] | None = None) -> Any:
     from converters.bundled import bundled_models
     from converters.model import load_model
 
     bundled = {m.name: m.path for m in bundled_models()} if not Path(spec).exists() else {}
     path = bundled.get(spec, spec)
-    return load_model(path, verify=False)
+    return load_model(path, verify=False, size=size)
 
 
 def _run_local(args: argparse.Namespace, limits: dict[str, float]) -> tuple[dict, str]:
@@ -86,8 +89,8 @@ def _run_local(args: argparse.Namespace, limits: dict[str, float]) -> tuple[dict
     from service.release.check import Thresholds, run_check, summary
     from service.release.report import render_html
 
-    model = _load_local(args.model)
-    baseline = _load_local(args.baseline) if args.baseline else None
+    model = _load_local(args.model, args.size)
+    baseline = _load_local(args.baseline, args.size) if args.baseline else None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     result = run_check(model, baseline, preset=args.preset, taps=args.tap or None, thresholds=Thresholds(**limits),
                        device=device, model_name=Path(args.model).name,
@@ -100,8 +103,8 @@ def _run_remote(args: argparse.Namespace, limits: dict[str, float]) -> tuple[dic
     from service.client import PreimageClient
 
     with PreimageClient(server_address(args.server), token=token_from_env()) as client:
-        model = resolve_model(client, args.model, args.json)
-        baseline = resolve_model(client, args.baseline, args.json) if args.baseline else None
+        model = resolve_model(client, args.model, args.json, size=args.size)
+        baseline = resolve_model(client, args.baseline, args.json, size=args.size) if args.baseline else None
 
         def show(event: Any) -> None:
             _progress(event.stage, event.done, event.total, event.message)

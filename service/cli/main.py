@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import service.cli.remote as cli_remote
+from converters.spec import input_size
 from service.cli import args as types
 from service.cli.args import CliParser, run_cli
 from service.cli.check import add_check_command
@@ -79,7 +80,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from converters.inspect import inspect_model
 
     try:
-        report = inspect_model(args.model)
+        report = inspect_model(args.model, size=args.size)
     except ModelError as exc:
         print(json.dumps({"ok": False, "error": str(exc)}) if args.json else f"error: {exc}")
         return 1
@@ -268,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "Runs locally; nothing is stored.")  # fmt: skip
     p.add_argument("model", type=types.existing_file, help="the .onnx file")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--size", type=input_size, default=None, metavar="HxW",
+                   help="input size of a dynamic-size model, e.g. 48x320 (default: metadata, else probed)")  # fmt: skip
     p.set_defaults(func=_inspect)
     p = sub.add_parser("serve", help="run the gRPC server (settings: docs/operations.md)",
                        description="Run the gRPC server until SIGTERM/SIGINT (the first drains running jobs, "

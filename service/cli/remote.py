@@ -29,6 +29,7 @@ from typing import Any
 
 import grpc
 
+from converters.spec import input_size
 from service.api.enums import ENERGY_ENUMS
 from service.api.preimage.v1 import preimage_pb2 as pb
 from service.cli import args as types
@@ -143,6 +144,8 @@ def add_remote_commands(subparsers: Any, skip: Iterable[str] = ()) -> None:
                        help="pixel (0-255) → model multiplier (default 1/255)")  # fmt: skip
         p.add_argument("--channel-order", choices=["RGB", "BGR", "GRAY"], default=None,
                        help="colour order of the model's input (default: its metadata, else RGB)")  # fmt: skip
+        p.add_argument("--size", type=input_size, default=None, metavar="HxW",
+                       help="input size of a dynamic-size model, e.g. 48x320 (default: metadata, probed)")  # fmt: skip
         p.add_argument("--labels", type=types.existing_file, default=None,
                        help="text file with one class label per line")  # fmt: skip
         p.add_argument("--description", default="", help="free text shown by `models`")
@@ -236,7 +239,8 @@ def _upload(client: Any, args: argparse.Namespace) -> int:
     from service.rpc.messages import preprocessing
 
     floats = {k: getattr(args, k) for k in ("mean", "std") if getattr(args, k)}
-    pre = preprocessing(**floats, scale=args.scale, channel_order=args.channel_order)
+    height, width = args.size or (None, None)
+    pre = preprocessing(**floats, scale=args.scale, channel_order=args.channel_order, height=height, width=width)
     try:
         labels = Path(args.labels).read_text().splitlines() if args.labels else []
     except (OSError, UnicodeDecodeError) as exc:

@@ -68,12 +68,14 @@ def resolve_image(spec: str) -> Any:
     return photo(image_ref(spec))
 
 
-def resolve_model(client: Any, spec: str, as_json: bool) -> Any:
-    """A model id/name on the server, or an ONNX file uploaded first (idempotent: content-addressed)."""
+def resolve_model(client: Any, spec: str, as_json: bool, size: tuple[int, int] | None = None) -> Any:
+    """A model id/name on the server, or an ONNX file uploaded first (idempotent: content-addressed);
+    ``size`` (height, width) is declared with the upload, for a dynamic-size model."""
     if spec.endswith(".onnx") or Path(spec).is_file():
         if not as_json:
             print(f"uploading {spec} (a new model is converted and checked first)", file=sys.stderr, flush=True)
-        response = client.upload(spec, name=Path(spec).stem)
+        pre = {"height": size[0], "width": size[1]} if size else None
+        response = client.upload(spec, name=Path(spec).stem, preprocessing=pre)
         if not as_json:
             print(f"model {response.model.name} {response.model.id[:12]}", file=sys.stderr)
         return response.model

@@ -4,6 +4,8 @@ the failing op named and the way to declare the size."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -14,6 +16,7 @@ from converters.errors import FailsAtSize, ModelError
 from converters.inspect import format_inspection, inspect_model
 from converters.model import load_model
 from converters.parity import check_parity, probe_images
+from converters.spec import input_size
 
 torch.set_num_threads(1)
 WIDTH = 32
@@ -91,3 +94,22 @@ def test_onnxruntime_failure_names_the_node() -> None:
     with pytest.raises(FailsAtSize) as info:
         check_parity(model, images=probe_images(1, 64, WIDTH))
     assert info.value.op == "Concat" and info.value.node == "/Concat" and info.value.size == (64, WIDTH)
+
+
+def test_size_argument() -> None:
+    assert input_size("48x320") == (48, 320) and input_size("48×320") == (48, 320)
+    for bad in ("48", "48x", "0x32", "ax3", "1x2x3"):
+        with pytest.raises(ValueError):
+            input_size(bad)
+
+
+def test_inspect_command_takes_size(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    from service.cli.main import main
+
+    path = tmp_path / "rec.onnx"
+    path.write_bytes(recognizer(50))
+    assert main(["inspect", str(path), "--json"]) == 1
+    assert "--size HxW" in capsys.readouterr().out
+    assert main(["inspect", str(path), "--size", f"50x{WIDTH}", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["input"]["nominal_height"] == 50 and report["input"]["size_source"] == "declared"

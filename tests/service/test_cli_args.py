@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import service.cli.embedded as embedded
+from converters.spec import input_size
 from service.cli import args as types
 from service.cli.main import build_parser, main
 from service.cli.resolve import image_ref
@@ -118,6 +119,7 @@ BAD_VALUES = {
     types.model_ref: ["missing.onnx", ""],
     types.tenants: ["team a", "a,b c", "-x"],
     image_ref: ["chelsae", "no_such_photo.png"],
+    input_size: ["48", "0x32", "ax3"],
 }
 BAD_CHOICE = "not-a-choice"
 
