@@ -27,6 +27,7 @@ from onnx2torch.onnx_node import OnnxNode
 from onnx2torch.utils.common import OnnxMapping, OnnxToTorchModule, OperationConverterResult
 from torch import nn
 
+from converters import recurrent as _recurrent
 from converters import resize as _resize
 from converters.constants import const_list as _const_list
 
@@ -95,9 +96,16 @@ def _prod(x, dim, keepdim):
 
 
 _REDUCE: dict[str, Callable] = {
-    "ReduceMean": torch.mean, "ReduceSum": torch.sum, "ReduceMax": torch.amax, "ReduceMin": torch.amin,
-    "ReduceProd": _prod, "ReduceL1": _l1, "ReduceL2": _l2, "ReduceLogSum": _log_sum,
-    "ReduceLogSumExp": torch.logsumexp, "ReduceSumSquare": _sum_square,
+    "ReduceMean": torch.mean,
+    "ReduceSum": torch.sum,
+    "ReduceMax": torch.amax,
+    "ReduceMin": torch.amin,
+    "ReduceProd": _prod,
+    "ReduceL1": _l1,
+    "ReduceL2": _l2,
+    "ReduceLogSum": _log_sum,
+    "ReduceLogSumExp": torch.logsumexp,
+    "ReduceSumSquare": _sum_square,
 }
 
 
@@ -446,3 +454,7 @@ _simple("Trilu", [14], _trilu, n_inputs=2)
 # ------------------------------------------------------- Resize: every attribute, in place of onnx2torch's
 _resize.register()
 ADDED.extend(("Resize", v, "full spec (converters/resize.py)") for v in _resize.VERSIONS)
+
+
+# ------------------------------------------------------------------- LSTM, GRU, RNN (converters/recurrent.py)
+_recurrent.register(ADDED, _registered)
