@@ -8,7 +8,10 @@
    with onnx's reference evaluator; a Shape whose input has a fully static inferred shape becomes a
    constant. Outputs are capped (FOLD_MAX_ELEMENTS) so folding can never allocate much.
 5. Reshape(allowzero=1) → allowzero=0 where that cannot change the result (see _reshape_allowzero).
-6. Dead nodes and unused initializers removed.
+6. DequantizeLinear of constant (quantized) weights → float initializers, of any size: a QDQ model's Conv
+   and Gemm weights then are initializers, which onnx2torch's converters need (the value is the same
+   float32 (w − zero_point)·scale onnxruntime computes).
+7. Dead nodes and unused initializers removed.
 """
 
 from __future__ import annotations
@@ -25,11 +28,51 @@ FOLD_MAX_ELEMENTS = 1 << 16
 # Ops whose output size is bounded by their inputs' (elementwise, indexing, concatenation, layout):
 # folding them with small inputs cannot produce a big tensor.
 _BOUNDED_OPS = {
-    "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Floor", "Ceil", "Sqrt", "Reciprocal", "Pow", "Mod",
-    "Min", "Max", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or",
-    "Where", "Cast", "Gather", "GatherElements", "Unsqueeze", "Squeeze", "Concat", "Slice", "Reshape",
-    "Transpose", "Flatten", "ReduceProd", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceMean", "Size",
-    "Sign", "Exp", "Log", "Clip", "Identity", "Split",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Neg",
+    "Abs",
+    "Floor",
+    "Ceil",
+    "Sqrt",
+    "Reciprocal",
+    "Pow",
+    "Mod",
+    "Min",
+    "Max",
+    "Equal",
+    "Less",
+    "Greater",
+    "LessOrEqual",
+    "GreaterOrEqual",
+    "Not",
+    "And",
+    "Or",
+    "Where",
+    "Cast",
+    "Gather",
+    "GatherElements",
+    "Unsqueeze",
+    "Squeeze",
+    "Concat",
+    "Slice",
+    "Reshape",
+    "Transpose",
+    "Flatten",
+    "ReduceProd",
+    "ReduceSum",
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceMean",
+    "Size",
+    "Sign",
+    "Exp",
+    "Log",
+    "Clip",
+    "Identity",
+    "Split",
 }
 # Ops whose output size is given by an input's values: checked before evaluation.
 _SIZED_OPS = {"ConstantOfShape", "Expand", "Range", "Tile"}
@@ -59,8 +102,12 @@ def constants_to_initializers(model: onnx.ModelProto) -> None:
                 t = onnx.TensorProto()
                 t.CopyFrom(value)
             else:
-                dtype = {"value_float": np.float32, "value_floats": np.float32,
-                         "value_int": np.int64, "value_ints": np.int64}.get(a.name)
+                dtype = {
+                    "value_float": np.float32,
+                    "value_floats": np.float32,
+                    "value_int": np.int64,
+                    "value_ints": np.int64,
+                }.get(a.name)
                 if dtype is None:  # sparse or string constants: leave to the converter
                     keep.append(node)
                     continue
@@ -233,6 +280,38 @@ def reshape_allowzero(model: onnx.ModelProto) -> None:
                     node.attribute.remove(a)
 
 
+def dequantize_weights(model: onnx.ModelProto) -> int:
+    """Fold DequantizeLinear nodes whose inputs are all initializers; returns how many were folded. The
+    output has as many elements as the quantized input, which the loader already capped."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    graph_outputs = {o.name for o in g.output}
+    keep, folded = [], 0
+    for node in g.node:
+        ins = [i for i in node.input if i]
+        foldable = (node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx") and ins
+                    and all(i in inits for i in ins) and node.output[0] not in graph_outputs
+                    and not any(a.name == "block_size" and a.i for a in node.attribute))  # fmt: skip
+        if not foldable:
+            keep.append(node)
+            continue
+        x = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
+        scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        zp = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32) if len(ins) > 2 else np.float32(0)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        if scale.size > 1:  # per channel: along ``axis``
+            shape = [1] * x.ndim
+            shape[axis % x.ndim] = scale.size
+            scale = scale.reshape(shape)
+            zp = np.asarray(zp).reshape(shape) if np.asarray(zp).size > 1 else zp
+        value = ((x - zp) * scale).astype(np.float32)
+        g.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        inits[node.output[0]] = g.initializer[-1]
+        folded += 1
+    _replace_nodes(g, keep)
+    return folded
+
+
 def remove_dead(model: onnx.ModelProto) -> None:
     from converters.truncate import needed_nodes
 
@@ -271,6 +350,7 @@ def normalize(model: onnx.ModelProto, copy: bool = True) -> onnx.ModelProto:
         if not fold_constants(out):
             break
     reshape_allowzero(out)
+    dequantize_weights(out)
     remove_dead(out)
     try:
         onnx.checker.check_model(skeleton(out))

@@ -27,6 +27,7 @@ from onnx2torch.onnx_node import OnnxNode
 from onnx2torch.utils.common import OnnxMapping, OnnxToTorchModule, OperationConverterResult
 from torch import nn
 
+from converters import quantized as _quantized
 from converters import recurrent as _recurrent
 from converters import resize as _resize
 from converters.constants import const_list as _const_list
@@ -458,3 +459,7 @@ ADDED.extend(("Resize", v, "full spec (converters/resize.py)") for v in _resize.
 
 # ------------------------------------------------------------------- LSTM, GRU, RNN (converters/recurrent.py)
 _recurrent.register(ADDED, _registered)
+
+
+# ------------------------------------------------------- quantized graphs as float (converters/quantized.py)
+_quantized.register(ADDED, _registered)
