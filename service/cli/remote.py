@@ -259,15 +259,17 @@ def _upload(client: Any, args: argparse.Namespace) -> int:
     bar.close()
     m = response.model
     verb = "already stored" if response.already_existed else "stored"
-    _print(args, {**model_dict(m), "already_existed": response.already_existed},
-           f"{verb} {m.name} {m.id[:12]} ({m.tap_count} taps)")  # fmt: skip
+    text = f"{verb} {m.name}:{m.version} {m.id[:12]} ({m.tap_count} taps)"
+    if response.note:
+        text += f"\n{response.note}"
+    _print(args, {**model_dict(m), "already_existed": response.already_existed, "note": response.note}, text)
     return 0
 
 
 def _models(client: Any, args: argparse.Namespace) -> int:
     models = client.models(args.prefix)
-    lines = [f"{m.id[:12]}  {m.name:<28} {m.size_bytes / 2**20:8.1f} MiB {m.tap_count:5d} taps"
-             f"{'  (bundled)' if m.bundled else ''}" for m in models]  # fmt: skip
+    lines = [f"{m.id[:12]}  {f'{m.name}:{m.version}':<28} {m.size_bytes / 2**20:8.1f} MiB {m.tap_count:5d} taps"
+             f"{'  latest' if m.latest else ''}{'  (bundled)' if m.bundled else ''}" for m in models]  # fmt: skip
     _print(args, [model_dict(m) for m in models], "\n".join(lines) or "no models")
     return 0
 

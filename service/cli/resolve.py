@@ -77,6 +77,9 @@ def resolve_model(client: Any, spec: str, as_json: bool, size: tuple[int, int] |
         pre = {"height": size[0], "width": size[1]} if size else None
         response = client.upload(spec, name=Path(spec).stem, preprocessing=pre)
         if not as_json:
-            print(f"model {response.model.name} {response.model.id[:12]}", file=sys.stderr)
+            m = response.model
+            print(f"model {m.name}:{m.version} {m.id[:12]}", file=sys.stderr)
+            if response.note:
+                print(response.note, file=sys.stderr)
         return response.model
     return client.get(spec)

@@ -2,10 +2,12 @@
 
 from service.client.library import (
     CheckRun,
+    ErrorDetails,
     PreimageClient,
     Run,
     encode_image,
     energy_params,
+    error_details,
     preprocessing,
     run_options,
     target,
@@ -14,10 +16,12 @@ from service.client.token import with_token
 
 __all__ = [
     "CheckRun",
+    "ErrorDetails",
     "PreimageClient",
     "Run",
     "encode_image",
     "energy_params",
+    "error_details",
     "preprocessing",
     "run_options",
     "target",

@@ -29,7 +29,7 @@ from service.api.enums import ENERGY_ENUMS
 from service.api.preimage.v1 import preimage_pb2 as pb
 from service.api.preimage.v1 import preimage_pb2_grpc as pb_grpc
 from service.client.token import with_token
-from service.rpc.messages import MAX_MESSAGE_BYTES, preprocessing
+from service.rpc.messages import MAX_MESSAGE_BYTES, ChunkJoiner, preprocessing
 
 CHUNK_BYTES = 1 << 20
 ENERGY_FIELDS = {f.name for f in pb.EnergyParams.DESCRIPTOR.fields}
@@ -97,9 +97,14 @@ class Run:
     on_progress: Callable[[pb.ProgressEvent], None] | None = None
 
     def __iter__(self) -> Iterator[Any]:
+        joiner = ChunkJoiner()  # large fields arrive as Chunk events ahead of their message
         for response in self.call:
             kind = response.WhichOneof("event")
             event = getattr(response, kind)
+            if kind == "chunk":
+                joiner.add(event)
+            else:
+                joiner.complete(kind, event)
             if kind == "result":
                 self.results.append(event)
             elif kind == "summary":
@@ -230,6 +235,16 @@ class PreimageClient:
         request = pb.ListTapsRequest(model=model, module_paths=module_paths)
         return self.stub.ListTaps(request, timeout=self._timeout(timeout))
 
+    # -- metadata -------------------------------------------------------------------------------
+    def server_info(self, timeout: float | None = None) -> pb.GetServerInfoResponse:
+        """Version, device, the limits that apply to you, presets, ops, auth mode."""
+        return self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self._timeout(timeout))
+
+    def statistics(self, model: str = "", timeout: float | None = None) -> pb.GetModelStatisticsResponse:
+        """Jobs, steps, seconds and failures per model since the server started (``model``: one)."""
+        request = pb.GetModelStatisticsRequest(model=model)
+        return self.stub.GetModelStatistics(request, timeout=self._timeout(timeout))
+
     # -- release checks -------------------------------------------------------------------------
     def check(
         self,
@@ -356,3 +371,38 @@ def _split(kwargs: dict[str, Any]) -> tuple[pb.EnergyParams, pb.RunOptions]:
             f"unknown keyword(s) {sorted(unknown)}; energy: {sorted(ENERGY_FIELDS)}, options: {sorted(OPTIONS_FIELDS)}"
         )
     return energy_params(**energy), run_options(**options)
+
+
+@dataclass(frozen=True)
+class ErrorDetails:
+    """The google.rpc details of a server error (see the proto's service comment)."""
+
+    code: grpc.StatusCode
+    message: str
+    reason: str | None  # ErrorInfo.reason, stable: MODEL_NOT_FOUND, UNKNOWN_TAP, QUEUE_FULL, ...
+    metadata: dict[str, str]
+    fields: dict[str, str]  # BadRequest: field → description
+    retry_after: float | None  # RetryInfo, seconds
+
+
+def error_details(err: grpc.RpcError) -> ErrorDetails:
+    """Decode the details the server put in an error's grpc-status-details-bin trailer."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    reason, metadata, fields, retry = None, {}, {}, None
+    status = rpc_status.from_call(err) if hasattr(err, "trailing_metadata") else None
+    for detail in status.details if status is not None else []:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason, metadata = info.reason, dict(info.metadata)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields = {v.field: v.description for v in bad.field_violations}
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info_r = error_details_pb2.RetryInfo()
+            detail.Unpack(info_r)
+            retry = info_r.retry_delay.ToMilliseconds() / 1000
+    return ErrorDetails(err.code(), err.details() or "", reason, metadata, fields, retry)

@@ -1,7 +1,9 @@
 """Errors whose gRPC status code is already decided where they are raised.
 
 The job engine, quotas and the server all raise them; service/rpc/errors.py turns them (and the
-other exceptions it knows) into statuses.
+other exceptions it knows) into statuses, with google.rpc details built from the fields here:
+``reason`` (ErrorInfo's stable reason, listed in the proto's service comment), ``field`` (the
+request field at fault, for BadRequest), ``retry_after`` (seconds, for RetryInfo).
 """
 
 from __future__ import annotations
@@ -10,17 +12,37 @@ import grpc
 
 
 class ServiceError(Exception):
-    """An error with its status code already decided."""
+    """An error with its status code (and its details for clients) already decided."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        *,
+        reason: str | None = None,
+        field: str | None = None,
+        retry_after: float | None = None,
+    ):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.reason = reason
+        self.field = field
+        self.retry_after = retry_after
 
 
-def invalid(message: str) -> ServiceError:
-    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message)
+def invalid(message: str, *, field: str | None = None, reason: str = "INVALID_ARGUMENT") -> ServiceError:
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message, reason=reason, field=field)
 
 
-def exhausted(message: str) -> ServiceError:
-    return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+def exhausted(
+    message: str, *, field: str | None = None, reason: str = "TOO_LARGE", retry_after: float | None = None
+) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, message, reason=reason, field=field, retry_after=retry_after
+    )
+
+
+def unavailable(message: str, *, retry_after: float = 1.0) -> ServiceError:
+    """The server is shutting down: retry (another replica will take it)."""
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, message, reason="SHUTTING_DOWN", retry_after=retry_after)

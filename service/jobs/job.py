@@ -63,7 +63,7 @@ def params_from_message(msg: pb.EnergyParams, task: str) -> EnergyParams:
         if msg.HasField(name):
             value = getattr(msg, name)
             if not math.isfinite(value):
-                raise invalid(f"params.{name} must be a finite number, got {value}")
+                raise invalid(f"params.{name} must be a finite number, got {value}", field=f"params.{name}")
             given[name] = float(value)
     for name in _INT_PARAMS:
         if msg.HasField(name):
@@ -71,14 +71,17 @@ def params_from_message(msg: pb.EnergyParams, task: str) -> EnergyParams:
     for name, values in _ENUMS.items():
         value = getattr(msg, name)
         if value != 0 and value not in values:
-            raise invalid(f"params.{name} {value} is not a known value")
+            raise invalid(f"params.{name} {value} is not a known value", field=f"params.{name}")
         if value in values and name != "preset":
             given[name] = values[value]
     try:
         params = preset_params(_ENUMS["preset"].get(msg.preset), task, **given)  # type: ignore[arg-type]
         params.validate()
     except ValueError as exc:
-        raise invalid(f"params: {exc}") from exc
+        # The energy's messages start with the field they are about ("beta must be ...").
+        first = str(exc).split(" ", 1)[0].strip(":,")
+        field = f"params.{first}" if first in pb.EnergyParams.DESCRIPTOR.fields_by_name else "params"
+        raise invalid(f"params: {exc}", field=field) from exc
     return params
 
 
@@ -98,24 +101,30 @@ def params_message(p: EnergyParams) -> pb.EnergyParams:
 def decode_image(data: bytes, index: int, limits: JobLimits) -> np.ndarray:
     """Encoded bytes → H×W×3 uint8 RGB, refusing non-images and oversized ones before decoding."""
     if not data:
-        raise invalid(f"images[{index}] is empty: send the bytes of a PNG or JPEG file")
+        raise invalid(f"images[{index}] is empty: send the bytes of a PNG or JPEG file", field=f"images[{index}]")
     if len(data) > limits.max_image_bytes:
-        raise exhausted(f"images[{index}] is {len(data)} bytes; this server accepts at most {limits.max_image_bytes}")
+        raise exhausted(
+            f"images[{index}] is {len(data)} bytes; this server accepts at most {limits.max_image_bytes}",
+            field=f"images[{index}]",
+        )
     try:
         img = Image.open(io.BytesIO(data))
         w, h = img.size  # from the header: nothing decoded yet
         if w * h > limits.max_input_pixels:
             raise exhausted(
-                f"images[{index}] is {w}×{h} pixels; this server decodes at most {limits.max_input_pixels} pixels"
+                f"images[{index}] is {w}×{h} pixels; this server decodes at most {limits.max_input_pixels} pixels",
+                field=f"images[{index}]",
             )
         img.load()
         rgb = img.convert("RGB")
     except ServiceError:
         raise
     except Image.DecompressionBombError as exc:  # Pillow's own cap fires in open(), before ours
-        raise exhausted(f"images[{index}] is too large to decode: {exc}") from exc
+        raise exhausted(f"images[{index}] is too large to decode: {exc}", field=f"images[{index}]") from exc
     except (OSError, ValueError, SyntaxError) as exc:
-        raise invalid(f"images[{index}] is not an image Pillow can read (send PNG or JPEG bytes): {exc}") from exc
+        raise invalid(
+            f"images[{index}] is not an image Pillow can read (send PNG or JPEG bytes): {exc}", field=f"images[{index}]"
+        ) from exc
     return np.asarray(rgb, dtype=np.uint8)
 
 
@@ -179,7 +188,8 @@ def _size(options: pb.RunOptions, converted: Any, first: np.ndarray | None, limi
         if (h is not None and h != fixed[0]) or (w is not None and w != fixed[1]):
             raise invalid(
                 f"this model's input is fixed at {fixed[0]}×{fixed[1]}; leave options.height/width unset "
-                f"or set them to {fixed[0]} and {fixed[1]}"
+                f"or set them to {fixed[0]} and {fixed[1]}",
+                field="options.height",
             )
         h, w = fixed
     else:
@@ -197,7 +207,10 @@ def _size(options: pb.RunOptions, converted: Any, first: np.ndarray | None, limi
         elif w is None:
             w = max(1, round(h * default[1] / default[0]))
     if h * w > limits.max_pixels:
-        raise exhausted(f"an output of {h}×{w} pixels is larger than this server's limit of {limits.max_pixels} pixels")
+        raise exhausted(
+            f"an output of {h}×{w} pixels is larger than this server's limit of {limits.max_pixels} pixels",
+            field="options.height",
+        )
     return int(h), int(w)
 
 
@@ -213,7 +226,9 @@ def find_tap(converted: Any, name: str) -> Any:
         raise invalid(
             f"unknown tap {name!r}: this model has {len(converted.taps)} taps (ListTaps, `preimage taps MODEL`), "
             f"each named by its ONNX value name or its node's name; torch module paths also work "
-            f"(`preimage taps MODEL --all`){hint}"
+            f"(`preimage taps MODEL --all`){hint}",
+            field="tap",
+            reason="UNKNOWN_TAP",
         ) from exc
 
 
@@ -233,28 +248,39 @@ def build_job(
     images: list[np.ndarray] = []
     if task in ("invert", "caricature"):
         if not request.images:
-            raise invalid(f"{task} needs at least one image in `images`")
+            raise invalid(f"{task} needs at least one image in `images`", field="images")
         if len(request.images) > limits.max_targets:
-            raise exhausted(f"{len(request.images)} images in one request; the limit is {limits.max_targets}")
+            raise exhausted(
+                f"{len(request.images)} images in one request; the limit is {limits.max_targets}", field="images"
+            )
         images = [decode_image(img.data, i, limits) for i, img in enumerate(request.images)]
     else:
         if not request.targets:
-            raise invalid("maximize needs at least one target in `targets` (a channel, neuron or direction)")
+            raise invalid(
+                "maximize needs at least one target in `targets` (a channel, neuron or direction)", field="targets"
+            )
         if len(request.targets) > limits.max_targets:
-            raise exhausted(f"{len(request.targets)} targets in one request; the limit is {limits.max_targets}")
+            raise exhausted(
+                f"{len(request.targets)} targets in one request; the limit is {limits.max_targets}", field="targets"
+            )
     height, width = _size(options, converted, images[0] if images else None, limits)
     resolved = params.resolved(task, height, width, tap.stride)  # type: ignore[arg-type]
     if resolved.steps + int(resolved.refine_steps or 0) > limits.max_steps:
         raise exhausted(
-            f"{resolved.steps} + {resolved.refine_steps} steps is more than this server's limit of {limits.max_steps}"
+            f"{resolved.steps} + {resolved.refine_steps} steps is more than this server's limit of {limits.max_steps}",
+            field="params.steps",
         )
     # The minimizer pads the image by the jitter: an absurd T would allocate (H+T)×(W+T) pixels.
     if resolved.jitter is not None and resolved.jitter > max(height, width):
         raise invalid(
-            f"params.jitter {resolved.jitter} is larger than the image ({height}×{width}); use ≤ the tap's stride"
+            f"params.jitter {resolved.jitter} is larger than the image ({height}×{width}); use ≤ the tap's stride",
+            field="params.jitter",
         )
     if request_has(request, "channel_max") and not (math.isfinite(request.channel_max) and request.channel_max >= 0):
-        raise invalid(f"channel_max must be a finite number > 0 (0 or unset: measured), got {request.channel_max}")
+        raise invalid(
+            f"channel_max must be a finite number > 0 (0 or unset: measured), got {request.channel_max}",
+            field="channel_max",
+        )
     mean = converted.preprocessing.mean_rgb255
     mean_t = torch.tensor(mean, dtype=torch.float32)
     phi = converted.representation(tap).to(device)
@@ -272,7 +298,7 @@ def build_job(
             try:
                 obj = Objective.invert(phi0[i], mask) if task == "invert" else Objective.caricature(phi0[i])
             except ValueError as exc:
-                raise invalid(f"images[{i}]: {exc}") from exc
+                raise invalid(f"images[{i}]: {exc}", field=f"images[{i}]") from exc
             start = starts[i] if task == "caricature" else None
             problems.append(Problem(obj, params, seed=_seed(seed0, i), start=start))
             descriptions.append(f"image {i}")
@@ -314,7 +340,9 @@ def build_job(
                 else:
                     raise ValueError("set one of channel, neuron or direction")
             except ValueError as exc:
-                raise invalid(f"targets[{i}] on tap {tap.alias!r} (shape {list(shape)}): {exc}") from exc
+                raise invalid(
+                    f"targets[{i}] on tap {tap.alias!r} (shape {list(shape)}): {exc}", field=f"targets[{i}]"
+                ) from exc
             # Repeats of one target form a group that the diversity term keeps apart.
             group = next((j for j, other in enumerate(request.targets[:i]) if other == target), i)
             problems.append(Problem(Objective.maximize(w), params, seed=_seed(seed0, i), group=group))
@@ -375,10 +403,13 @@ def _mask(msg: pb.FeatureMask, feature_shape: Sequence[int]) -> torch.Tensor | N
     if k == 0:
         return None
     if len(feature_shape) < 3:
-        raise invalid(f"mask.center_size needs a spatial tap (C×H×W); this tap's shape is {list(feature_shape)}")
+        raise invalid(
+            f"mask.center_size needs a spatial tap (C×H×W); this tap's shape is {list(feature_shape)}",
+            field="mask.center_size",
+        )
     h, w = feature_shape[-2:]
     if k > min(h, w):
-        raise invalid(f"mask.center_size {k} is larger than the feature map ({h}×{w})")
+        raise invalid(f"mask.center_size {k} is larger than the feature map ({h}×{w})", field="mask.center_size")
     m = torch.zeros(tuple(feature_shape))
     top, left = (h - k) // 2, (w - k) // 2
     m[..., top : top + k, left : left + k] = 1.0

@@ -67,7 +67,7 @@ class Quota:
 
 def quota_error(tenant: str, what: str, limit_name: str, limit: int) -> ServiceError:
     who = f"tenant {tenant!r}" if tenant else "this server"
-    return exhausted(f"{who}: {what} (quota {limit_name}={limit})")
+    return exhausted(f"{who}: {what} (quota {limit_name}={limit})", reason="QUOTA_EXCEEDED")
 
 
 class StorageQuotas:

@@ -26,16 +26,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
 import torch
 
 from service.api.preimage.v1 import preimage_pb2 as pb
 from service.energy import Minimizer, Result
 from service.energy.minimize import batch_signature, network_rows, padded_rows
-from service.jobs.errors import ServiceError, exhausted, invalid
+from service.jobs.errors import exhausted, invalid, unavailable
 from service.jobs.images import contact_sheet, png_bytes
 from service.jobs.job import Job, JobHandle, result_message
 from service.jobs.limits import SchedulerLimits
+
+# What RetryInfo tells a client refused for a full queue or memory: about the time a few short
+# jobs take to leave (they admit continuously), not a promise.
+QUEUE_RETRY_SECONDS = 2.0
 
 
 @dataclass
@@ -73,7 +76,8 @@ def _finite(result: Result) -> bool:
 def _diverged(job: Job, index: int, result: Result) -> Exception:
     # The model's fault or the settings', not the server's: INVALID_ARGUMENT with what to try.
     return invalid(
-        f"target {index} ({job.descriptions[index]}) at tap {job.tap_name!r} became non-finite (NaN/Inf) "
+        field=f"targets[{index}]" if job.task == "maximize" else f"images[{index}]",
+        message=f"target {index} ({job.descriptions[index]}) at tap {job.tap_name!r} became non-finite (NaN/Inf) "
         f"within {result.steps_run} steps: the model's gradient is not finite somewhere on the way to this "
         "tap (sqrt, log or a division at 0?) or the settings diverge (try a smaller learning_rate)"
     )
@@ -122,7 +126,7 @@ class Scheduler:
         parity = job.parity()  # onnxruntime work: done here, on the RPC thread, not in the loop
         with self._cond:
             if self._closed is not None:
-                raise ServiceError(grpc.StatusCode.UNAVAILABLE, self._closed)
+                raise unavailable(self._closed)
             if max_running is None:
                 self._max_running.pop(tenant, None)
             else:
@@ -132,7 +136,9 @@ class Scheduler:
             queued = sum(len(q) for q in self._pending.values())
             if queued >= self.limits.max_queued:
                 raise exhausted(
-                    f"server busy: {queued} jobs are waiting (limit {self.limits.max_queued}); retry in a few seconds"
+                    f"server busy: {queued} jobs are waiting (limit {self.limits.max_queued}); retry in a few seconds",
+                    reason="QUEUE_FULL",
+                    retry_after=QUEUE_RETRY_SECONDS,
                 )
             handle = JobHandle(job)
             self._pending.setdefault(tenant, collections.deque()).append(_JobState(handle, tenant, parity))
@@ -175,7 +181,7 @@ class Scheduler:
         with self._cond:
             states = [s for q in self._pending.values() for s in q] + [s for b in self._batches for s in b.jobs]
         for state in states:
-            state.handle.emit("error", ServiceError(grpc.StatusCode.UNAVAILABLE, reason))
+            state.handle.emit("error", unavailable(reason))
             state.handle.cancel()
         with self._cond:
             self._cond.notify()
@@ -376,7 +382,11 @@ class Scheduler:
 
     def _fail_batch(self, batch: _Batch, exc: BaseException) -> None:
         if isinstance(exc, torch.OutOfMemoryError):
-            exc = exhausted(f"out of device memory with {len(batch.minimizer)} images in one batch; retry later")
+            exc = exhausted(
+                f"out of device memory with {len(batch.minimizer)} images in one batch; retry later",
+                reason="OUT_OF_MEMORY",
+                retry_after=QUEUE_RETRY_SECONDS,
+            )
         with self._cond:
             self._batches = [b for b in self._batches if b is not batch]
         for state in batch.jobs:

@@ -95,6 +95,9 @@ class ModelRecord:
     owner: str = ""
     shared_with: list[str] = field(default_factory=list)
     public: bool = False
+    # Among the owner's models of this name, in upload order (1, 2, ...); set when committed. 0 in
+    # records written before versions existed: ``with_versions`` numbers those by creation time.
+    version: int = 0
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
@@ -105,6 +108,37 @@ class ModelRecord:
         known = {f.name for f in dataclasses.fields(cls)}
         # Unknown keys are ignored so an older server can read a newer store.
         return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+VERSION_SUFFIX = re.compile(r"^(?P<name>.+):(?P<version>[0-9]+|latest|previous)$")
+
+
+def with_versions(records: list[ModelRecord]) -> list[ModelRecord]:
+    """``records`` with every version set: records from before versions existed (version 0) are
+    numbered by creation time within their owner and name, after any numbered ones."""
+    groups: dict[tuple[str, str], list[ModelRecord]] = {}
+    for r in records:
+        groups.setdefault((r.owner, r.name), []).append(r)
+    for group in groups.values():
+        legacy = sorted((r for r in group if not r.version), key=lambda r: (r.created_at, r.id))
+        used = {r.version for r in group if r.version}
+        n = 0
+        for r in legacy:
+            n += 1
+            while n in used:
+                n += 1
+            r.version = n
+    return records
+
+
+def latest_ids(records: list[ModelRecord]) -> set[str]:
+    """Ids of the latest version of each owner's name among ``records``."""
+    best: dict[tuple[str, str], ModelRecord] = {}
+    for r in records:
+        key = (r.owner, r.name)
+        if key not in best or r.version > best[key].version:
+            best[key] = r
+    return {r.id for r in best.values()}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -290,7 +324,10 @@ class ModelStore:
             if existing is not None:
                 with contextlib.suppress(FileNotFoundError):
                     staged_path.unlink()
-                return existing, True
+                return self._numbered(existing), True
+            if not record.version:  # under the lock: two uploads of one name cannot take one number
+                same = [r for r in self._all() if r.owner == record.owner and r.name == record.name]
+                record.version = 1 + max((r.version for r in same), default=0)
             os.replace(staged_path, self.blob_path(record.id))
             _fsync_dir(self.blobs)
             atomic_write(self._meta_path(record.id), record.to_json().encode())
@@ -335,22 +372,39 @@ class ModelStore:
         except FileNotFoundError:
             return None
 
+    def _numbered(self, record: ModelRecord) -> ModelRecord:
+        """``record`` with its version set (records from before versions existed have none)."""
+        if record.version:
+            return record
+        others = [r for r in self._all() if r.name == record.name and r.id != record.id]
+        return with_versions([*others, record])[-1]
+
     def find(self, model_id: str) -> ModelRecord | None:
         """The model with exactly this id, or None."""
-        return self._read(model_id) if SHA256_RE.match(model_id) else None
+        record = self._read(model_id) if SHA256_RE.match(model_id) else None
+        return self._numbered(record) if record is not None else None
 
-    def list(self, visible: Callable[[ModelRecord], bool] | None = None) -> list[ModelRecord]:
-        """Every stored model, or those ``visible`` accepts (a tenant's view of the store)."""
+    def _all(self) -> list[ModelRecord]:
         records = []
         for path in self.meta.glob("*.json"):
             with contextlib.suppress(FileNotFoundError, ValueError, TypeError):
                 records.append(ModelRecord.from_json(path.read_text()))
+        return with_versions(records)
+
+    def list(self, visible: Callable[[ModelRecord], bool] | None = None) -> list[ModelRecord]:
+        """Every stored model (every version), or those ``visible`` accepts (a tenant's view)."""
+        records = self._all()
         if visible is not None:
             records = [r for r in records if visible(r)]
-        return sorted(records, key=lambda r: (not r.bundled, r.name, r.id))
+        return sorted(records, key=lambda r: (not r.bundled, r.name, r.owner, r.version, r.id))
+
+    def is_latest(self, record: ModelRecord) -> bool:
+        """Whether ``record`` is the latest version of its owner's name."""
+        return record.id in latest_ids([r for r in self._all() if r.name == record.name])
 
     def get(self, ref: str, visible: Callable[[ModelRecord], bool] | None = None) -> ModelRecord:
-        """A model by id, unique id prefix (≥ 8 hex characters) or unique name.
+        """A model by id, unique id prefix (≥ 8 hex characters), NAME (its latest version),
+        NAME:N, NAME:latest or NAME:previous (the version before the latest).
 
         With ``visible``, models it rejects do not exist for this lookup: same NOT_FOUND, not named
         in the hint, not counted for ambiguity (a tenant cannot probe another's models).
@@ -361,14 +415,14 @@ class ModelStore:
         if SHA256_RE.match(ref):
             record = self._read(ref)
             if record is not None and (visible is None or visible(record)):
-                return record
+                return self._numbered(record)
         records = self.list(visible)
         by_name = [r for r in records if r.name == ref]
-        if len(by_name) == 1:
-            return by_name[0]
-        if len(by_name) > 1:
-            ids = ", ".join(r.id[:12] for r in by_name)
-            raise AmbiguousModel(f"{len(by_name)} models are named {ref!r} ({ids}): use the id instead")
+        if by_name:  # a name as given, ':' included, before NAME:VERSION is tried
+            return self._version(ref, by_name, "latest")
+        versioned = VERSION_SUFFIX.match(ref)
+        if versioned and (named := [r for r in records if r.name == versioned["name"]]):
+            return self._version(versioned["name"], named, versioned["version"])
         if len(ref) >= MIN_PREFIX and re.fullmatch(r"[0-9a-f]+", ref):
             by_prefix = [r for r in records if r.id.startswith(ref)]
             if len(by_prefix) == 1:
@@ -378,6 +432,26 @@ class ModelStore:
         names = sorted({r.name for r in records})
         hint = f"; stored models: {', '.join(names[:20])}" if names else "; the store is empty"
         raise ModelNotFound(f"no model {ref!r} in the store{hint}")
+
+
+    @staticmethod
+    def _version(name: str, records: list[ModelRecord], which: str) -> ModelRecord:
+        owners = sorted({r.owner for r in records})
+        if len(owners) > 1:
+            ids = ", ".join(f"{r.id[:12]} ({r.owner or 'open'})" for r in records)
+            raise AmbiguousModel(f"tenants {', '.join(owners)} each have a model named {name!r} ({ids}): use the id")
+        ordered = sorted(records, key=lambda r: r.version)
+        numbers = ", ".join(str(r.version) for r in ordered)
+        if which == "latest":
+            return ordered[-1]
+        if which == "previous":
+            if len(ordered) < 2:
+                raise ModelNotFound(f"model {name!r} has one version ({numbers}): there is no {name}:previous")
+            return ordered[-2]
+        found = [r for r in ordered if r.version == int(which)]
+        if not found:
+            raise ModelNotFound(f"model {name!r} has no version {which}; its versions: {numbers}")
+        return found[0]
 
 
 class ConvertedCache:

@@ -246,7 +246,9 @@ def _refusing(handler: grpc.RpcMethodHandler, method: str, message: str) -> grpc
         fields = {"method": method.rsplit("/", 1)[-1], "peer": context.peer(), "code": "UNAUTHENTICATED",
                   "message": message}  # fmt: skip
         log.warning("rpc", extra={"fields": fields})
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        from service.rpc.errors import Details, rich_status
+
+        context.abort_with_status(rich_status(grpc.StatusCode.UNAUTHENTICATED, message, Details("UNAUTHENTICATED")))
 
     kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
     if handler.request_streaming and handler.response_streaming:

@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -54,6 +55,66 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     return None
 
 
+DOMAIN = "preimage.v1"  # ErrorInfo.domain of every error this server raises
+MAX_DETAIL_TEXT = 1000  # characters of a FieldViolation's description (the message says the rest)
+
+
+@dataclass(frozen=True)
+class Details:
+    """What a client reads instead of the message: ErrorInfo's reason, BadRequest's field, RetryInfo."""
+
+    reason: str
+    field: str | None = None
+    retry_after: float | None = None
+    metadata: dict[str, str] | None = None
+
+
+def details_for(exc: BaseException, code: grpc.StatusCode) -> Details:
+    """The google.rpc details of an error whose status ``status_for`` decided."""
+    from converters.errors import ModelError, UnknownTap
+
+    if isinstance(exc, ServiceError):
+        return Details(exc.reason or code.name, exc.field, exc.retry_after)
+    if isinstance(exc, ModelNotFound):
+        return Details("MODEL_NOT_FOUND", "model")
+    if isinstance(exc, AmbiguousModel):
+        return Details("MODEL_AMBIGUOUS", "model")
+    if isinstance(exc, ModelProtected):
+        return Details("MODEL_READ_ONLY", "model")
+    if isinstance(exc, UploadTooLarge):
+        return Details("TOO_LARGE", "chunk", metadata={"limit": str(exc.limit)})
+    if isinstance(exc, VetError):
+        return Details("TOO_LARGE" if exc.kind == "resources" else "MODEL_REFUSED")
+    if isinstance(exc, UnknownTap):
+        return Details("UNKNOWN_TAP", "tap", metadata={"tap": exc.name})
+    if isinstance(exc, ModelError):
+        return Details("MODEL_REFUSED")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # out of memory
+        return Details("OUT_OF_MEMORY", retry_after=5.0)
+    return Details(code.name if code != grpc.StatusCode.INTERNAL else "INTERNAL")
+
+
+def rich_status(code: grpc.StatusCode, message: str, details: Details) -> Any:
+    """A grpc.Status whose trailer carries google.rpc.Status with ErrorInfo, BadRequest, RetryInfo."""
+    from google.protobuf import duration_pb2
+    from google.rpc import error_details_pb2, status_pb2
+    from grpc_status import rpc_status
+
+    status = status_pb2.Status(code=code.value[0], message=message)
+    info = error_details_pb2.ErrorInfo(reason=details.reason, domain=DOMAIN, metadata=details.metadata or {})
+    status.details.add().Pack(info)
+    if details.field:
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=details.field, description=message[:MAX_DETAIL_TEXT]
+        )
+        status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+    if details.retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(int(details.retry_after * 1000))
+        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    return rpc_status.to_status(status)
+
+
 def _fail(context: grpc.ServicerContext, exc: BaseException, fields: dict[str, Any]) -> None:
     if not context.is_active():  # the client cancelled or the deadline passed: nobody to tell
         fields.setdefault("code", "CANCELLED")
@@ -63,14 +124,16 @@ def _fail(context: grpc.ServicerContext, exc: BaseException, fields: dict[str, A
         ref = uuid.uuid4().hex[:12]
         log.exception("internal error", extra={"fields": {**fields, "error_ref": ref}})
         code, message = grpc.StatusCode.INTERNAL, f"internal error (reference {ref} in the server log)"
+        details = Details("INTERNAL", metadata={"error_ref": ref})
     else:
         code, message = known
+        details = details_for(exc, code)
     # Messages echo what the client sent (names, taps); a status message beyond gRPC's 16 KiB
     # metadata cap would reach the client as a bare "Stream removed" instead of this code.
     if len(message) > MAX_STATUS_MESSAGE:
         message = message[:MAX_STATUS_MESSAGE] + "… (truncated)"
-    fields.update(code=code.name, message=message)
-    context.abort(code, message)
+    fields.update(code=code.name, message=message, reason=details.reason)
+    context.abort_with_status(rich_status(code, message, details))
 
 
 def rpc_handler(method: Callable) -> Callable:

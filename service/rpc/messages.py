@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from service.models.store import ModelRecord
 
 MAX_MESSAGE_BYTES = 64 << 20  # one message; uploads stream in chunks, so this bounds images/results
+# What the server sends stays under gRPC's default receive limit (4 MiB in every language): byte
+# fields larger than CHUNK_BYTES travel as Chunk events ahead of their message.
+DEFAULT_CLIENT_LIMIT = 4 << 20
+CHUNK_BYTES = 1 << 20
 CHANNEL_ORDERS = {pb.CHANNEL_ORDER_RGB: "RGB", pb.CHANNEL_ORDER_BGR: "BGR", pb.CHANNEL_ORDER_GRAY: "GRAY"}
 CHANNEL_ORDER_VALUES = {name: value for value, name in CHANNEL_ORDERS.items()}
 LAYOUTS = {"NCHW": pb.LAYOUT_NCHW, "NHWC": pb.LAYOUT_NHWC}
@@ -69,7 +73,7 @@ def preprocessing_message(pre: dict[str, Any]) -> pb.Preprocessing:
     return msg
 
 
-def model_message(r: ModelRecord) -> pb.Model:
+def model_message(r: ModelRecord, latest: bool = False) -> pb.Model:
     created = Timestamp()
     created.FromNanoseconds(int(r.created_at * 1e9))
     return pb.Model(
@@ -88,7 +92,62 @@ def model_message(r: ModelRecord) -> pb.Model:
         owner=r.owner,
         shared_with=r.shared_with,
         public=r.public or r.bundled,
+        version=r.version,
+        latest=latest,
     )
+
+
+# -- large byte fields as Chunk events (both sides) ------------------------------------------------
+def _chunks(field: int, index: int, data: bytes, size: int) -> list[tuple[str, pb.Chunk]]:
+    return [
+        ("chunk", pb.Chunk(field=field, target_index=index, offset=i, total_bytes=len(data), data=data[i : i + size]))
+        for i in range(0, len(data), size)
+    ]
+
+
+def split_large_fields(kind: str, message: Any, size: int = CHUNK_BYTES) -> list[tuple[str, Any]]:
+    """A stream event, preceded by Chunk events for each of its byte fields over ``size`` bytes
+    (which are then left empty in the message): no message of the stream exceeds 4 MiB."""
+    out: list[tuple[str, Any]] = []
+    if kind == "result":
+        if len(message.png) > size:
+            out += _chunks(pb.CHUNK_FIELD_PNG, message.target_index, message.png, size)
+            message.png = b""
+        if message.HasField("tensor") and len(message.tensor.data) > size:
+            out += _chunks(pb.CHUNK_FIELD_TENSOR, message.target_index, message.tensor.data, size)
+            message.tensor.data = b""
+    elif kind == "summary" and len(message.contact_sheet_png) > size:
+        out += _chunks(pb.CHUNK_FIELD_CONTACT_SHEET, 0, message.contact_sheet_png, size)
+        message.contact_sheet_png = b""
+    return [*out, (kind, message)]
+
+
+class ChunkJoiner:
+    """The client's half of split_large_fields: collects Chunk events and puts their bytes back
+    into the result or summary they precede."""
+
+    def __init__(self) -> None:
+        self._parts: dict[tuple[int, int], bytearray] = {}
+
+    def add(self, chunk: pb.Chunk) -> None:
+        buf = self._parts.setdefault((chunk.field, chunk.target_index), bytearray())
+        if chunk.offset != len(buf):
+            raise ValueError(f"chunk at offset {chunk.offset} after {len(buf)} bytes: the stream lost a chunk")
+        buf += chunk.data
+
+    def _take(self, field: int, index: int) -> bytes | None:
+        buf = self._parts.pop((field, index), None)
+        return bytes(buf) if buf is not None else None
+
+    def complete(self, kind: str, message: Any) -> Any:
+        if kind == "result":
+            if (png := self._take(pb.CHUNK_FIELD_PNG, message.target_index)) is not None:
+                message.png = png
+            if (tensor := self._take(pb.CHUNK_FIELD_TENSOR, message.target_index)) is not None:
+                message.tensor.data = tensor
+        elif kind == "summary" and (sheet := self._take(pb.CHUNK_FIELD_CONTACT_SHEET, 0)) is not None:
+            message.contact_sheet_png = sheet
+        return message
 
 
 # -- client side: keywords → messages; messages → JSON for the CLI --------------------------------
@@ -130,4 +189,6 @@ def model_dict(m: pb.Model) -> dict[str, Any]:
         "preprocessing": preprocessing_dict(m.preprocessing),
         "preprocessing_source": m.preprocessing_source,
         "labels": len(m.labels),
+        "version": m.version,
+        "latest": m.latest,
     }

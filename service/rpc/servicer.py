@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import string
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -23,6 +24,7 @@ from typing import Any
 import grpc
 import torch
 
+from service.api.enums import ENERGY_ENUMS
 from service.api.preimage.v1 import preimage_pb2 as pb
 from service.api.preimage.v1 import preimage_pb2_grpc as pb_grpc
 from service.jobs.batch_invariance import row_quantum
@@ -30,7 +32,7 @@ from service.jobs.errors import ServiceError, exhausted, invalid
 from service.jobs.job import JobHandle, JobStats, build_job
 from service.jobs.quotas import StorageQuotas
 from service.jobs.scheduler import Scheduler
-from service.models.store import ConvertedCache, ModelRecord, ModelStore
+from service.models.store import ConvertedCache, ModelRecord, ModelStore, latest_ids
 from service.models.worker import load_requested, vet_model
 from service.rpc.auth import (
     Authenticator,
@@ -40,8 +42,15 @@ from service.rpc.auth import (
     check_share_list,
 )
 from service.rpc.config import ServerConfig
-from service.rpc.errors import rpc_handler
-from service.rpc.messages import model_message, requested_preprocessing
+from service.rpc.errors import rpc_handler, status_for
+from service.rpc.messages import (
+    DEFAULT_CLIENT_LIMIT,
+    MAX_MESSAGE_BYTES,
+    model_message,
+    requested_preprocessing,
+    split_large_fields,
+)
+from service.rpc.statistics import ModelStatistics, device_info, package_version, supported_ops
 
 log = logging.getLogger("preimage.server")
 
@@ -83,7 +92,15 @@ def tenant_model_id(tenant: str, content_sha256: str) -> str:
 def _check_name(name: str) -> str:
     name = name.strip()
     if not name or len(name) > MAX_NAME or any(c not in string.printable or c in "\t\n\r\x0b\x0c" for c in name):
-        raise invalid(f"metadata.name must be 1–{MAX_NAME} printable ASCII characters, got {name[:40]!r}")
+        raise invalid(
+            f"metadata.name must be 1–{MAX_NAME} printable ASCII characters, got {name[:40]!r}", field="metadata.name"
+        )
+    if ":" in name:
+        raise invalid(
+            f"metadata.name {name[:40]!r} has a ':', which separates a name from its version (NAME:2): "
+            "upload under the name alone; each upload of new bytes becomes its next version",
+            field="metadata.name",
+        )
     return name
 
 
@@ -118,6 +135,7 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
         # How recent jobs ended (stats only: a handle would keep the job's tensors alive).
         self.recent_jobs: deque[FinishedJob] = deque(maxlen=64)
         self.jobs_finished = 0
+        self.statistics = ModelStatistics()  # GetModelStatistics: per model, since this process started
 
     # -- model management ---------------------------------------------------------------------
     @rpc_handler
@@ -173,7 +191,7 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
             model_id = tenant_model_id(principal.tenant, actual)
             existing = self.store.find(model_id)
             if existing is not None:
-                return pb.UploadModelResponse(model=model_message(existing), already_existed=True)
+                return self._already_stored(existing, name)
             self.storage_quotas.check(principal.quota, principal.tenant, self.store.list(), staged.size)
             # Wait for a conversion slot, but not for a client that has gone away.
             while not self._vet_slots.acquire(timeout=0.5):
@@ -204,12 +222,24 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
                 if self.store.find(model_id) is None:
                     self.storage_quotas.check(principal.quota, principal.tenant, self.store.list(), staged.size)
                 record, existed = self.store.commit(staged.path, record)
-        return pb.UploadModelResponse(model=model_message(record), already_existed=existed)
+        if existed:  # a parallel upload of the same bytes won
+            return self._already_stored(record, name)
+        return pb.UploadModelResponse(model=self._message(record), already_existed=False)
+
+    def _already_stored(self, record: ModelRecord, name: str) -> pb.UploadModelResponse:
+        """Identical bytes: nothing changes, and the note says what the caller got."""
+        ref = f"{record.name}:{record.version} ({record.id[:12]})"
+        if record.name != name:
+            note = (f"these bytes are already stored as {ref}; the name {name!r} was not applied "
+                    f"(one model, one name: refer to it as {record.name!r} or by its id)")  # fmt: skip
+        else:
+            note = f"these bytes are already stored as {ref}; no new version was made"
+        return pb.UploadModelResponse(model=self._message(record), already_existed=True, note=note)
 
     @rpc_handler
     def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext, fields) -> pb.GetModelResponse:
         fields["model"] = request.model
-        return pb.GetModelResponse(model=model_message(self._get(request.model, context, fields)))
+        return pb.GetModelResponse(model=self._message(self._get(request.model, context, fields)))
 
     @rpc_handler
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext, fields):
@@ -217,7 +247,8 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
         records = [
             r for r in self.store.list(lambda r: can_read(principal, r)) if r.name.startswith(request.name_prefix)
         ]
-        return pb.ListModelsResponse(models=[model_message(r) for r in records])
+        latest = latest_ids(self.store.list())
+        return pb.ListModelsResponse(models=[model_message(r, r.id in latest) for r in records])
 
     @rpc_handler
     def DeleteModel(self, request: pb.DeleteModelRequest, context: grpc.ServicerContext, fields):
@@ -226,7 +257,7 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
         record = self._owned(principal, request.model, context, fields, "delete")
         record = self.store.delete(record.id)
         self.cache.evict(record.id)
-        return pb.DeleteModelResponse(model=model_message(record))
+        return pb.DeleteModelResponse(model=model_message(record, latest=False))
 
     @rpc_handler
     def ListTaps(self, request: pb.ListTapsRequest, context: grpc.ServicerContext, fields) -> pb.ListTapsResponse:
@@ -264,6 +295,19 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
         fields.update(model=request.model, tap=request.tap, task=task)
         principal = self._principal(context, fields)
         record = self._get(request.model, context, fields)
+        start, code = time.monotonic(), "OK"
+        try:
+            yield from self._run_job(task, request, context, fields, response_cls, principal, record)
+        except BaseException as exc:  # counted, then the same exception goes on to rpc_handler
+            known = status_for(exc) if isinstance(exc, Exception) else None
+            code = known[0].name if known else ("CANCELLED" if not isinstance(exc, Exception) else "INTERNAL")
+            raise
+        finally:
+            if code == "OK" and not context.is_active():
+                code = "CANCELLED"
+            self.statistics.record(record.id, task, code, int(fields.get("steps", 0)), time.monotonic() - start)
+
+    def _run_job(self, task, request, context, fields, response_cls, principal: Principal, record: ModelRecord):
         converted = self.cache.get(record)
         limits = principal.quota.job_limits(self.config.job_limits)
         try:
@@ -282,7 +326,9 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
                 q = principal.quota
                 tighter = {"max_image_pixels": q.max_image_pixels, "max_steps": q.max_steps}
                 named = ", ".join(f"{k}={v}" for k, v in tighter.items() if v is not None)
-                raise exhausted(f"{exc.message} (tenant {principal.tenant!r} quota {named})") from exc
+                raise exhausted(
+                    f"{exc.message} (tenant {principal.tenant!r} quota {named})", reason="QUOTA_EXCEEDED", field=exc.field
+                ) from exc
             raise
         fields.update(targets=len(job.problems), size=f"{job.height}x{job.width}")
         quota = principal.quota
@@ -294,7 +340,8 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
         if not context.add_callback(handle.cancel):
             handle.cancel()
         for kind, message in handle.events(alive=context.is_active):
-            yield response_cls(**{kind: message})
+            for part, piece in split_large_fields(kind, message):
+                yield response_cls(**{part: piece})
         fields.update(steps=handle.stats.steps)
 
     @rpc_handler
@@ -317,7 +364,52 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
         record.shared_with = check_share_list(list(request.shared_with))
         record.public = request.public
         self.store.update(record)
-        return pb.ShareModelResponse(model=model_message(record))
+        return pb.ShareModelResponse(model=self._message(record))
+
+    # -- metadata -------------------------------------------------------------------------------
+    @rpc_handler
+    def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext, fields):
+        principal = self._principal(context, fields)
+        limits = principal.quota.job_limits(self.config.job_limits)
+        auth = self.config.auth
+        return pb.GetServerInfoResponse(
+            version=package_version(),
+            api=pb.DESCRIPTOR.package,
+            device=device_info(self.device),
+            limits=pb.ServerLimits(
+                max_message_bytes=MAX_MESSAGE_BYTES,
+                max_sent_message_bytes=DEFAULT_CLIENT_LIMIT,
+                max_model_bytes=min(self.store.max_model_bytes, principal.quota.max_model_bytes or 1 << 62),
+                max_steps=limits.max_steps,
+                max_pixels=limits.max_pixels,
+                max_targets=limits.max_targets,
+                max_image_bytes=limits.max_image_bytes,
+                max_input_pixels=limits.max_input_pixels,
+                max_queued_jobs=min(self.config.scheduler.max_queued, principal.quota.max_queued_jobs or 1 << 31),
+            ),
+            presets=list(ENERGY_ENUMS["preset"]),
+            parameterizations=list(ENERGY_ENUMS["parameterization"]),
+            optimizers=list(ENERGY_ENUMS["optimizer"]),
+            ops=supported_ops(),
+            auth=pb.AUTH_MODE_OPEN if auth.open else pb.AUTH_MODE_TOKENS,
+            tls=auth.tls_cert is not None,
+            mutual_tls=auth.tls_client_ca is not None,
+            tenant=principal.tenant,
+            batch_invariant=self.config.batch_invariant,
+        )
+
+    @rpc_handler
+    def GetModelStatistics(self, request: pb.GetModelStatisticsRequest, context: grpc.ServicerContext, fields):
+        fields["model"] = request.model
+        if request.model:
+            records = [self._get(request.model, context, fields)]
+        else:
+            principal = self._principal(context, fields)
+            ran = set(self.statistics.model_ids())
+            records = [r for r in self.store.list(lambda r: can_read(principal, r)) if r.id in ran]
+        return pb.GetModelStatisticsResponse(
+            models=[self.statistics.message(r) for r in records], uptime_seconds=self.statistics.uptime()
+        )
 
     # -- release checks -------------------------------------------------------------------------
     @rpc_handler
@@ -334,14 +426,22 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
         # A check runs outside the scheduler (many layers, two models): one at a time per server,
         # so a CI burst cannot starve the interactive jobs.
         if not self._check_slots.acquire(blocking=False):
-            raise exhausted("a release check is already running on this server; retry in a minute")
+            raise exhausted(
+                "a release check is already running on this server; retry in a minute",
+                reason="SERVER_BUSY",
+                retry_after=60.0,
+            )
         try:
-            names = (record.name, base.name if base is not None else None)
+            # NAME:VERSION, so that a report of mynet against mynet:previous says which two it compared.
+            names = (f"{record.name}:{record.version}", f"{base.name}:{base.version}" if base is not None else None)
             yield from check_events(request, converted, baseline, self.device, names, context.is_active)
         finally:
             self._check_slots.release()
 
     # -- helpers --------------------------------------------------------------------------------
+    def _message(self, record: ModelRecord) -> pb.Model:
+        return model_message(record, latest=self.store.is_latest(record))
+
     def _principal(self, context: grpc.ServicerContext, fields: dict[str, Any]) -> Principal:
         principal = self.auth.authenticate(context.invocation_metadata())
         if principal.tenant:
@@ -360,7 +460,12 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
                 if record.bundled
                 else f"is shared with you read-only; only its owner can {action} it"
             )
-            raise ServiceError(grpc.StatusCode.PERMISSION_DENIED, f"model {record.name!r} ({record.id[:12]}) {reason}")
+            raise ServiceError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"model {record.name!r} ({record.id[:12]}) {reason}",
+                reason="MODEL_READ_ONLY",
+                field="model",
+            )
         return record
 
     def _get(self, ref: str, context: grpc.ServicerContext, fields: dict[str, Any]) -> ModelRecord:

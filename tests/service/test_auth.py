@@ -97,6 +97,7 @@ def every_rpc(ref: str) -> dict[str, Callable[[PreimageClient], Any]]:
         "ShareModel": lambda c: c.share(ref, ["bob"]),
         "DeleteModel": lambda c: c.delete(ref),
         "CheckRelease": lambda c: c.check(ref, taps=["relu2"]).wait(),
+        "GetModelStatistics": lambda c: c.statistics(ref),
     }
 
 
@@ -113,14 +114,15 @@ def _png() -> bytes:
 
 def test_every_rpc_is_covered() -> None:
     names = {m.name for m in pb.DESCRIPTOR.services_by_name["PreimageService"].methods}
-    assert names == set(every_rpc("x")) | {"UploadModel", "ListModels"}
+    assert names == set(every_rpc("x")) | {"UploadModel", "ListModels", "GetServerInfo"}
 
 
 # -- authentication -------------------------------------------------------------------------------
 @pytest.mark.parametrize("token", [None, "", "wrong-token"])
 def test_missing_or_wrong_token_is_unauthenticated_on_every_rpc(server: Any, secret: pb.Model, token) -> None:
     with client_for(server, None, token or "") as c:
-        calls = {**every_rpc(secret.id), "ListModels": lambda c: c.models(), "UploadModel": lambda c: c.upload(SECRET)}
+        calls = {**every_rpc(secret.id), "ListModels": lambda c: c.models(), "UploadModel": lambda c: c.upload(SECRET),
+                 "GetServerInfo": lambda c: c.server_info()}  # fmt: skip
         for name, call in calls.items():
             code, msg = code_of(lambda call=call: call(c))
             assert code == grpc.StatusCode.UNAUTHENTICATED, name

@@ -49,12 +49,61 @@ def test_put_get_list_delete_and_restart(tmp_path: Path) -> None:
         reopened.delete("beta")
 
 
+def _put_as(store: ModelStore, data: bytes, name: str, owner: str) -> ModelRecord:
+    with store.stage() as staged:
+        staged.write(data)
+        sha = staged.finish()
+        return store.commit(staged.path, ModelRecord(id=sha, name=name, size_bytes=staged.size, owner=owner))[0]
+
+
+def test_versions_of_a_name(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    one, _ = _put(store, b"one", "same")
+    two, _ = _put(store, b"two", "same")
+    other, _ = _put(store, b"other", "other")
+    assert (one.version, two.version, other.version) == (1, 2, 1)
+    assert store.get("same") == two and store.get("same:latest") == two
+    assert store.get("same:1") == one and store.get("same:previous") == one and store.get(one.id) == one
+    with pytest.raises(ModelNotFound, match="no version 3; its versions: 1, 2"):
+        store.get("same:3")
+    with pytest.raises(ModelNotFound, match="one version"):
+        store.get("other:previous")
+    again, existed = _put(store, b"one", "renamed")  # identical bytes: the stored model, no new version
+    assert existed and (again.name, again.version) == ("same", 1)
+    assert [(r.name, r.version) for r in store.list()] == [("other", 1), ("same", 1), ("same", 2)]
+    store.delete("same")  # the latest; the name now resolves to the one before, numbers stay
+    assert store.get("same") == one
+    three, _ = _put(store, b"three", "same")
+    assert three.version == 2  # the highest stored number + 1
+    # Versions are per owner: two tenants' models of one name are ambiguous for who sees both.
+    _put_as(store, b"alice's", "shared-name", "alice")
+    _put_as(store, b"bob's", "shared-name", "bob")
+    with pytest.raises(AmbiguousModel, match="use the id"):
+        store.get("shared-name")
+    assert store.get("shared-name", lambda r: r.owner == "bob").owner == "bob"
+    assert store.get("shared-name:1", lambda r: r.owner == "alice").owner == "alice"
+
+
+def test_records_from_before_versions_are_numbered_by_age(tmp_path: Path) -> None:
+    import json
+
+    store = ModelStore(tmp_path)
+    ids = []
+    for i, data in enumerate((b"first", b"second")):
+        record, _ = _put(store, data, "old")
+        raw = json.loads(store._meta_path(record.id).read_text())
+        del raw["version"]  # as an older server wrote it
+        raw["created_at"] = 1000.0 + i
+        store._meta_path(record.id).write_text(json.dumps(raw))
+        ids.append(record.id)
+    reopened = ModelStore(tmp_path)
+    assert [(r.id, r.version) for r in reopened.list()] == [(ids[0], 1), (ids[1], 2)]
+    assert reopened.get("old").id == ids[1] and reopened.find(ids[0]).version == 1
+    assert _put(reopened, b"third", "old")[0].version == 3
+
+
 def test_lookup_errors(tmp_path: Path) -> None:
     store = ModelStore(tmp_path)
-    _put(store, b"one", "same")
-    _put(store, b"two", "same")
-    with pytest.raises(AmbiguousModel, match="use the id"):
-        store.get("same")
     with pytest.raises(ModelNotFound, match="no model given"):
         store.get("  ")
     with pytest.raises(ModelNotFound):

@@ -219,6 +219,58 @@ SPATIAL_MEAN: Spatial.ValueType  # 2
 """The channel's mean over the map, scaled 1/M_k (lucid's "channel" objective)."""
 Global___Spatial: _TypeAlias = Spatial  # noqa: Y015
 
+class _ChunkField:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ChunkFieldEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChunkField.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CHUNK_FIELD_UNSPECIFIED: _ChunkField.ValueType  # 0
+    """Not used."""
+    CHUNK_FIELD_TENSOR: _ChunkField.ValueType  # 1
+    """VisualizationResult.tensor.data of the result with the chunk's target_index."""
+    CHUNK_FIELD_CONTACT_SHEET: _ChunkField.ValueType  # 2
+    """RunSummary.contact_sheet_png."""
+    CHUNK_FIELD_PNG: _ChunkField.ValueType  # 3
+    """VisualizationResult.png of the result with the chunk's target_index."""
+
+class ChunkField(_ChunkField, metaclass=_ChunkFieldEnumTypeWrapper):
+    """ChunkField names the byte field a Chunk belongs to."""
+
+CHUNK_FIELD_UNSPECIFIED: ChunkField.ValueType  # 0
+"""Not used."""
+CHUNK_FIELD_TENSOR: ChunkField.ValueType  # 1
+"""VisualizationResult.tensor.data of the result with the chunk's target_index."""
+CHUNK_FIELD_CONTACT_SHEET: ChunkField.ValueType  # 2
+"""RunSummary.contact_sheet_png."""
+CHUNK_FIELD_PNG: ChunkField.ValueType  # 3
+"""VisualizationResult.png of the result with the chunk's target_index."""
+Global___ChunkField: _TypeAlias = ChunkField  # noqa: Y015
+
+class _AuthMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AuthModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuthMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AUTH_MODE_UNSPECIFIED: _AuthMode.ValueType  # 0
+    """Not reported."""
+    AUTH_MODE_OPEN: _AuthMode.ValueType  # 1
+    """No authentication (loopback only): every caller is an admin."""
+    AUTH_MODE_TOKENS: _AuthMode.ValueType  # 2
+    """A bearer token per tenant in the `authorization` metadata ("Bearer TOKEN")."""
+
+class AuthMode(_AuthMode, metaclass=_AuthModeEnumTypeWrapper):
+    """AuthMode says how callers authenticate."""
+
+AUTH_MODE_UNSPECIFIED: AuthMode.ValueType  # 0
+"""Not reported."""
+AUTH_MODE_OPEN: AuthMode.ValueType  # 1
+"""No authentication (loopback only): every caller is an admin."""
+AUTH_MODE_TOKENS: AuthMode.ValueType  # 2
+"""A bearer token per tenant in the `authorization` metadata ("Bearer TOKEN")."""
+Global___AuthMode: _TypeAlias = AuthMode  # noqa: Y015
+
 @_typing.final
 class Preprocessing(_message.Message):
     """Preprocessing says how an RGB 0-255 image becomes the model's input:
@@ -308,6 +360,8 @@ class Model(_message.Message):
     OWNER_FIELD_NUMBER: _builtins.int
     SHARED_WITH_FIELD_NUMBER: _builtins.int
     PUBLIC_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    LATEST_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The model's id: the lowercase hex sha256 of its ONNX bytes on an open server and for bundled
     models; for a tenant's upload, a sha256 of the tenant and those bytes (each tenant its own copy).
@@ -334,6 +388,12 @@ class Model(_message.Message):
     """The tenant (team) that uploaded the model; empty for bundled models and open servers."""
     public: _builtins.bool
     """True when every tenant may read and use the model (bundled models are public)."""
+    version: _builtins.int
+    """The model's version among the owner's models of this name: 1 for the first upload of a name,
+    then one more for each upload of new bytes under that name. NAME:N names it.
+    """
+    latest: _builtins.bool
+    """True for the latest version of its name, the one a bare NAME resolves to."""
     @_builtins.property
     def preprocessing(self) -> Global___Preprocessing:
         """The preprocessing the service uses for this model (every field resolved)."""
@@ -368,10 +428,12 @@ class Model(_message.Message):
         owner: _builtins.str = ...,
         shared_with: _abc.Iterable[_builtins.str] | None = ...,
         public: _builtins.bool = ...,
+        version: _builtins.int = ...,
+        latest: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_parity", b"_parity", "created_at", b"created_at", "parity", b"parity", "preprocessing", b"preprocessing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_parity", b"_parity", "bundled", b"bundled", "created_at", b"created_at", "description", b"description", "id", b"id", "labels", b"labels", "name", b"name", "output_tap", b"output_tap", "owner", b"owner", "parity", b"parity", "preprocessing", b"preprocessing", "preprocessing_source", b"preprocessing_source", "public", b"public", "shared_with", b"shared_with", "size_bytes", b"size_bytes", "tap_count", b"tap_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_parity", b"_parity", "bundled", b"bundled", "created_at", b"created_at", "description", b"description", "id", b"id", "labels", b"labels", "latest", b"latest", "name", b"name", "output_tap", b"output_tap", "owner", b"owner", "parity", b"parity", "preprocessing", b"preprocessing", "preprocessing_source", b"preprocessing_source", "public", b"public", "shared_with", b"shared_with", "size_bytes", b"size_bytes", "tap_count", b"tap_count", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__parity: _TypeAlias = _typing.Literal["parity"]  # noqa: Y015
     _WhichOneofArgType__parity: _TypeAlias = _typing.Literal["_parity", b"_parity"]  # noqa: Y015
@@ -499,8 +561,13 @@ class UploadModelResponse(_message.Message):
 
     MODEL_FIELD_NUMBER: _builtins.int
     ALREADY_EXISTED_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
     already_existed: _builtins.bool
     """True when a model with the same bytes was already stored (nothing was changed)."""
+    note: _builtins.str
+    """For people: what happened when it is not plain, e.g. the bytes were already stored under
+    another name (the stored model keeps its name; no new version is made). Empty otherwise.
+    """
     @_builtins.property
     def model(self) -> Global___Model:
         """The stored model."""
@@ -510,10 +577,11 @@ class UploadModelResponse(_message.Message):
         *,
         model: Global___Model | None = ...,
         already_existed: _builtins.bool = ...,
+        note: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_existed", b"already_existed", "model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_existed", b"already_existed", "model", b"model", "note", b"note"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -527,7 +595,9 @@ class GetModelRequest(_message.Message):
 
     MODEL_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """The model's id, a unique id prefix of at least 8 characters, or its unique name."""
+    """The model: its id, a unique id prefix of at least 8 characters, NAME (the latest version of
+    that name), NAME:N (version N) or NAME:previous (the version before the latest).
+    """
     def __init__(
         self,
         *,
@@ -596,7 +666,7 @@ class ListModelsResponse(_message.Message):
     MODELS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___Model]:
-        """The models, bundled first, then by name."""
+        """The models, every version of each, bundled first, then by name and version."""
 
     def __init__(
         self,
@@ -619,7 +689,9 @@ class DeleteModelRequest(_message.Message):
 
     MODEL_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """The model's id, a unique id prefix of at least 8 characters, or its unique name."""
+    """The model: its id, a unique id prefix of at least 8 characters, NAME (the latest version of
+    that name), NAME:N (version N) or NAME:previous (the version before the latest).
+    """
     def __init__(
         self,
         *,
@@ -667,7 +739,9 @@ class ShareModelRequest(_message.Message):
     SHARED_WITH_FIELD_NUMBER: _builtins.int
     PUBLIC_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """The model's id, a unique id prefix of at least 8 characters, or its unique name."""
+    """The model: its id, a unique id prefix of at least 8 characters, NAME (the latest version of
+    that name), NAME:N (version N) or NAME:previous (the version before the latest).
+    """
     public: _builtins.bool
     """Whether every tenant may read and use the model."""
     @_builtins.property
@@ -722,7 +796,9 @@ class ListTapsRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     MODULE_PATHS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """The model's id, a unique id prefix of at least 8 characters, or its unique name."""
+    """The model: its id, a unique id prefix of at least 8 characters, NAME (the latest version of
+    that name), NAME:N (version N) or NAME:previous (the version before the latest).
+    """
     module_paths: _builtins.bool
     """Also list the torch module paths that name a tap (ListTapsResponse.module_paths)."""
     def __init__(
@@ -1468,6 +1544,47 @@ class VisualizationResult(_message.Message):
 Global___VisualizationResult: _TypeAlias = VisualizationResult  # noqa: Y015
 
 @_typing.final
+class Chunk(_message.Message):
+    """Chunk is part of a byte field too large for one message of 4 MiB (gRPC's default receive
+    limit). A field larger than 1 MiB is left empty in its message and sent as chunks, in order,
+    just before that message; concatenating the chunks' data gives the field's bytes.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIELD_FIELD_NUMBER: _builtins.int
+    TARGET_INDEX_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    field: Global___ChunkField.ValueType
+    """The field the bytes belong to."""
+    target_index: _builtins.int
+    """The target whose result owns the field (0 for the contact sheet)."""
+    offset: _builtins.int
+    """Position of data in the field's bytes."""
+    total_bytes: _builtins.int
+    """Size of the whole field in bytes."""
+    data: _builtins.bytes
+    """The bytes from offset on (at most 1 MiB)."""
+    def __init__(
+        self,
+        *,
+        field: Global___ChunkField.ValueType = ...,
+        target_index: _builtins.int = ...,
+        offset: _builtins.int = ...,
+        total_bytes: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "field", b"field", "offset", b"offset", "target_index", b"target_index", "total_bytes", b"total_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Chunk: _TypeAlias = Chunk  # noqa: Y015
+
+@_typing.final
 class RunSummary(_message.Message):
     """RunSummary ends every visualization stream."""
 
@@ -1518,7 +1635,9 @@ class InvertRequest(_message.Message):
     PARAMS_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """The model's id, a unique id prefix of at least 8 characters, or its unique name."""
+    """The model: its id, a unique id prefix of at least 8 characters, NAME (the latest version of
+    that name), NAME:N (version N) or NAME:previous (the version before the latest).
+    """
     tap: _builtins.str
     """The tap (name or alias, see ListTaps) whose representation is inverted."""
     @_builtins.property
@@ -1564,6 +1683,7 @@ class InvertResponse(_message.Message):
     PROGRESS_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     SUMMARY_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def progress(self) -> Global___ProgressEvent:
         """Progress of one target."""
@@ -1576,18 +1696,23 @@ class InvertResponse(_message.Message):
     def summary(self) -> Global___RunSummary:
         """The last message of the stream."""
 
+    @_builtins.property
+    def chunk(self) -> Global___Chunk:
+        """Part of a large byte field of the next result or summary (see Chunk)."""
+
     def __init__(
         self,
         *,
         progress: Global___ProgressEvent | None = ...,
         result: Global___VisualizationResult | None = ...,
         summary: Global___RunSummary | None = ...,
+        chunk: Global___Chunk | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "progress", b"progress", "result", b"result", "summary", b"summary"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "event", b"event", "progress", b"progress", "result", b"result", "summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "progress", b"progress", "result", b"result", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "event", b"event", "progress", b"progress", "result", b"result", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["progress", "result", "summary"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["progress", "result", "summary", "chunk"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
@@ -1724,7 +1849,9 @@ class MaximizeRequest(_message.Message):
     PARAMS_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """The model's id, a unique id prefix of at least 8 characters, or its unique name."""
+    """The model: its id, a unique id prefix of at least 8 characters, NAME (the latest version of
+    that name), NAME:N (version N) or NAME:previous (the version before the latest).
+    """
     tap: _builtins.str
     """The tap (name or alias, see ListTaps) whose activation is maximized."""
     channel_max: _builtins.float
@@ -1773,6 +1900,7 @@ class MaximizeResponse(_message.Message):
     PROGRESS_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     SUMMARY_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def progress(self) -> Global___ProgressEvent:
         """Progress of one target."""
@@ -1785,18 +1913,23 @@ class MaximizeResponse(_message.Message):
     def summary(self) -> Global___RunSummary:
         """The last message of the stream."""
 
+    @_builtins.property
+    def chunk(self) -> Global___Chunk:
+        """Part of a large byte field of the next result or summary (see Chunk)."""
+
     def __init__(
         self,
         *,
         progress: Global___ProgressEvent | None = ...,
         result: Global___VisualizationResult | None = ...,
         summary: Global___RunSummary | None = ...,
+        chunk: Global___Chunk | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "progress", b"progress", "result", b"result", "summary", b"summary"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "event", b"event", "progress", b"progress", "result", b"result", "summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "progress", b"progress", "result", b"result", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "event", b"event", "progress", b"progress", "result", b"result", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["progress", "result", "summary"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["progress", "result", "summary", "chunk"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
@@ -1814,7 +1947,9 @@ class CaricatureRequest(_message.Message):
     PARAMS_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """The model's id, a unique id prefix of at least 8 characters, or its unique name."""
+    """The model: its id, a unique id prefix of at least 8 characters, NAME (the latest version of
+    that name), NAME:N (version N) or NAME:previous (the version before the latest).
+    """
     tap: _builtins.str
     """The tap (name or alias, see ListTaps)."""
     @_builtins.property
@@ -1855,6 +1990,7 @@ class CaricatureResponse(_message.Message):
     PROGRESS_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     SUMMARY_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def progress(self) -> Global___ProgressEvent:
         """Progress of one target."""
@@ -1867,18 +2003,23 @@ class CaricatureResponse(_message.Message):
     def summary(self) -> Global___RunSummary:
         """The last message of the stream."""
 
+    @_builtins.property
+    def chunk(self) -> Global___Chunk:
+        """Part of a large byte field of the next result or summary (see Chunk)."""
+
     def __init__(
         self,
         *,
         progress: Global___ProgressEvent | None = ...,
         result: Global___VisualizationResult | None = ...,
         summary: Global___RunSummary | None = ...,
+        chunk: Global___Chunk | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "progress", b"progress", "result", b"result", "summary", b"summary"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "event", b"event", "progress", b"progress", "result", b"result", "summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "progress", b"progress", "result", b"result", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "event", b"event", "progress", b"progress", "result", b"result", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["progress", "result", "summary"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["progress", "result", "summary", "chunk"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
@@ -2096,3 +2237,340 @@ class CheckReleaseResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
 Global___CheckReleaseResponse: _TypeAlias = CheckReleaseResponse  # noqa: Y015
+
+@_typing.final
+class GetServerInfoRequest(_message.Message):
+    """GetServerInfoRequest asks for the server's description."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetServerInfoRequest: _TypeAlias = GetServerInfoRequest  # noqa: Y015
+
+@_typing.final
+class DeviceInfo(_message.Message):
+    """DeviceInfo describes the device that runs the optimizations."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """torch's name for it: "cpu", "cuda:0", ..."""
+    description: _builtins.str
+    """What it is: the GPU's name, or the CPU's model and core count."""
+    memory_bytes: _builtins.int
+    """Its memory in bytes: the GPU's total memory, or the host's RAM for the CPU."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        memory_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "memory_bytes", b"memory_bytes", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceInfo: _TypeAlias = DeviceInfo  # noqa: Y015
+
+@_typing.final
+class ServerLimits(_message.Message):
+    """ServerLimits are the bounds that apply to the caller's requests (a tenant's quota included)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_SENT_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_MODEL_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_STEPS_FIELD_NUMBER: _builtins.int
+    MAX_PIXELS_FIELD_NUMBER: _builtins.int
+    MAX_TARGETS_FIELD_NUMBER: _builtins.int
+    MAX_IMAGE_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_INPUT_PIXELS_FIELD_NUMBER: _builtins.int
+    MAX_QUEUED_JOBS_FIELD_NUMBER: _builtins.int
+    max_message_bytes: _builtins.int
+    """Largest message the server receives or sends, in bytes (clients must raise their receive
+    limit to this only for requests they send above 4 MiB; see PreimageService).
+    """
+    max_sent_message_bytes: _builtins.int
+    """Largest message the server sends in a stream, in bytes (4 MiB)."""
+    max_model_bytes: _builtins.int
+    """Largest ONNX model accepted by UploadModel, in bytes."""
+    max_steps: _builtins.int
+    """Optimization steps of one request, both stages together."""
+    max_pixels: _builtins.int
+    """Pixels (height x width) of one output image."""
+    max_targets: _builtins.int
+    """Targets (images or maximization targets) of one request."""
+    max_image_bytes: _builtins.int
+    """Bytes of one encoded input image."""
+    max_input_pixels: _builtins.int
+    """Pixels of one decoded input image."""
+    max_queued_jobs: _builtins.int
+    """Jobs that may wait for admission before new ones are refused with QUEUE_FULL."""
+    def __init__(
+        self,
+        *,
+        max_message_bytes: _builtins.int = ...,
+        max_sent_message_bytes: _builtins.int = ...,
+        max_model_bytes: _builtins.int = ...,
+        max_steps: _builtins.int = ...,
+        max_pixels: _builtins.int = ...,
+        max_targets: _builtins.int = ...,
+        max_image_bytes: _builtins.int = ...,
+        max_input_pixels: _builtins.int = ...,
+        max_queued_jobs: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_image_bytes", b"max_image_bytes", "max_input_pixels", b"max_input_pixels", "max_message_bytes", b"max_message_bytes", "max_model_bytes", b"max_model_bytes", "max_pixels", b"max_pixels", "max_queued_jobs", b"max_queued_jobs", "max_sent_message_bytes", b"max_sent_message_bytes", "max_steps", b"max_steps", "max_targets", b"max_targets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServerLimits: _TypeAlias = ServerLimits  # noqa: Y015
+
+@_typing.final
+class GetServerInfoResponse(_message.Message):
+    """GetServerInfoResponse describes the server."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    API_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    PRESETS_FIELD_NUMBER: _builtins.int
+    PARAMETERIZATIONS_FIELD_NUMBER: _builtins.int
+    OPTIMIZERS_FIELD_NUMBER: _builtins.int
+    OPS_FIELD_NUMBER: _builtins.int
+    AUTH_FIELD_NUMBER: _builtins.int
+    TLS_FIELD_NUMBER: _builtins.int
+    MUTUAL_TLS_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    BATCH_INVARIANT_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    """The server's version (the preimage package's)."""
+    api: _builtins.str
+    """The API package it serves, "preimage.v1"."""
+    auth: Global___AuthMode.ValueType
+    """How callers authenticate."""
+    tls: _builtins.bool
+    """True when the server speaks TLS."""
+    mutual_tls: _builtins.bool
+    """True when it also requires client certificates (mutual TLS)."""
+    tenant: _builtins.str
+    """The caller's tenant ("" on an open server)."""
+    batch_invariant: _builtins.bool
+    """True when results do not depend on which jobs share a batch (ServerConfig.batch_invariant)."""
+    @_builtins.property
+    def device(self) -> Global___DeviceInfo:
+        """The device the optimizations run on."""
+
+    @_builtins.property
+    def limits(self) -> Global___ServerLimits:
+        """The limits that apply to the caller."""
+
+    @_builtins.property
+    def presets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The presets EnergyParams.preset accepts, by short name ("paper", "natural")."""
+
+    @_builtins.property
+    def parameterizations(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The parameterizations EnergyParams.parameterization accepts, by short name."""
+
+    @_builtins.property
+    def optimizers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The optimizers EnergyParams.optimizer accepts, by short name."""
+
+    @_builtins.property
+    def ops(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """ONNX operators the converter supports, as "Op" for the default domain and "domain:Op"
+        otherwise, sorted.
+        """
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        api: _builtins.str = ...,
+        device: Global___DeviceInfo | None = ...,
+        limits: Global___ServerLimits | None = ...,
+        presets: _abc.Iterable[_builtins.str] | None = ...,
+        parameterizations: _abc.Iterable[_builtins.str] | None = ...,
+        optimizers: _abc.Iterable[_builtins.str] | None = ...,
+        ops: _abc.Iterable[_builtins.str] | None = ...,
+        auth: Global___AuthMode.ValueType = ...,
+        tls: _builtins.bool = ...,
+        mutual_tls: _builtins.bool = ...,
+        tenant: _builtins.str = ...,
+        batch_invariant: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "limits", b"limits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api", b"api", "auth", b"auth", "batch_invariant", b"batch_invariant", "device", b"device", "limits", b"limits", "mutual_tls", b"mutual_tls", "ops", b"ops", "optimizers", b"optimizers", "parameterizations", b"parameterizations", "presets", b"presets", "tenant", b"tenant", "tls", b"tls", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetServerInfoResponse: _TypeAlias = GetServerInfoResponse  # noqa: Y015
+
+@_typing.final
+class GetModelStatisticsRequest(_message.Message):
+    """GetModelStatisticsRequest names the model whose statistics to report."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """A model reference (as in GetModelRequest); empty: every model the caller may read that this
+    server has run a job for.
+    """
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetModelStatisticsRequest: _TypeAlias = GetModelStatisticsRequest  # noqa: Y015
+
+@_typing.final
+class ModelStatistics(_message.Message):
+    """ModelStatistics counts what one server process has done with one model since it started."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class FailuresEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class ByTaskEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    SUCCEEDED_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    BY_TASK_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.str
+    """The model's id."""
+    name: _builtins.str
+    """The model's name."""
+    version: _builtins.int
+    """Its version."""
+    requests: _builtins.int
+    """Visualization requests (Invert, Maximize, Caricature) that named the model."""
+    succeeded: _builtins.int
+    """Of those, the ones that ended OK."""
+    steps: _builtins.int
+    """Optimization steps run for it."""
+    seconds: _builtins.float
+    """Seconds those requests took, from arrival to their last message."""
+    @_builtins.property
+    def failures(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Requests that did not end OK, by status code name ("INVALID_ARGUMENT", "CANCELLED", ...)."""
+
+    @_builtins.property
+    def by_task(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Requests by task: "invert", "maximize", "caricature"."""
+
+    def __init__(
+        self,
+        *,
+        model_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        requests: _builtins.int = ...,
+        succeeded: _builtins.int = ...,
+        steps: _builtins.int = ...,
+        seconds: _builtins.float = ...,
+        failures: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        by_task: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by_task", b"by_task", "failures", b"failures", "model_id", b"model_id", "name", b"name", "requests", b"requests", "seconds", b"seconds", "steps", b"steps", "succeeded", b"succeeded", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelStatistics: _TypeAlias = ModelStatistics  # noqa: Y015
+
+@_typing.final
+class GetModelStatisticsResponse(_message.Message):
+    """GetModelStatisticsResponse lists statistics per model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODELS_FIELD_NUMBER: _builtins.int
+    UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
+    uptime_seconds: _builtins.float
+    """Seconds since this server process started."""
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelStatistics]:
+        """One entry per model, by name and version."""
+
+    def __init__(
+        self,
+        *,
+        models: _abc.Iterable[Global___ModelStatistics] | None = ...,
+        uptime_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetModelStatisticsResponse: _TypeAlias = GetModelStatisticsResponse  # noqa: Y015

@@ -31,6 +31,26 @@ class PreimageServiceStub:
     Errors are gRPC status codes with a message a person can act on: NOT_FOUND (unknown model),
     INVALID_ARGUMENT (bad model file, unknown tap, out-of-range channel, undecodable image, bad
     hyperparameter), RESOURCE_EXHAUSTED (too large, server busy), DEADLINE_EXCEEDED, CANCELLED.
+    Every error the server raises also carries google.rpc.Status details in the
+    grpc-status-details-bin trailer, so that clients need not parse messages:
+    - google.rpc.ErrorInfo, domain "preimage.v1", with a stable reason: MODEL_NOT_FOUND,
+    MODEL_AMBIGUOUS, MODEL_REFUSED (an upload that failed its checks), MODEL_READ_ONLY,
+    UNKNOWN_TAP, INVALID_ARGUMENT (any other bad field), TOO_LARGE (a size or step limit),
+    QUOTA_EXCEEDED (a tenant's quota), QUEUE_FULL, SERVER_BUSY (a release check is running),
+    OUT_OF_MEMORY, SHUTTING_DOWN, UNAUTHENTICATED, INTERNAL. Metadata keys, where they apply:
+    "model", "tap", "limit".
+    - google.rpc.BadRequest with one FieldViolation naming the request field at fault (e.g. "tap",
+    "targets[2]", "params.beta", "images[0]", "options.height"), when one field is.
+    - google.rpc.RetryInfo on QUEUE_FULL, SERVER_BUSY, OUT_OF_MEMORY and SHUTTING_DOWN: how long to
+    wait before retrying. RESOURCE_EXHAUSTED without ErrorInfo comes from gRPC itself (for
+    example a message larger than the receiver's limit), not from this server.
+
+    Message sizes: the server receives and sends messages up to 64 MiB, but no message it sends
+    is larger than 4 MiB, gRPC's default receive limit in every language, so clients work with
+    default settings. Byte fields over 1 MiB (result PNGs and tensors, contact sheets) are split
+    into Chunk events sent just before the message they belong to (progress previews are not:
+    ask for them at sizes whose PNG fits). Requests larger than 4 MiB need the client's send limit raised, except
+    UploadModel, which streams any size in chunks.
     """
 
     def __init__(self, channel):
@@ -89,6 +109,16 @@ class PreimageServiceStub:
                 request_serializer=preimage_dot_v1_dot_preimage__pb2.CheckReleaseRequest.SerializeToString,
                 response_deserializer=preimage_dot_v1_dot_preimage__pb2.CheckReleaseResponse.FromString,
                 _registered_method=True)
+        self.GetServerInfo = channel.unary_unary(
+                '/preimage.v1.PreimageService/GetServerInfo',
+                request_serializer=preimage_dot_v1_dot_preimage__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=preimage_dot_v1_dot_preimage__pb2.GetServerInfoResponse.FromString,
+                _registered_method=True)
+        self.GetModelStatistics = channel.unary_unary(
+                '/preimage.v1.PreimageService/GetModelStatistics',
+                request_serializer=preimage_dot_v1_dot_preimage__pb2.GetModelStatisticsRequest.SerializeToString,
+                response_deserializer=preimage_dot_v1_dot_preimage__pb2.GetModelStatisticsResponse.FromString,
+                _registered_method=True)
 
 
 class PreimageServiceServicer:
@@ -97,6 +127,26 @@ class PreimageServiceServicer:
     Errors are gRPC status codes with a message a person can act on: NOT_FOUND (unknown model),
     INVALID_ARGUMENT (bad model file, unknown tap, out-of-range channel, undecodable image, bad
     hyperparameter), RESOURCE_EXHAUSTED (too large, server busy), DEADLINE_EXCEEDED, CANCELLED.
+    Every error the server raises also carries google.rpc.Status details in the
+    grpc-status-details-bin trailer, so that clients need not parse messages:
+    - google.rpc.ErrorInfo, domain "preimage.v1", with a stable reason: MODEL_NOT_FOUND,
+    MODEL_AMBIGUOUS, MODEL_REFUSED (an upload that failed its checks), MODEL_READ_ONLY,
+    UNKNOWN_TAP, INVALID_ARGUMENT (any other bad field), TOO_LARGE (a size or step limit),
+    QUOTA_EXCEEDED (a tenant's quota), QUEUE_FULL, SERVER_BUSY (a release check is running),
+    OUT_OF_MEMORY, SHUTTING_DOWN, UNAUTHENTICATED, INTERNAL. Metadata keys, where they apply:
+    "model", "tap", "limit".
+    - google.rpc.BadRequest with one FieldViolation naming the request field at fault (e.g. "tap",
+    "targets[2]", "params.beta", "images[0]", "options.height"), when one field is.
+    - google.rpc.RetryInfo on QUEUE_FULL, SERVER_BUSY, OUT_OF_MEMORY and SHUTTING_DOWN: how long to
+    wait before retrying. RESOURCE_EXHAUSTED without ErrorInfo comes from gRPC itself (for
+    example a message larger than the receiver's limit), not from this server.
+
+    Message sizes: the server receives and sends messages up to 64 MiB, but no message it sends
+    is larger than 4 MiB, gRPC's default receive limit in every language, so clients work with
+    default settings. Byte fields over 1 MiB (result PNGs and tensors, contact sheets) are split
+    into Chunk events sent just before the message they belong to (progress previews are not:
+    ask for them at sizes whose PNG fits). Requests larger than 4 MiB need the client's send limit raised, except
+    UploadModel, which streams any size in chunks.
     """
 
     def UploadModel(self, request_iterator, context):
@@ -179,6 +229,22 @@ class PreimageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetServerInfo(self, request, context):
+        """GetServerInfo describes the server: version, device, the limits that apply to the caller,
+        presets, supported ONNX operators and how callers authenticate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetModelStatistics(self, request, context):
+        """GetModelStatistics reports what this server process has done with each model since it
+        started: visualization jobs, steps, seconds and failures by status code.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PreimageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -232,6 +298,16 @@ def add_PreimageServiceServicer_to_server(servicer, server):
                     request_deserializer=preimage_dot_v1_dot_preimage__pb2.CheckReleaseRequest.FromString,
                     response_serializer=preimage_dot_v1_dot_preimage__pb2.CheckReleaseResponse.SerializeToString,
             ),
+            'GetServerInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerInfo,
+                    request_deserializer=preimage_dot_v1_dot_preimage__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=preimage_dot_v1_dot_preimage__pb2.GetServerInfoResponse.SerializeToString,
+            ),
+            'GetModelStatistics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelStatistics,
+                    request_deserializer=preimage_dot_v1_dot_preimage__pb2.GetModelStatisticsRequest.FromString,
+                    response_serializer=preimage_dot_v1_dot_preimage__pb2.GetModelStatisticsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'preimage.v1.PreimageService', rpc_method_handlers)
@@ -246,6 +322,26 @@ class PreimageService:
     Errors are gRPC status codes with a message a person can act on: NOT_FOUND (unknown model),
     INVALID_ARGUMENT (bad model file, unknown tap, out-of-range channel, undecodable image, bad
     hyperparameter), RESOURCE_EXHAUSTED (too large, server busy), DEADLINE_EXCEEDED, CANCELLED.
+    Every error the server raises also carries google.rpc.Status details in the
+    grpc-status-details-bin trailer, so that clients need not parse messages:
+    - google.rpc.ErrorInfo, domain "preimage.v1", with a stable reason: MODEL_NOT_FOUND,
+    MODEL_AMBIGUOUS, MODEL_REFUSED (an upload that failed its checks), MODEL_READ_ONLY,
+    UNKNOWN_TAP, INVALID_ARGUMENT (any other bad field), TOO_LARGE (a size or step limit),
+    QUOTA_EXCEEDED (a tenant's quota), QUEUE_FULL, SERVER_BUSY (a release check is running),
+    OUT_OF_MEMORY, SHUTTING_DOWN, UNAUTHENTICATED, INTERNAL. Metadata keys, where they apply:
+    "model", "tap", "limit".
+    - google.rpc.BadRequest with one FieldViolation naming the request field at fault (e.g. "tap",
+    "targets[2]", "params.beta", "images[0]", "options.height"), when one field is.
+    - google.rpc.RetryInfo on QUEUE_FULL, SERVER_BUSY, OUT_OF_MEMORY and SHUTTING_DOWN: how long to
+    wait before retrying. RESOURCE_EXHAUSTED without ErrorInfo comes from gRPC itself (for
+    example a message larger than the receiver's limit), not from this server.
+
+    Message sizes: the server receives and sends messages up to 64 MiB, but no message it sends
+    is larger than 4 MiB, gRPC's default receive limit in every language, so clients work with
+    default settings. Byte fields over 1 MiB (result PNGs and tensors, contact sheets) are split
+    into Chunk events sent just before the message they belong to (progress previews are not:
+    ask for them at sizes whose PNG fits). Requests larger than 4 MiB need the client's send limit raised, except
+    UploadModel, which streams any size in chunks.
     """
 
     @staticmethod
@@ -508,6 +604,60 @@ class PreimageService:
             '/preimage.v1.PreimageService/CheckRelease',
             preimage_dot_v1_dot_preimage__pb2.CheckReleaseRequest.SerializeToString,
             preimage_dot_v1_dot_preimage__pb2.CheckReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/preimage.v1.PreimageService/GetServerInfo',
+            preimage_dot_v1_dot_preimage__pb2.GetServerInfoRequest.SerializeToString,
+            preimage_dot_v1_dot_preimage__pb2.GetServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelStatistics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/preimage.v1.PreimageService/GetModelStatistics',
+            preimage_dot_v1_dot_preimage__pb2.GetModelStatisticsRequest.SerializeToString,
+            preimage_dot_v1_dot_preimage__pb2.GetModelStatisticsResponse.FromString,
             options,
             channel_credentials,
             insecure,

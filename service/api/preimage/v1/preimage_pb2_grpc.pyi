@@ -37,6 +37,26 @@ class PreimageServiceStub:
     Errors are gRPC status codes with a message a person can act on: NOT_FOUND (unknown model),
     INVALID_ARGUMENT (bad model file, unknown tap, out-of-range channel, undecodable image, bad
     hyperparameter), RESOURCE_EXHAUSTED (too large, server busy), DEADLINE_EXCEEDED, CANCELLED.
+    Every error the server raises also carries google.rpc.Status details in the
+    grpc-status-details-bin trailer, so that clients need not parse messages:
+    - google.rpc.ErrorInfo, domain "preimage.v1", with a stable reason: MODEL_NOT_FOUND,
+      MODEL_AMBIGUOUS, MODEL_REFUSED (an upload that failed its checks), MODEL_READ_ONLY,
+      UNKNOWN_TAP, INVALID_ARGUMENT (any other bad field), TOO_LARGE (a size or step limit),
+      QUOTA_EXCEEDED (a tenant's quota), QUEUE_FULL, SERVER_BUSY (a release check is running),
+      OUT_OF_MEMORY, SHUTTING_DOWN, UNAUTHENTICATED, INTERNAL. Metadata keys, where they apply:
+      "model", "tap", "limit".
+    - google.rpc.BadRequest with one FieldViolation naming the request field at fault (e.g. "tap",
+      "targets[2]", "params.beta", "images[0]", "options.height"), when one field is.
+    - google.rpc.RetryInfo on QUEUE_FULL, SERVER_BUSY, OUT_OF_MEMORY and SHUTTING_DOWN: how long to
+      wait before retrying. RESOURCE_EXHAUSTED without ErrorInfo comes from gRPC itself (for
+      example a message larger than the receiver's limit), not from this server.
+
+    Message sizes: the server receives and sends messages up to 64 MiB, but no message it sends
+    is larger than 4 MiB, gRPC's default receive limit in every language, so clients work with
+    default settings. Byte fields over 1 MiB (result PNGs and tensors, contact sheets) are split
+    into Chunk events sent just before the message they belong to (progress previews are not:
+    ask for them at sizes whose PNG fits). Requests larger than 4 MiB need the client's send limit raised, except
+    UploadModel, which streams any size in chunks.
     """
 
     @_typing.overload
@@ -79,6 +99,14 @@ class PreimageServiceStub:
     and, with a baseline, per-layer drift. Streams progress, then the HTML report in chunks, then
     one report message with the verdict and the JSON summary.
     """
+    GetServerInfo: _grpc.UnaryUnaryMultiCallable[_preimage_pb2.GetServerInfoRequest, _preimage_pb2.GetServerInfoResponse]
+    """GetServerInfo describes the server: version, device, the limits that apply to the caller,
+    presets, supported ONNX operators and how callers authenticate.
+    """
+    GetModelStatistics: _grpc.UnaryUnaryMultiCallable[_preimage_pb2.GetModelStatisticsRequest, _preimage_pb2.GetModelStatisticsResponse]
+    """GetModelStatistics reports what this server process has done with each model since it
+    started: visualization jobs, steps, seconds and failures by status code.
+    """
 
 @_typing.type_check_only
 class PreimageServiceAsyncStub(PreimageServiceStub):
@@ -87,6 +115,26 @@ class PreimageServiceAsyncStub(PreimageServiceStub):
     Errors are gRPC status codes with a message a person can act on: NOT_FOUND (unknown model),
     INVALID_ARGUMENT (bad model file, unknown tap, out-of-range channel, undecodable image, bad
     hyperparameter), RESOURCE_EXHAUSTED (too large, server busy), DEADLINE_EXCEEDED, CANCELLED.
+    Every error the server raises also carries google.rpc.Status details in the
+    grpc-status-details-bin trailer, so that clients need not parse messages:
+    - google.rpc.ErrorInfo, domain "preimage.v1", with a stable reason: MODEL_NOT_FOUND,
+      MODEL_AMBIGUOUS, MODEL_REFUSED (an upload that failed its checks), MODEL_READ_ONLY,
+      UNKNOWN_TAP, INVALID_ARGUMENT (any other bad field), TOO_LARGE (a size or step limit),
+      QUOTA_EXCEEDED (a tenant's quota), QUEUE_FULL, SERVER_BUSY (a release check is running),
+      OUT_OF_MEMORY, SHUTTING_DOWN, UNAUTHENTICATED, INTERNAL. Metadata keys, where they apply:
+      "model", "tap", "limit".
+    - google.rpc.BadRequest with one FieldViolation naming the request field at fault (e.g. "tap",
+      "targets[2]", "params.beta", "images[0]", "options.height"), when one field is.
+    - google.rpc.RetryInfo on QUEUE_FULL, SERVER_BUSY, OUT_OF_MEMORY and SHUTTING_DOWN: how long to
+      wait before retrying. RESOURCE_EXHAUSTED without ErrorInfo comes from gRPC itself (for
+      example a message larger than the receiver's limit), not from this server.
+
+    Message sizes: the server receives and sends messages up to 64 MiB, but no message it sends
+    is larger than 4 MiB, gRPC's default receive limit in every language, so clients work with
+    default settings. Byte fields over 1 MiB (result PNGs and tensors, contact sheets) are split
+    into Chunk events sent just before the message they belong to (progress previews are not:
+    ask for them at sizes whose PNG fits). Requests larger than 4 MiB need the client's send limit raised, except
+    UploadModel, which streams any size in chunks.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -126,6 +174,14 @@ class PreimageServiceAsyncStub(PreimageServiceStub):
     and, with a baseline, per-layer drift. Streams progress, then the HTML report in chunks, then
     one report message with the verdict and the JSON summary.
     """
+    GetServerInfo: _aio.UnaryUnaryMultiCallable[_preimage_pb2.GetServerInfoRequest, _preimage_pb2.GetServerInfoResponse]  # type: ignore[assignment]
+    """GetServerInfo describes the server: version, device, the limits that apply to the caller,
+    presets, supported ONNX operators and how callers authenticate.
+    """
+    GetModelStatistics: _aio.UnaryUnaryMultiCallable[_preimage_pb2.GetModelStatisticsRequest, _preimage_pb2.GetModelStatisticsResponse]  # type: ignore[assignment]
+    """GetModelStatistics reports what this server process has done with each model since it
+    started: visualization jobs, steps, seconds and failures by status code.
+    """
 
 class PreimageServiceServicer(metaclass=_abc_1.ABCMeta):
     """PreimageService manages models and computes pre-images of their layers ("taps").
@@ -133,6 +189,26 @@ class PreimageServiceServicer(metaclass=_abc_1.ABCMeta):
     Errors are gRPC status codes with a message a person can act on: NOT_FOUND (unknown model),
     INVALID_ARGUMENT (bad model file, unknown tap, out-of-range channel, undecodable image, bad
     hyperparameter), RESOURCE_EXHAUSTED (too large, server busy), DEADLINE_EXCEEDED, CANCELLED.
+    Every error the server raises also carries google.rpc.Status details in the
+    grpc-status-details-bin trailer, so that clients need not parse messages:
+    - google.rpc.ErrorInfo, domain "preimage.v1", with a stable reason: MODEL_NOT_FOUND,
+      MODEL_AMBIGUOUS, MODEL_REFUSED (an upload that failed its checks), MODEL_READ_ONLY,
+      UNKNOWN_TAP, INVALID_ARGUMENT (any other bad field), TOO_LARGE (a size or step limit),
+      QUOTA_EXCEEDED (a tenant's quota), QUEUE_FULL, SERVER_BUSY (a release check is running),
+      OUT_OF_MEMORY, SHUTTING_DOWN, UNAUTHENTICATED, INTERNAL. Metadata keys, where they apply:
+      "model", "tap", "limit".
+    - google.rpc.BadRequest with one FieldViolation naming the request field at fault (e.g. "tap",
+      "targets[2]", "params.beta", "images[0]", "options.height"), when one field is.
+    - google.rpc.RetryInfo on QUEUE_FULL, SERVER_BUSY, OUT_OF_MEMORY and SHUTTING_DOWN: how long to
+      wait before retrying. RESOURCE_EXHAUSTED without ErrorInfo comes from gRPC itself (for
+      example a message larger than the receiver's limit), not from this server.
+
+    Message sizes: the server receives and sends messages up to 64 MiB, but no message it sends
+    is larger than 4 MiB, gRPC's default receive limit in every language, so clients work with
+    default settings. Byte fields over 1 MiB (result PNGs and tensors, contact sheets) are split
+    into Chunk events sent just before the message they belong to (progress previews are not:
+    ask for them at sizes whose PNG fits). Requests larger than 4 MiB need the client's send limit raised, except
+    UploadModel, which streams any size in chunks.
     """
 
     @_abc_1.abstractmethod
@@ -229,6 +305,26 @@ class PreimageServiceServicer(metaclass=_abc_1.ABCMeta):
         sampled set) on photographs, Maximize images and inversions of chosen layers with fixed seeds,
         and, with a baseline, per-layer drift. Streams progress, then the HTML report in chunks, then
         one report message with the verdict and the JSON summary.
+        """
+
+    @_abc_1.abstractmethod
+    def GetServerInfo(
+        self,
+        request: _preimage_pb2.GetServerInfoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_preimage_pb2.GetServerInfoResponse, _abc.Awaitable[_preimage_pb2.GetServerInfoResponse]]:
+        """GetServerInfo describes the server: version, device, the limits that apply to the caller,
+        presets, supported ONNX operators and how callers authenticate.
+        """
+
+    @_abc_1.abstractmethod
+    def GetModelStatistics(
+        self,
+        request: _preimage_pb2.GetModelStatisticsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_preimage_pb2.GetModelStatisticsResponse, _abc.Awaitable[_preimage_pb2.GetModelStatisticsResponse]]:
+        """GetModelStatistics reports what this server process has done with each model since it
+        started: visualization jobs, steps, seconds and failures by status code.
         """
 
 def add_PreimageServiceServicer_to_server(servicer: PreimageServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
