@@ -327,7 +327,9 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
                 tighter = {"max_image_pixels": q.max_image_pixels, "max_steps": q.max_steps}
                 named = ", ".join(f"{k}={v}" for k, v in tighter.items() if v is not None)
                 raise exhausted(
-                    f"{exc.message} (tenant {principal.tenant!r} quota {named})", reason="QUOTA_EXCEEDED", field=exc.field
+                    f"{exc.message} (tenant {principal.tenant!r} quota {named})",
+                    reason="QUOTA_EXCEEDED",
+                    field=exc.field,
                 ) from exc
             raise
         fields.update(targets=len(job.problems), size=f"{job.height}x{job.width}")
