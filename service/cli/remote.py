@@ -38,7 +38,7 @@ from service.cli.embedded import connect, say
 from service.cli.resolve import SERVER_ENV, image_ref, resolve_image
 from service.rpc.messages import model_dict, preprocessing_dict
 
-ALL_COMMANDS = ("upload", "models", "taps", "delete", "share", "invert", "maximize", "caricature")
+ALL_COMMANDS = ("upload", "models", "taps", "delete", "share", "info", "stats", "invert", "maximize", "caricature")
 # What the server's code says about the arguments: these are the caller's to fix (exit 2).
 USAGE_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
 _ENERGY_HELP = {
@@ -170,6 +170,14 @@ def add_remote_commands(subparsers: Any, skip: Iterable[str] = ()) -> None:
         public.add_argument("--public", dest="public", action="store_true", help="every tenant may use it")
         public.add_argument("--private", dest="public", action="store_false",
                             help="only the owner and --with tenants (the default)")  # fmt: skip
+    command("info", "the server's version, device, limits, presets, operators and auth mode",
+            "Describe the server (GetServerInfo): its version, the device it optimizes on, the limits that "
+            "apply to you, the presets, parameterizations and optimizers, the ONNX operators it converts, "
+            "and how callers authenticate.")  # fmt: skip
+    if p := command("stats", "what the server has done with each model since it started",
+                    "Per-model statistics of this server process (GetModelStatistics): visualization requests, "
+                    "how many succeeded, steps, seconds and failures by status code."):  # fmt: skip
+        p.add_argument("model", nargs="?", type=model_ref, default="", help="one model (default: every model run)")
     for task, target_help in (("invert", "images to invert"), ("caricature", "start images")):
         if p := command(task, f"{task} images at a tap (positional form)"):
             p.add_argument("model", type=model_ref, help="model id, id prefix or name")
@@ -309,6 +317,59 @@ def _share(client: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def plain(message: Any) -> dict[str, Any]:
+    """A message as JSON types, every field present, integers as numbers and enums by name (the
+    proto3 JSON mapping writes 64-bit integers as strings, which scripts then have to convert)."""
+    out: dict[str, Any] = {}
+    for f in message.DESCRIPTOR.fields:
+        value = getattr(message, f.name)
+        if f.message_type is not None and f.message_type.GetOptions().map_entry:
+            out[f.name] = dict(value)
+        elif f.type == f.TYPE_MESSAGE:
+            out[f.name] = [plain(v) for v in value] if f.is_repeated else plain(value)
+        elif f.type == f.TYPE_ENUM:
+            name = f.enum_type.values_by_number
+            out[f.name] = [name[v].name for v in value] if f.is_repeated else name[value].name
+        else:
+            out[f.name] = list(value) if f.is_repeated else value
+    return out
+
+
+def _info(client: Any, args: argparse.Namespace) -> int:
+    info = client.server_info()
+    obj = plain(info)
+    d, lim = info.device, info.limits
+    text = "\n".join([
+        f"preimage {info.version} ({info.api}) at {client.address}",
+        f"device   {d.name}: {d.description}, {d.memory_bytes / 2**30:.1f} GiB",
+        f"auth     {pb.AuthMode.Name(info.auth).removeprefix('AUTH_MODE_').lower()}"
+        f"{', TLS' if info.tls else ''}{' (mutual)' if info.mutual_tls else ''}"
+        f"{f', tenant {info.tenant}' if info.tenant else ''}",
+        f"limits   {lim.max_steps} steps, {lim.max_pixels} pixels, {lim.max_targets} targets per request; "
+        f"models up to {lim.max_model_bytes / 2**20:.0f} MiB; messages up to {lim.max_message_bytes >> 20} MiB "
+        f"received, {lim.max_sent_message_bytes >> 20} MiB sent",
+        f"presets  {', '.join(info.presets)}; parameterizations {', '.join(info.parameterizations)}; "
+        f"optimizers {', '.join(info.optimizers)}",
+        f"ops      {len(info.ops)} ONNX operators (--json lists them)",
+    ])  # fmt: skip
+    _print(args, obj, text)
+    return 0
+
+
+def _stats(client: Any, args: argparse.Namespace) -> int:
+    reply = client.statistics(args.model)
+    rows = [plain(m) for m in reply.models]
+    lines = [
+        f"{m.model_id[:12]}  {f'{m.name}:{m.version}':<28} {m.requests:6d} requests {m.succeeded:6d} ok "
+        f"{m.steps:8d} steps {m.seconds:9.1f} s"
+        + (f"  failed: {', '.join(f'{k} {v}' for k, v in sorted(m.failures.items()))}" if m.failures else "")
+        for m in reply.models
+    ]
+    _print(args, {"models": rows, "uptime_seconds": reply.uptime_seconds},
+           "\n".join(lines) or f"no jobs yet (up {reply.uptime_seconds:.0f} s)")  # fmt: skip
+    return 0
+
+
 def _energy_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     out = {f.name: getattr(args, f.name, None) for f in pb.EnergyParams.DESCRIPTOR.fields}
     for name in ("height", "width", "seed", "report_every"):
@@ -413,6 +474,8 @@ COMMANDS = {
     "taps": _taps,
     "delete": _delete,
     "share": _share,
+    "info": _info,
+    "stats": _stats,
     "invert": _visualize,
     "maximize": _visualize,
     "caricature": _visualize,

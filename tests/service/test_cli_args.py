@@ -85,8 +85,8 @@ def subcommands() -> dict[str, argparse.ArgumentParser]:
 # -- help -------------------------------------------------------------------------------------------
 def test_every_command_has_a_description_and_plain_help(capsys: pytest.CaptureFixture) -> None:
     commands = subcommands()
-    assert {"invert", "maximize", "caricature", "models", "taps", "upload", "delete", "share", "inspect",
-            "serve", "demo", "check"} <= set(commands)  # fmt: skip
+    assert {"invert", "maximize", "caricature", "models", "taps", "upload", "delete", "share", "info", "stats",
+            "inspect", "serve", "demo", "check"} <= set(commands)  # fmt: skip
     for name, parser in commands.items():
         assert parser.description and len(parser.description) > 20, f"{name} has no description"
         code, out, err = run(capsys, name, "--help")
@@ -230,6 +230,7 @@ def test_one_rule_for_every_command(
     fast = ["--steps", "2", "--height", "32", "--width", "32", "--report-every", "1"]
     commands = [
         ["models"],
+        ["info"],
         ["taps", "tiny"],
         ["maximize", "--model", "tiny", "--tap", "relu1", "--channel", "0", "-o", str(tmp_path / "m.png"), *fast],
         ["upload", str(_onnx(tmp_path)), "--name", "other"],
@@ -353,3 +354,18 @@ def test_exporting_the_bundled_models_prints_no_warnings(tmp_path: Path, monkeyp
         models = quiet_bundled_models()
     assert (tmp_path / "bundled").is_dir() and any(m.path.exists() for m in models)
     assert [str(w.message)[:80] for w in caught] == []
+
+
+def test_info_and_stats(server: str, capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = run(capsys, "info", "--server", server, "--json")
+    info = json.loads(out)
+    assert code == 0 and info["api"] == "preimage.v1" and info["auth"] == "AUTH_MODE_OPEN" and "Conv" in info["ops"]
+    code, out, _ = run(capsys, "info", "--server", server)
+    assert code == 0 and out.startswith("preimage ") and "device" in out and "natural" in out
+    fast = ["--steps", "1", "--channel-max", "1", "-o", "/dev/null"]
+    run(capsys, "maximize", "--model", "tiny", "--tap", "relu1", "--channel", "0", "--server", server, *fast)
+    code, out, _ = run(capsys, "stats", "tiny", "--server", server, "--json")
+    [tiny] = json.loads(out)["models"]
+    assert code == 0 and tiny["name"] == "tiny" and tiny["requests"] >= 1 and tiny["by_task"]["maximize"] >= 1
+    code, _, err = run(capsys, "stats", "nope", "--server", server)
+    assert_one_line_usage_error(code, err, "NOT_FOUND")
