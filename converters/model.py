@@ -19,6 +19,7 @@ from converters.loading import LoadLimits, load_untrusted
 from converters.normalize import normalize
 from converters.representation import Preprocess, Representation
 from converters.spec import Preprocessing
+from converters.surrogates import WithSurrogateGradient, output_surrogate
 from converters.taps import TapInfo, compute_taps
 from converters.truncate import truncate_fx
 from converters.upgrade import Upgrade, upgrade
@@ -65,6 +66,8 @@ class ConvertedModel:
         # where the nominal input size came from: "graph" (fixed), "declared" (by the caller), "metadata",
         # "probed" (the first common size the graph runs at) or "default" (dynamic: NOMINAL_SIZE)
         self.size_source = "graph"
+        # a module whose gradient stands in for the output's (converters.surrogates), or None
+        self.output_surrogate: torch.nn.Module | None = None
 
     @property
     def output_tap(self) -> TapInfo:
@@ -106,6 +109,8 @@ class ConvertedModel:
             rep = self._cache.get(info.name)
             if rep is None:
                 graph = truncate_fx(self._full_graph(), info.name)
+                if self.output_surrogate is not None and info.name == self.output_tap.name:
+                    graph = WithSurrogateGradient(graph, self.output_surrogate)
                 rep = Representation(self.preprocessing, graph, info.name, self.batch)
                 rep.eval()
                 self._cache[info.name] = rep
@@ -168,6 +173,7 @@ def load_model(
     limits: LoadLimits | None = None,
     verify: bool = True,
     size: tuple[int, int] | None = None,
+    surrogates: bool = True,
 ) -> ConvertedModel:
     """Load untrusted ONNX (bytes, or a path on disk that the caller trusts), normalize it, find its image
     input and preprocessing, and list its taps. Raises ModelError with an actionable message.
@@ -176,6 +182,9 @@ def load_model(
     the preprocessing (the rest still comes from ``preprocessing``, the metadata or the defaults). Without a
     declared size: the metadata's, else the nominal size; a dynamic graph that does not run there is tried
     at ``COMMON_SIZES``, and refused with the failing op named when none works.
+
+    ``surrogates`` (default on): an output with a smooth surrogate (HOG's is HOGb, see
+    ``converters.surrogates``) returns its own values with the surrogate's gradient.
 
     With ``verify`` (the default) the model is also checked against onnxruntime at three taps
     (``converters.parity``); a mismatch raises ParityError (a ModelError) carrying the report, which
@@ -200,7 +209,7 @@ def load_model(
     check_supported_ops(model)
 
     def build(p: Preprocessing) -> ConvertedModel:
-        converted = _build(model, p, input_name, spec, source, limits, verify, upgraded, uploaded)
+        converted = _build(model, p, input_name, spec, source, limits, verify, upgraded, uploaded, surrogates)
         converted.size_source = size_source
         return converted
 
@@ -279,6 +288,7 @@ def _build(
     verify: bool,
     upgraded: Upgrade,
     uploaded: onnx.ModelProto,
+    surrogates: bool = True,
 ) -> ConvertedModel:
     hw = (pre.height or NOMINAL_SIZE, pre.width or NOMINAL_SIZE)
     shaped = fixed_shape_copy(model, input_name, pre, hw, spec.batch)
@@ -287,6 +297,7 @@ def _build(
     if not taps:
         raise ModelError("the model has no floating-point tensors that depend on its image input")
     converted = ConvertedModel(model, pre, input_name, taps, source, spec.batch)
+    converted.output_surrogate = output_surrogate(model) if surrogates else None
     converted.upgrade = upgraded
     if upgraded.changed:
         converted.reference = uploaded

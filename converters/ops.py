@@ -30,6 +30,7 @@ from torch import nn
 from converters import quantized as _quantized
 from converters import recurrent as _recurrent
 from converters import resize as _resize
+from converters import surrogates as _surrogates
 from converters.constants import const_list as _const_list
 
 # onnx2torch 1.5.15's Slice and ScatterND index with a list of slices, which torch deprecates with a
@@ -463,3 +464,7 @@ _recurrent.register(ADDED, _registered)
 
 # ------------------------------------------------------- quantized graphs as float (converters/quantized.py)
 _quantized.register(ADDED, _registered)
+
+
+# ------------------------------------------- Round, Floor, Ceil, Sign: straight through (converters/surrogates.py)
+_surrogates.register(ADDED)
