@@ -31,7 +31,7 @@ from converters.spec import input_size
 from service.cli import args as types
 from service.cli.args import CliParser, run_cli
 from service.cli.check import add_check_command
-from service.cli.embedded import connect, embedded_server
+from service.cli.embedded import connect, embedded_server, say
 from service.cli.remote import (
     SERVER_HELP,
     add_energy_arguments,
@@ -126,8 +126,9 @@ def _serve(args: argparse.Namespace) -> int:
     os._exit(0)
 
 
-def _classify(png: Path, model_name: str, report: dict[str, Any]) -> str:
-    """What the bundled model says of a PNG: top class and its softmax probability (onnxruntime)."""
+def _classify(png: Path, model_name: str, report: dict[str, Any]) -> dict[str, Any]:
+    """What the bundled model says of a PNG: its top class, the class's name and its softmax
+    probability, computed by onnxruntime on the ONNX file (not by the service's torch graph)."""
     import numpy as np
     import onnxruntime as ort
     from PIL import Image
@@ -146,10 +147,10 @@ def _classify(png: Path, model_name: str, report: dict[str, Any]) -> str:
     try:  # ImageNet's class names ship with torchvision (no download)
         from torchvision.models import ResNet18_Weights
 
-        label = f" ({ResNet18_Weights.IMAGENET1K_V1.meta['categories'][top]})"
-    except Exception:
-        label = ""
-    return f"the model sees class {top}{label}, p={p[top]:.3f}"
+        label: str | None = ResNet18_Weights.IMAGENET1K_V1.meta["categories"][top]
+    except (ImportError, AttributeError, IndexError, KeyError):
+        label = None
+    return {"class": top, "label": label, "probability": float(p[top])}
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -178,7 +179,9 @@ def _demo(args: argparse.Namespace) -> int:
         address = server_address(args.server)
         if address is None:
             address = stack.enter_context(embedded_server(Path(args.store) if args.store else None))
-        for job in jobs:
+        for i, job in enumerate(jobs):
+            why = {0: " (converting the model first)", 2: " (measuring its channel statistics first)"}.get(i, "")
+            say(f"{job[0]} at {job[2]}{why}")
             sub = build_parser().parse_args([*job, *size, *steps, "--server", address, "--json"])
             with contextlib.redirect_stdout(tempfile.SpooledTemporaryFile(mode="w+")) as captured:
                 status = sub.func(sub)
@@ -194,9 +197,9 @@ def _demo(args: argparse.Namespace) -> int:
                 # Φ0⁺ is normalized so the start image scores 1: the objective is the gain.
                 figure = f"  ⟨Φ, Φ0⁺⟩ {objective:.2f}× the start"
             elif job[0] == "maximize":
-                seen = _classify(Path(report["output"]), DEFAULT_MODEL, report)
-                row["classified"] = seen
-                figure = f"  {seen}"
+                seen = row["classified"] = _classify(Path(report["output"]), DEFAULT_MODEL, report)
+                label = f" ({seen['label']})" if seen["label"] else ""
+                figure = f"  the model sees class {seen['class']}{label}, p={seen['probability']:.3f}"
             else:
                 figure = f"  feature error {fe:.3f}" if fe is not None else ""
             summary.append(row)

@@ -339,8 +339,7 @@ def test_the_demo_says_what_the_model_sees(tmp_path: Path) -> None:
     Image.fromarray(np.asarray(Image.fromarray(skimage.data.chelsea()).resize((224, 224)))).save(png)
     report = {"preprocessing": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "scale": None}}
     seen = _classify(png, "efficientnet_lite0", report)
-    assert seen.startswith("the model sees class 285 (Egyptian cat), p=")
-    assert 0.2 < float(seen.rsplit("=", 1)[1]) <= 1.0
+    assert (seen["class"], seen["label"]) == (285, "Egyptian cat") and 0.2 < seen["probability"] <= 1.0
 
 
 def test_exporting_the_bundled_models_prints_no_warnings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
