@@ -140,6 +140,50 @@ def check_value_sizes(shaped: onnx.ModelProto, limits: LoadLimits, hw: tuple[int
             )
 
 
+def fill_ranks(model: onnx.ModelProto, shaped: onnx.ModelProto) -> None:
+    """Give every value whose rank is unknown at a dynamic size the rank it has at the nominal one (its
+    dimensions left symbolic). onnx2torch's converters read ranks from value_info (BatchNormalization
+    refuses "spatial rank == -2" without one), and inference at a dynamic size loses them after a
+    Reshape whose shape is computed (text recognizers)."""
+    known = {vi.name for vi in model.graph.value_info if vi.type.tensor_type.HasField("shape")}
+    known |= {vi.name for vi in list(model.graph.input) + list(model.graph.output)}
+    keep = [vi for vi in model.graph.value_info if vi.name in known]
+    produced = {o for n in model.graph.node for o in n.output if o}
+    infos = [vi for vi in shaped.graph.value_info if vi.type.tensor_type.HasField("shape")]
+    if produced - known - {vi.name for vi in infos}:
+        # Still unknown at the fixed size: the shape arithmetic is computed at run time. Folded at this
+        # size it becomes constant, and inference sees through the Reshapes (on a copy: the served graph
+        # stays dynamic).
+        infos = _shapes_when_folded(shaped) or infos
+    added = []
+    for vi in infos:
+        t = vi.type.tensor_type
+        if vi.name in known or vi.name not in produced:
+            continue
+        dims = [f"{vi.name}_d{i}" for i in range(len(t.shape.dim))]
+        added.append(onnx.helper.make_tensor_value_info(vi.name, t.elem_type, dims))
+    if added:
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(keep + added)
+
+
+def _shapes_when_folded(shaped: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Value infos (with shapes) of a fixed-size skeleton after its shape arithmetic is folded."""
+    from converters.normalize import fold_constants
+
+    m = onnx.ModelProto()
+    m.CopyFrom(shaped)
+    for _ in range(32):
+        if not fold_constants(m):
+            break
+    del m.graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
+    except Exception:  # best effort: the caller keeps what it had
+        return []
+    return [vi for vi in inferred.graph.value_info if vi.type.tensor_type.HasField("shape")]
+
+
 def check_supported_ops(model: onnx.ModelProto) -> None:
     """Every op must have a converter (onnx2torch's or ours): say which ones do not, up front."""
     from onnx2torch.node_converters import get_converter
@@ -293,6 +337,7 @@ def _build(
     hw = (pre.height or NOMINAL_SIZE, pre.width or NOMINAL_SIZE)
     shaped = fixed_shape_copy(model, input_name, pre, hw, spec.batch)
     check_value_sizes(shaped, limits, hw)
+    fill_ranks(model, shaped)
     taps = compute_taps(shaped, input_name, pre.layout, hw)
     if not taps:
         raise ModelError("the model has no floating-point tensors that depend on its image input")

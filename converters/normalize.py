@@ -11,7 +11,10 @@
 6. DequantizeLinear of constant (quantized) weights → float initializers, of any size: a QDQ model's Conv
    and Gemm weights then are initializers, which onnx2torch's converters need (the value is the same
    float32 (w − zero_point)·scale onnxruntime computes).
-7. Dead nodes and unused initializers removed.
+7. ``auto_pad`` SAME_UPPER/SAME_LOWER with stride 1 → explicit pads (the same at every input size; PaddleOCR's
+   exports use it, onnx2torch refuses it). With a larger stride the pads depend on the input size and
+   the node is left to the converter, which refuses it with its own message.
+8. Dead nodes and unused initializers removed.
 """
 
 from __future__ import annotations
@@ -312,6 +315,43 @@ def dequantize_weights(model: onnx.ModelProto) -> int:
     return folded
 
 
+_AUTO_PAD_OPS = {"Conv", "ConvInteger", "MaxPool", "AveragePool", "LpPool"}
+
+
+def explicit_same_pads(model: onnx.ModelProto) -> int:
+    """Rewrite stride-1 ``auto_pad=SAME_*`` as explicit pads; returns how many nodes were rewritten."""
+    inits = {t.name: t for t in model.graph.initializer}
+    done = 0
+    for node in model.graph.node:
+        if node.op_type not in _AUTO_PAD_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        mode = attrs["auto_pad"].s.decode() if "auto_pad" in attrs else "NOTSET"
+        if mode not in ("SAME_UPPER", "SAME_LOWER"):
+            continue
+        if "kernel_shape" in attrs:
+            kernel = list(attrs["kernel_shape"].ints)
+        elif len(node.input) > 1 and node.input[1] in inits:
+            kernel = list(inits[node.input[1]].dims[2:])
+        else:
+            continue
+        n = len(kernel)
+        strides = list(attrs["strides"].ints) if "strides" in attrs else [1] * n
+        dilations = list(attrs["dilations"].ints) if "dilations" in attrs else [1] * n
+        if any(s != 1 for s in strides):
+            continue
+        totals = [d * (k - 1) for k, d in zip(kernel, dilations, strict=True)]
+        small = [t // 2 for t in totals]
+        big = [t - t // 2 for t in totals]
+        begin, end = (small, big) if mode == "SAME_UPPER" else (big, small)
+        node.attribute.remove(attrs["auto_pad"])
+        if "pads" in attrs:
+            node.attribute.remove(attrs["pads"])
+        node.attribute.append(helper.make_attribute("pads", begin + end))
+        done += 1
+    return done
+
+
 def remove_dead(model: onnx.ModelProto) -> None:
     from converters.truncate import needed_nodes
 
@@ -351,6 +391,7 @@ def normalize(model: onnx.ModelProto, copy: bool = True) -> onnx.ModelProto:
             break
     reshape_allowzero(out)
     dequantize_weights(out)
+    explicit_same_pads(out)
     remove_dead(out)
     try:
         onnx.checker.check_model(skeleton(out))

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import helper
+from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from converters.model import load_model
@@ -212,3 +212,22 @@ def test_fully_dynamic_input_dims(resnet18_onnx: onnx.ModelProto) -> None:
     assert model.preprocessing.layout == "NCHW" and model.preprocessing.channels == 3
     assert model.preprocessing.height is None and model.batch is None
     _assert_parity(model)
+
+
+@pytest.mark.parametrize("mode", ["SAME_UPPER", "SAME_LOWER"])
+def test_same_auto_pad_at_stride_one(mode: str) -> None:
+    """PaddleOCR's exports use auto_pad=SAME_* (which onnx2torch refuses) on stride-1 Conv and MaxPool:
+    normalization writes the pads out, the same at every input size (dynamic H×W here)."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((4, 3, 4, 3)) * 0.3).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["image", "w"], ["c"], auto_pad=mode, dilations=[2, 1]),
+             helper.make_node("MaxPool", ["c"], ["p"], auto_pad=mode, kernel_shape=[2, 3]),
+             helper.make_node("Relu", ["p"], ["out"])]  # fmt: skip
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, "h", "w"])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, "h", "w"])], [w])  # fmt: skip
+    data = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8).SerializeToString()
+    model = load_model(data)
+    assert all(not any(a.name == "auto_pad" for a in n.attribute) for n in model.onnx.graph.node)
+    _assert_parity(model)
+    odd = load_model(data, size=(17, 23))  # an odd size: the pads do not depend on it at stride 1
+    assert odd.parity.ok and list(odd.taps[-1].shape) == [4, 17, 23]
