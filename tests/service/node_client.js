@@ -2,10 +2,12 @@
 // with @grpc/proto-loader, @grpc/grpc-js with its default settings (4 MiB receive limit, no
 // options), nothing generated. Used by test_node_client.py.
 //
-//   node node_client.js ADDRESS PROTO_ROOT MODEL TAP OUT.png
+//   node node_client.js ADDRESS PROTO_ROOT MODEL TAP OUT.png BIG_MODEL BIG_TAP
 //
-// Prints one JSON object: the models ListModels lists, the taps of MODEL, and what a streamed
-// Maximize of channel 0 at TAP sent (event kinds in order, progress steps); writes its PNG to OUT.png.
+// Prints one JSON object: the models ListModels lists, the taps of MODEL, what a streamed Maximize
+// of channel 0 at TAP sent (event kinds in order, progress steps; its PNG goes to OUT.png), the
+// error a missing model gets (code and the google.rpc.Status trailer, base64), and a 640x640
+// Maximize of BIG_MODEL with its float tensor, larger than 4 MiB, as it arrived (in chunks).
 "use strict";
 
 const fs = require("fs");
@@ -13,7 +15,7 @@ const path = require("path");
 const grpc = require("@grpc/grpc-js");
 const protoLoader = require("@grpc/proto-loader");
 
-const [address, protoRoot, model, tap, out] = process.argv.slice(2);
+const [address, protoRoot, model, tap, out, bigModel, bigTap] = process.argv.slice(2);
 const definition = protoLoader.loadSync(path.join(protoRoot, "preimage/v1/preimage.proto"), {
   includeDirs: [protoRoot],
   keepCase: true, // field names as in the .proto (snake_case)
@@ -58,6 +60,47 @@ function maximize() {
   });
 }
 
+function missingModel() {
+  return unary("GetModel", { model: "no-such-model" }).then(
+    () => ({ code: 0 }),
+    (err) => {
+      const details = err.metadata.get("grpc-status-details-bin");
+      return { code: err.code, message: err.details, status: details.length ? details[0].toString("base64") : "" };
+    },
+  );
+}
+
+function big() {
+  return new Promise((resolve, reject) => {
+    const call = client.Maximize(
+      {
+        model: bigModel,
+        tap: bigTap,
+        targets: [{ channel: { channel: 0 } }],
+        channel_max: 1.0,
+        params: { steps: 1, preset: "PRESET_PAPER" },
+        options: { height: 640, width: 640, return_tensor: true, report_every: 0 },
+      },
+      { deadline: deadline() },
+    );
+    const chunks = {};
+    let result = null;
+    call.on("data", (response) => {
+      if (response.event === "chunk") {
+        const c = response.chunk;
+        (chunks[c.field] = chunks[c.field] || []).push(c.data);
+      }
+      if (response.event === "result") result = response.result;
+    });
+    call.on("error", reject);
+    call.on("end", () => {
+      if (result === null) return; // the stream failed: "error" has rejected already
+      const tensor = Buffer.concat(chunks.CHUNK_FIELD_TENSOR || []);
+      resolve({ shape: result.tensor.shape, tensor_bytes: tensor.length, inline_bytes: (result.tensor.data || []).length });
+    });
+  });
+}
+
 (async () => {
   const models = await unary("ListModels", {});
   const taps = await unary("ListTaps", { model });
@@ -69,6 +112,8 @@ function maximize() {
       taps: taps.taps.map((t) => t.name),
       kinds: run.kinds,
       steps: run.steps,
+      missing: await missingModel(),
+      big: await big(),
     }),
   );
   client.close();

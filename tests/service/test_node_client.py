@@ -8,6 +8,7 @@ npm registry cannot be reached; .ci/run installs both from apt, so CI runs it.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -16,15 +17,17 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import torch
+from google.rpc import error_details_pb2, status_pb2
 from PIL import Image
 
 from service.client import PreimageClient
 from service.rpc.app import start_server
 from service.rpc.config import ServerConfig
-from tests._service_models import SIZE, conv_net
+from tests._service_models import SIZE, conv_net, fcn
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("node_client.js")
@@ -73,6 +76,7 @@ def address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     address = f"127.0.0.1:{running.port}"
     with PreimageClient(address, timeout=120) as client:
         client.upload(conv_net(seed=4), name="tiny")
+        client.upload(fcn(seed=4), name="fcn")  # any input size
     yield address
     running.stop(grace=None)
 
@@ -80,13 +84,13 @@ def address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def test_a_node_client_lists_and_maximizes(node_modules: Path, address: str, tmp_path: Path) -> None:
     png = tmp_path / "node.png"
     proc = subprocess.run(
-        ["node", str(SCRIPT), address, str(ROOT / "protos"), "tiny", "relu2", str(png)],
+        ["node", str(SCRIPT), address, str(ROOT / "protos"), "tiny", "relu2", str(png), "fcn", "relu1"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "NODE_PATH": str(node_modules)},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     seen = json.loads(proc.stdout)
     with PreimageClient(address, timeout=120) as client:
-        assert seen["models"] == [m.name for m in client.models()] == ["tiny"]
+        assert seen["models"] == [m.name for m in client.models()] == ["fcn", "tiny"]
         assert seen["taps"] == [t.name for t in client.taps("tiny").taps]
         # The same request from Python: same seed, same device, so the same image.
         python = client.maximize("tiny", "relu2", [0], channel_max=1.0, steps=6, preset="paper",
@@ -96,3 +100,11 @@ def test_a_node_client_lists_and_maximizes(node_modules: Path, address: str, tmp
     image = np.asarray(Image.open(io.BytesIO(png.read_bytes())))
     assert image.shape == (SIZE, SIZE, 3) and image.std() > 0
     assert png.read_bytes() == python.results[0].png
+    # An error's google.rpc details reach Node too, in the trailer every gRPC language reads.
+    missing = seen["missing"]
+    assert missing["code"] == grpc.StatusCode.NOT_FOUND.value[0] and "no-such-model" in missing["message"]
+    status = status_pb2.Status.FromString(base64.b64decode(missing["status"]))
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info) and info.reason == "MODEL_NOT_FOUND" and info.domain == "preimage.v1"
+    # A result whose tensor is larger than grpc-js's default 4 MiB receive limit arrived, in chunks.
+    assert seen["big"] == {"shape": [3, 640, 640], "tensor_bytes": 3 * 640 * 640 * 4, "inline_bytes": 0}
