@@ -212,6 +212,25 @@ def test_identical_bytes_are_answered_clearly(client: PreimageClient) -> None:
     assert colon.code == grpc.StatusCode.INVALID_ARGUMENT and list(colon.fields) == ["metadata.name"]
 
 
+def test_a_bundled_models_name_is_not_taken(tmp_path) -> None:
+    from service.models.store import ModelRecord, ModelStore
+
+    store = ModelStore(tmp_path)
+    with store.stage() as staged:
+        staged.write(conv_net(seed=50))
+        sha = staged.finish()
+        store.commit(staged.path, ModelRecord(id=sha, name="shipped", size_bytes=staged.size, bundled=True))
+    store.close()
+    running = start_server("127.0.0.1:0", ServerConfig(store_dir=tmp_path, seed_bundled=False))
+    try:
+        with PreimageClient(f"127.0.0.1:{running.port}", timeout=60) as c:
+            taken = _error(lambda: c.upload(conv_net(seed=51), name="shipped"))
+            assert taken.code == grpc.StatusCode.INVALID_ARGUMENT and "bundled" in taken.message
+            assert [(m.name, m.version, m.latest) for m in c.models()] == [("shipped", 1, True)]
+    finally:
+        running.stop(grace=None)
+
+
 def test_check_release_against_name_previous(client: PreimageClient) -> None:
     import json
 
