@@ -129,6 +129,19 @@ def test_missing_or_wrong_token_is_unauthenticated_on_every_rpc(server: Any, sec
             assert ("no token" if not token else "unknown") in msg, (name, msg)
 
 
+def test_refusals_carry_a_reason(server: Any, secret: pb.Model, clients: dict[str, PreimageClient]) -> None:
+    from service.client import error_details
+
+    with client_for(server, None, "wrong-token") as c, pytest.raises(grpc.RpcError) as refused:
+        c.models()
+    assert error_details(refused.value).reason == "UNAUTHENTICATED"
+    with pytest.raises(grpc.RpcError) as hidden:
+        clients["bob"].get(secret.id)  # alice's, not shared: exactly a missing model
+    details = error_details(hidden.value)
+    assert details.code == grpc.StatusCode.NOT_FOUND and details.reason == "MODEL_NOT_FOUND"
+    assert list(details.fields) == ["model"]
+
+
 def test_a_header_that_is_not_a_bearer_token_is_unauthenticated(server: Any) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.PreimageServiceStub(channel)
