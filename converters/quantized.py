@@ -6,10 +6,10 @@ differentiable. Quantizing rounds half to even and saturates to the integer type
 both pass the gradient straight through (the derivative of rounding and of clipping is taken to be 1),
 so the minimizer sees the float function the quantized one approximates instead of a zero gradient.
 
-Integer arithmetic is reproduced in float32: products of integers summed exactly up to 2^24, so a
-convolution with large accumulators may round its requantization differently from onnxruntime's
-integer kernels at a few elements. Parity therefore allows one quantization step at taps whose values are
-quantized (converters.parity); a wrong conversion (zero point, axis, scale) is off at most elements by
+Integer arithmetic is reproduced in float32 (products of integers summed exactly up to 2^24). onnxruntime's
+integer kernels round requantization their own way and may saturate int16 partial sums, so parity allows
+taps of quantized models a couple of quantization steps at a few elements (converters.parity,
+``quantization_bounds`` below); a wrong conversion (zero point, axis, scale) is off at most elements by
 many steps.
 
 Integer types: uint8, int8, uint16, int16, int32 and the 4-bit ones. float8 quantization and block
