@@ -31,6 +31,10 @@ def seed_bundled(
 
     ``progress`` hears about the slow part only: a bundled model being checked for the first time.
     """
+    from converters.bundled import cache_dir
+
+    if progress is not None and not any(cache_dir().glob("*.onnx")):
+        progress(f"exporting the bundled models to ONNX into {cache_dir()} (first run only)")
     records = []
     for bundled in quiet_bundled_models():
 
