@@ -177,7 +177,7 @@ def add_remote_commands(subparsers: Any, skip: Iterable[str] = ()) -> None:
     if p := command("stats", "what the server has done with each model since it started",
                     "Per-model statistics of this server process (GetModelStatistics): visualization requests, "
                     "how many succeeded, steps, seconds and failures by status code."):  # fmt: skip
-        p.add_argument("model", nargs="?", type=model_ref, default="", help="one model (default: every model run)")
+        p.add_argument("model", nargs="?", type=model_ref, default=None, help="one model (default: every model run)")
     for task, target_help in (("invert", "images to invert"), ("caricature", "start images")):
         if p := command(task, f"{task} images at a tap (positional form)"):
             p.add_argument("model", type=model_ref, help="model id, id prefix or name")
@@ -357,7 +357,7 @@ def _info(client: Any, args: argparse.Namespace) -> int:
 
 
 def _stats(client: Any, args: argparse.Namespace) -> int:
-    reply = client.statistics(args.model)
+    reply = client.statistics(args.model or "")
     rows = [plain(m) for m in reply.models]
     lines = [
         f"{m.model_id[:12]}  {f'{m.name}:{m.version}':<28} {m.requests:6d} requests {m.succeeded:6d} ok "

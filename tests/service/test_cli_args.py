@@ -366,5 +366,7 @@ def test_info_and_stats(server: str, capsys: pytest.CaptureFixture) -> None:
     code, out, _ = run(capsys, "stats", "tiny", "--server", server, "--json")
     [tiny] = json.loads(out)["models"]
     assert code == 0 and tiny["name"] == "tiny" and tiny["requests"] >= 1 and tiny["by_task"]["maximize"] >= 1
+    code, out, _ = run(capsys, "stats", "--server", server, "--json")  # every model that ran
+    assert code == 0 and "tiny" in [m["name"] for m in json.loads(out)["models"]]
     code, _, err = run(capsys, "stats", "nope", "--server", server)
     assert_one_line_usage_error(code, err, "NOT_FOUND")
