@@ -24,6 +24,7 @@ from typing import Any
 
 from converters.spec import input_size
 from service.cli import args as types
+from service.cli.args import UsageError
 from service.cli.remote import add_server_argument
 from service.cli.resolve import resolve_model, server_address, token_from_env
 
@@ -75,12 +76,16 @@ def _progress(stage: str, done: int, total: int, message: str) -> None:
 
 
 def _load_local(spec: str, size: tuple[int, int] | None = None) -> Any:
-    from converters.bundled import bundled_models
     from converters.model import load_model
+    from service.models.seeding import quiet_bundled_models
 
-    bundled = {m.name: m.path for m in bundled_models()} if not Path(spec).exists() else {}
-    path = bundled.get(spec, spec)
-    return load_model(path, verify=False, size=size)
+    bundled = {m.name: m.path for m in quiet_bundled_models()} if not Path(spec).exists() else {}
+    if not Path(spec).exists() and spec not in bundled:
+        raise UsageError(
+            f"{spec!r} is neither a file nor a bundled model ({', '.join(bundled)}); a stored model's name "
+            "(NAME, NAME:3, NAME:previous) needs a server: --server ADDR or $PREIMAGE_SERVER"
+        )
+    return load_model(bundled.get(spec, spec), verify=False, size=size)
 
 
 def _run_local(args: argparse.Namespace, limits: dict[str, float]) -> tuple[dict, str]:

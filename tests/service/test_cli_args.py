@@ -370,3 +370,11 @@ def test_info_and_stats(server: str, capsys: pytest.CaptureFixture) -> None:
     assert code == 0 and "tiny" in [m["name"] for m in json.loads(out)["models"]]
     code, _, err = run(capsys, "stats", "nope", "--server", server)
     assert_one_line_usage_error(code, err, "NOT_FOUND")
+
+
+def test_a_stored_name_without_a_server_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.delenv("PREIMAGE_SERVER", raising=False)
+    code, _, err = run(capsys, "check", "mynet", "--baseline", "mynet:previous", "--out", str(tmp_path))
+    assert_one_line_usage_error(code, err, "'mynet'", "needs a server", "efficientnet_lite0")
