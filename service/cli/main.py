@@ -224,7 +224,7 @@ def _add_local_visualization(sub: Any, task: str) -> None:
     }[task]
     p = sub.add_parser(task, help=help_text, description=_DESCRIPTIONS[task], epilog=EPILOG)
     p.add_argument("--model", default=DEFAULT_MODEL, type=types.model_ref,
-                   help=f"model name, id or an .onnx file (uploaded first; default {DEFAULT_MODEL})")  # fmt: skip
+                   help=f"NAME, NAME:N, an id, or an .onnx file (uploaded first; default {DEFAULT_MODEL})")  # fmt: skip
     p.add_argument("--tap", default=None,
                    help="ONNX value name, node name or torch module path of the tensor (see `preimage taps`; "
                    "default: the model output)")  # fmt: skip

@@ -41,6 +41,7 @@ from service.rpc.messages import model_dict, preprocessing_dict
 ALL_COMMANDS = ("upload", "models", "taps", "delete", "share", "info", "stats", "invert", "maximize", "caricature")
 # What the server's code says about the arguments: these are the caller's to fix (exit 2).
 USAGE_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+MODEL_HELP = "NAME (its latest version), NAME:N, NAME:previous, an id or an id prefix"
 _ENERGY_HELP = {
     "loss_weight": "C, weight of the loss (paper: 300 invert, 3e4 maximize, 100 caricature; fourier/phase: 1)",
     "alpha": "α of the α-norm (default 6)",
@@ -156,14 +157,14 @@ def add_remote_commands(subparsers: Any, skip: Iterable[str] = ()) -> None:
                     "name (the 'name' column of --json) or by the name of the node producing it (the first "
                     "column). Torch module paths of the converted graph (e.g. _blocks.9 for a block's "
                     "output) name taps too: --all lists them."):  # fmt: skip
-        p.add_argument("model", type=model_ref, help="model id, id prefix or name")
+        p.add_argument("model", type=model_ref, help=MODEL_HELP)
         p.add_argument("--all", action="store_true", help="also list the torch module paths that name a tap")
     if p := command("delete", "delete an uploaded model from the store"):
-        p.add_argument("model", type=model_ref, help="model id, id prefix or name")
+        p.add_argument("model", type=model_ref, help=MODEL_HELP)
     if p := command("share", "share one of your models with other tenants, or with everyone",
                     "Set who else may read and use one of your models (replaces the previous sharing). "
                     "Sharing is read-only: only the owner deletes or re-shares."):  # fmt: skip
-        p.add_argument("model", type=model_ref, help="model id, id prefix or name")
+        p.add_argument("model", type=model_ref, help=MODEL_HELP)
         p.add_argument("--with", dest="shared_with", type=types.tenants, default=[], metavar="TENANTS",
                        help="comma-separated tenants that may use it (default: nobody)")  # fmt: skip
         public = p.add_mutually_exclusive_group()
@@ -180,7 +181,7 @@ def add_remote_commands(subparsers: Any, skip: Iterable[str] = ()) -> None:
         p.add_argument("model", nargs="?", type=model_ref, default=None, help="one model (default: every model run)")
     for task, target_help in (("invert", "images to invert"), ("caricature", "start images")):
         if p := command(task, f"{task} images at a tap (positional form)"):
-            p.add_argument("model", type=model_ref, help="model id, id prefix or name")
+            p.add_argument("model", type=model_ref, help=MODEL_HELP)
             p.add_argument("tap", help="tap name or alias (see `taps`)")
             p.add_argument("images", nargs="+", type=image_ref, help=target_help)
             if task == "invert":
@@ -189,7 +190,7 @@ def add_remote_commands(subparsers: Any, skip: Iterable[str] = ()) -> None:
             add_run_arguments(p)
             add_energy_arguments(p)
     if p := command("maximize", "find images that excite channels/neurons of a tap (positional form)"):
-        p.add_argument("model", type=model_ref, help="model id, id prefix or name")
+        p.add_argument("model", type=model_ref, help=MODEL_HELP)
         p.add_argument("tap", help="tap name or alias (see `taps`)")
         add_target_arguments(p)
         add_run_arguments(p)
