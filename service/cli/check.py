@@ -46,11 +46,19 @@ EXIT_STATUS = "Exit status: 0 parity holds and drift is within the limits, 1 the
 
 
 def add_check_command(sub: Any) -> None:
-    p = sub.add_parser("check", help="check a model release: parity, visual report, drift from a baseline",
-                       description=DESCRIPTION, epilog=EXIT_STATUS)
+    p = sub.add_parser(
+        "check",
+        help="check a model release: parity, visual report, drift from a baseline",
+        description=DESCRIPTION,
+        epilog=EXIT_STATUS,
+    )
     p.add_argument("model", type=types.model_ref, help="the release: an .onnx file (or a bundled/server model name)")
-    p.add_argument("--baseline", default=None, type=types.model_ref,
-                   help="the previous release, for drift figures (on a server: a name, an id or NAME:previous)")
+    p.add_argument(
+        "--baseline",
+        default=None,
+        type=types.model_ref,
+        help="the previous release, for drift figures (on a server: a name, an id or NAME:previous)",
+    )
     p.add_argument("--out", required=True, help="folder for report.html and check.json")
     p.add_argument("--preset", default="small", choices=("small", "full"),
                    help="small: CPU in minutes (default); full: the paper's 300 steps at 224 px, for GPUs")

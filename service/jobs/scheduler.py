@@ -79,7 +79,7 @@ def _diverged(job: Job, index: int, result: Result) -> Exception:
         field=f"targets[{index}]" if job.task == "maximize" else f"images[{index}]",
         message=f"target {index} ({job.descriptions[index]}) at tap {job.tap_name!r} became non-finite (NaN/Inf) "
         f"within {result.steps_run} steps: the model's gradient is not finite somewhere on the way to this "
-        "tap (sqrt, log or a division at 0?) or the settings diverge (try a smaller learning_rate)"
+        "tap (sqrt, log or a division at 0?) or the settings diverge (try a smaller learning_rate)",
     )
 
 

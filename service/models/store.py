@@ -433,7 +433,6 @@ class ModelStore:
         hint = f"; stored models: {', '.join(names[:20])}" if names else "; the store is empty"
         raise ModelNotFound(f"no model {ref!r} in the store{hint}")
 
-
     @staticmethod
     def _version(name: str, records: list[ModelRecord], which: str) -> ModelRecord:
         owners = sorted({r.owner for r in records})

@@ -149,9 +149,7 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
         fields["name"] = name
         if any(r.bundled and r.name == name for r in self.store.list()):
             # A version 2 of a bundled model would take its name from everyone who uses it.
-            raise invalid(
-                f"the name {name!r} is a bundled model's: upload under another name", field="metadata.name"
-            )
+            raise invalid(f"the name {name!r} is a bundled model's: upload under another name", field="metadata.name")
         shared_with = check_share_list(list(meta.shared_with))
         # Early, only what can never fit (the tenant's whole byte quota): re-sending a model already
         # stored stays idempotent even at the quota, so the count and the room left are checked once
