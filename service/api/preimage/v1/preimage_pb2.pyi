@@ -367,7 +367,9 @@ class Model(_message.Message):
     models; for a tenant's upload, a sha256 of the tenant and those bytes (each tenant its own copy).
     """
     name: _builtins.str
-    """Human-readable name given at upload (not necessarily unique; ids are)."""
+    """Human-readable name given at upload; the owner's uploads of one name are its versions (see
+    version). Ids are unique.
+    """
     size_bytes: _builtins.int
     """Size of the ONNX file in bytes."""
     preprocessing_source: _builtins.str
