@@ -214,22 +214,26 @@ def _size(options: pb.RunOptions, converted: Any, first: np.ndarray | None, limi
     return int(h), int(w)
 
 
+def unknown_tap_message(converted: Any, exc: Any) -> str:
+    """What an unknown tap is told: the count of the taps ListTaps lists (not of every name that
+    resolves to one: aliases and module paths too), how taps are named, and the close names."""
+    hint = f"; close names: {', '.join(exc.close)}" if exc.close else ""
+    return (
+        f"unknown tap {exc.name!r}: this model has {len(converted.taps)} taps (ListTaps, `preimage taps MODEL`), "
+        f"each named by its ONNX value name or its node's name; torch module paths also work "
+        f"(`preimage taps MODEL --all`){hint}"
+    )
+
+
 def find_tap(converted: Any, name: str) -> Any:
     """The tap ``name`` names (ONNX value name, node name or torch module path); INVALID_ARGUMENT
-    otherwise, counting the taps ListTaps lists (not every name that resolves) and naming close ones."""
+    otherwise (``unknown_tap_message``)."""
     from converters.errors import UnknownTap
 
     try:
         return converted.tap(name)
     except UnknownTap as exc:
-        hint = f"; close names: {', '.join(exc.close)}" if exc.close else ""
-        raise invalid(
-            f"unknown tap {name!r}: this model has {len(converted.taps)} taps (ListTaps, `preimage taps MODEL`), "
-            f"each named by its ONNX value name or its node's name; torch module paths also work "
-            f"(`preimage taps MODEL --all`){hint}",
-            field="tap",
-            reason="UNKNOWN_TAP",
-        ) from exc
+        raise invalid(unknown_tap_message(converted, exc), field="tap", reason="UNKNOWN_TAP") from exc
 
 
 def build_job(

@@ -28,6 +28,7 @@ from converters.parity import ParityReport, check_parity, computing_taps, defaul
 from converters.taps import TapInfo
 from service.energy import EnergyParams, Objective, Problem, channel_statistics, channel_weights, minimize
 from service.energy.presets import preset_params
+from service.jobs.job import unknown_tap_message
 from service.jobs.reference import amplitude_spectrum, effective_receptive_field, reference_batch
 from service.release.drift import LayerDrift, layer_drift
 
@@ -192,7 +193,12 @@ def render_layer(
 
 def choose_layers(model: Any, preset: Preset, taps: list[str] | None) -> list[TapInfo]:
     if taps:
-        return [model.tap(t) for t in taps]  # UnknownTap names the close matches
+        from converters.errors import UnknownTap
+
+        try:
+            return [model.tap(t) for t in taps]
+        except UnknownTap as exc:  # counted and worded as the service words it
+            raise ValueError(unknown_tap_message(model, exc)) from exc
     return default_taps(model, preset.layers)
 
 

@@ -378,3 +378,13 @@ def test_a_stored_name_without_a_server_is_a_usage_error(
     monkeypatch.delenv("PREIMAGE_SERVER", raising=False)
     code, _, err = run(capsys, "check", "mynet", "--baseline", "mynet:previous", "--out", str(tmp_path))
     assert_one_line_usage_error(code, err, "'mynet'", "needs a server", "efficientnet_lite0")
+
+
+def test_a_local_check_counts_taps_as_the_server_does(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.delenv("PREIMAGE_SERVER", raising=False)
+    onnx = tmp_path / "net.onnx"
+    onnx.write_bytes(conv_net(seed=1))
+    code, _, err = run(capsys, "check", str(onnx), "--out", str(tmp_path / "r"), "--tap", "relu9", "--device", "cpu")
+    assert_one_line_usage_error(code, err, "unknown tap 'relu9'", "has 6 taps", "relu1")
