@@ -217,17 +217,21 @@ def render_third_party(rows: list[dict]) -> list[str]:
         "made here with other exporters. Verdict: `ok` = converts, parity holds on probes and a photograph at 3",
         "taps and a gradient reaches the input. Parity: the largest elementwise error (docs/converters.md);",
         "for a quantized model the largest difference in quantization steps where the float figure does not",
-        "hold; † = a Sigmoid/Softmax tap judged against the op in float64 on onnxruntime's input.", "",
+        "hold (then judged layer by layer, see docs/converters.md); † = a Sigmoid/Softmax tap judged against",
+        "the op in float64 on onnxruntime's input.", "",
         "| source | file | exporter (producer) | input size | verdict | parity | reason / notes |",
         "|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in rows:
         res = r["result"]
         if res["status"] == "ok":
-            fig = f"{res['err']:.1e}" + (" †" if res.get("via_float64") else "")
+            judged = res.get("via_float64") or []
+            fig = f"{res['err']:.1e}" + (" †" if any(j.startswith("float64") for j in judged) else "")
             if res.get("steps") is not None:
                 fig += f"; {res['steps']:.2f} steps"
-            notes = res.get("upgrade") or ""
+            layered = [j for j in judged if j.startswith("onnxruntime layer by layer")]
+            layered_note = f"judged {layered[0][len('onnxruntime ') :]}" if layered else ""
+            notes = "; ".join(x for x in (res.get("upgrade") or "", layered_note) if x)
             lines.append(f"| {r['source']} | {r['file']} | {res['producer']} | {res['size']} | ok | {fig} | {notes} |")
         else:
             detail = res.get("detail", "").replace("|", "/")
