@@ -12,6 +12,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from converters.errors import ModelError
 from converters.model import load_model
 from converters.spec import Preprocessing
 from tests.converters._converter_zoo import build, export
@@ -231,3 +232,44 @@ def test_same_auto_pad_at_stride_one(mode: str) -> None:
     _assert_parity(model)
     odd = load_model(data, size=(17, 23))  # an odd size: the pads do not depend on it at stride 1
     assert odd.parity.ok and list(odd.taps[-1].shape) == [4, 17, 23]
+
+
+def _rank_lost_at_dynamic_size() -> bytes:
+    """PaddleOCR-style shape arithmetic: a Reshape whose target shape is sliced out of Shape(c) with an end
+    computed in float, so at a dynamic size shape inference knows neither the shape's length nor the
+    Reshape's rank; the BatchNormalization after it needs the rank."""
+    rng = np.random.default_rng(0)
+
+    def t(a, name: str):  # noqa: ANN001, ANN202
+        return numpy_helper.from_array(np.asarray(a), name)
+
+    inits = [t((rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32), "w"), t(np.array([0], np.int64), "zero"),
+             t(np.array([1], np.int64), "one"), t(np.array(2.0, np.float32), "two"), t(np.array([-1], np.int64), "m1"),
+             t(np.full(4, 1.5, np.float32), "sc"), t(np.full(4, 0.1, np.float32), "bi"),
+             t(np.full(4, 0.2, np.float32), "mu"), t(np.full(4, 2.0, np.float32), "va")]  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["image", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Shape", ["c"], ["s"]),
+        helper.make_node("Gather", ["s", "one"], ["ch"]),
+        helper.make_node("Cast", ["ch"], ["chf"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["chf", "two"], ["half"]),
+        helper.make_node("Cast", ["half"], ["end"], to=TensorProto.INT64),
+        helper.make_node("Slice", ["s", "zero", "end"], ["lead"]),
+        helper.make_node("Concat", ["lead", "m1"], ["shape"], axis=0),
+        helper.make_node("Reshape", ["c", "shape"], ["flat"]),
+        helper.make_node("BatchNormalization", ["flat", "sc", "bi", "mu", "va"], ["bn"]),
+        helper.make_node("ReduceMean", ["bn"], ["out"], axes=[2], keepdims=0),
+    ]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, "h", "w"])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4])], inits)  # fmt: skip
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8).SerializeToString()
+
+
+def test_rank_lost_at_a_dynamic_size_is_recovered(monkeypatch: pytest.MonkeyPatch) -> None:
+    import converters.model as model_module
+
+    model = load_model(_rank_lost_at_dynamic_size())
+    _assert_parity(model)
+    monkeypatch.setattr(model_module, "fill_ranks", lambda model, shaped: None)
+    with pytest.raises(ModelError, match="spatial rank"):
+        load_model(_rank_lost_at_dynamic_size())
