@@ -202,7 +202,7 @@ def run_file(data: bytes) -> dict:
     loss = sum(model.representation(t.name)(x).float().square().mean() for t in report.taps)
     loss.backward()
     grad_ok = bool(torch.isfinite(x.grad).all() and x.grad.abs().max() > 0)
-    steps = [t.step_error for t in report.taps if t.step > 0 and t.rel_error > report.tolerance]
+    steps = [t.step_error for t in report.taps if t.step_error is not None and t.rel_error > report.tolerance]
     judged = [t.reference for t in report.taps if t.reference != "onnxruntime"]
     return {"status": "ok" if grad_ok else "NO GRADIENT", "err": report.max_rel_error, "producer": producer,
             "steps": max(steps) if steps else None, "via_float64": judged, "size": f"{h}×{w} {model.size_source}",

@@ -130,12 +130,17 @@ def format_inspection(info: dict, max_taps: int = 400) -> str:
         lines += [
             f"  {t['alias']}: {t['rel_error']:.2e}"
             + ("" if t["reference"] == "onnxruntime" else f" (against {t['reference']})")
+            + (_steps(t) if t.get("step_error") is not None else "")
             for t in p["taps"]
         ]
     return "\n".join(lines)
 
 
 format_report = format_inspection  # the name service/cli/main.py uses
+
+
+def _steps(tap: dict) -> str:
+    return f"; {tap['step_error']:.2f} quantization steps max, {tap['step_mean']:.3f} mean"
 
 
 def _per_axis(pair: list[int] | None) -> str:

@@ -65,8 +65,8 @@ class TapParity:
     norm_rel_error: float = math.nan  # ‖a − b‖ / ‖b‖, for information
     reference: str = "onnxruntime"  # what b was: onnxruntime's value, or the op in float64 on its input
     step: float = 0.0  # quantized models: the one-step bound added to atol (0: none)
-    step_error: float = math.nan  # max |a − b| / step, in quantization steps
-    step_mean: float = math.nan  # mean |a − b| / step
+    step_error: float | None = None  # max |a − b| / step, in quantization steps (None: not quantized)
+    step_mean: float | None = None  # mean |a − b| / step
 
 
 @dataclass
@@ -99,7 +99,7 @@ class ParityReport:
         ]
         for t in self.taps:
             via = "" if t.reference == "onnxruntime" else f" (against {t.reference})"
-            if t.step > 0:
+            if t.step > 0 and t.step_error is not None:
                 via += f" (max {t.step_error:.2f}, mean {t.step_mean:.3f} quantization steps of {t.step:.3g})"
             lines.append(f"  {'ok  ' if t.ok else 'FAIL'} {t.alias} {t.shape}: {t.rel_error:.2e}{via}")
         return "\n".join(lines)
@@ -380,7 +380,7 @@ def check_parity(
                 if err_ideal < err:
                     err, against = err_ideal, f"float64 {producers[info.name].op_type} of onnxruntime's input"
             ok = err <= tol
-            step, step_error, step_mean = steps.get(info.name, 0.0), math.nan, math.nan
+            step, step_error, step_mean = steps.get(info.name, 0.0), None, None
             if got.shape != ref.shape:
                 norm, mx = math.inf, math.inf
             else:
