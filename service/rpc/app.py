@@ -48,6 +48,7 @@ from service.rpc.errors import configure_logging
 from service.rpc.messages import MAX_MESSAGE_BYTES
 from service.rpc.reflection import enable_reflection
 from service.rpc.servicer import SERVICE_NAME, PreimageServicer
+from service.rpc.streams import StreamGate
 
 log = logging.getLogger("preimage.server")
 
@@ -69,6 +70,7 @@ class RunningServer:
     health: health.HealthServicer
     metrics: Any = None  # service.rpc.metrics.Metrics when ServerConfig.metrics_port is set
     metrics_port: int | None = None
+    gate: StreamGate | None = None  # the long streams' pool, shut down last
     restore_kernels: Callable[[], None] | None = None  # undoes ServerConfig.batch_invariant
 
     def stop(
@@ -110,6 +112,8 @@ class RunningServer:
         else:
             scheduler.shutdown()  # running jobs end now, so server.stop does not wait for their streams
             self.server.stop(grace).wait()
+        if self.gate is not None:
+            self.gate.pool.shutdown(wait=False)
         self.servicer.store.close()
         if self.metrics is not None:
             self.metrics.stop()
@@ -146,10 +150,11 @@ def start_server(address: str, config: ServerConfig, progress: Callable[[str], N
         seed_bundled(store, config.worker_limits, progress)
     servicer = PreimageServicer(config, store)
     credentials = server_credentials(config.auth)
+    gate = StreamGate(servicer.auth, servicer.streams)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=config.rpc_threads, thread_name_prefix="rpc"),
         options=server_options(),
-        interceptors=[AuthInterceptor(servicer.auth)],
+        interceptors=[AuthInterceptor(servicer.auth), gate],
     )
     pb_grpc.add_PreimageServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
@@ -188,7 +193,7 @@ def start_server(address: str, config: ServerConfig, progress: Callable[[str], N
             }
         },
     )
-    return RunningServer(server, port, servicer, health_servicer, metrics, metrics_port, restore_kernels)
+    return RunningServer(server, port, servicer, health_servicer, metrics, metrics_port, gate, restore_kernels)
 
 
 def serve(address: str = "localhost:50051", store_dir: str | Path | None = None, **options: Any) -> None:

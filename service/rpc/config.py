@@ -49,7 +49,10 @@ HELP: dict[str, str] = {
     "address": "where gRPC listens, host:port (`0.0.0.0:50051` in a container)",
     "store_dir": "model store directory; several replicas may share it (docs/operations.md)",
     "device": "`cpu`, `cuda`, `cuda:1`; unset: cuda when available, else cpu",
-    "rpc_threads": "gRPC worker threads (each streaming RPC holds one while it runs)",
+    "rpc_threads": "gRPC worker threads of the short RPCs (health, listings, model management)",
+    "stream_threads": "threads of the long streams (uploads, visualizations, release checks): the most open at once",
+    "tenant_streams": "long streams one tenant may hold open at once (refused beyond: RESOURCE_EXHAUSTED)",
+    "upload_idle_seconds": "an upload that sends nothing for this long ends (DEADLINE_EXCEEDED, staging removed)",
     "torch_threads": "threads of the optimizations' tensor operations; unset: one per core (split among replicas)",
     "converted_cache_size": "converted models kept in memory per replica (LRU)",
     "max_model_bytes": "largest upload accepted",
@@ -104,6 +107,11 @@ class ServerConfig:
     store_dir: Path
     device: str | None = None  # None: cuda when available, else cpu
     rpc_threads: int = 16
+    # Long streams run on a pool of their own, so that no number of them can delay a health check;
+    # they are counted per tenant before they take a thread (service/rpc/streams.py).
+    stream_threads: int = 32
+    tenant_streams: int = 8
+    upload_idle_seconds: float = 30.0
     # Threads of the optimizations' tensor operations; None: torch's default, one per core. Split the
     # cores when replicas or other jobs share the box: oversubscribed threads wait on each other at
     # every operator (2 processes × 2 threads on 2 cores made 17 ms steps take 1.7–2.6 s).

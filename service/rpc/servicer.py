@@ -1,6 +1,7 @@
 """The gRPC server: PreimageService plus grpc.health.v1 and server reflection.
 
-A sync ``grpc.server`` with a thread pool: RPC threads only validate and relay, the optimizations
+A sync ``grpc.server``; long streams run on a pool of their own, counted per tenant before they
+take a thread (service/rpc/streams.py). RPC threads only validate and relay, the optimizations
 run on the scheduler's loop thread (service/jobs/scheduler.py: continuous batching of compatible
 jobs), so a slow job never blocks health checks or
 model management. Cancellation and deadlines reach a job through ``context.add_callback`` (called
@@ -51,6 +52,7 @@ from service.rpc.messages import (
     split_large_fields,
 )
 from service.rpc.statistics import ModelStatistics, device_info, package_version, supported_ops
+from service.rpc.streams import StreamSlots
 
 log = logging.getLogger("preimage.server")
 
@@ -116,6 +118,58 @@ def module_paths(taps: list[Any]) -> dict[str, str]:
     return out
 
 
+def _idle_limited(messages: Iterator[Any], idle_seconds: float) -> Iterator[Any]:
+    """``messages``, ended with DEADLINE_EXCEEDED when none arrives for ``idle_seconds``.
+
+    A sync server's request iterator blocks without a timeout, so a reader thread feeds a queue the
+    handler waits on with one; when the handler gives up, gRPC ends the call, which ends the read.
+    """
+    import queue
+
+    box: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=2)  # the reader stays ≤ 2 messages ahead
+    stopped = threading.Event()
+
+    def put(item: tuple[str, Any]) -> bool:
+        while not stopped.is_set():
+            try:
+                box.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def read() -> None:
+        try:
+            for m in messages:
+                if not put(("message", m)):
+                    return
+            put(("end", None))
+        except BaseException as exc:  # the client cancelled: the handler re-raises it
+            put(("error", exc))
+
+    threading.Thread(target=read, name="upload-reader", daemon=True).start()
+    received = 0
+    try:
+        while True:
+            try:
+                kind, value = box.get(timeout=idle_seconds)
+            except queue.Empty:
+                raise ServiceError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"the upload sent nothing for {idle_seconds:g} s after {received} messages and was ended "
+                    "(its bytes were discarded); send the chunks without pausing, and `finish` last",
+                    reason="DEADLINE_EXCEEDED",
+                ) from None
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            received += 1
+            yield value
+    finally:
+        stopped.set()
+
+
 class PreimageServicer(pb_grpc.PreimageServiceServicer):
     """The RPCs. Each handler gets ``fields``: what it adds there goes into the RPC's log line."""
 
@@ -130,6 +184,7 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
         self._figures_lock = threading.Lock()  # guards _parity, recent_jobs and jobs_finished
         self.auth = Authenticator(config.auth)
         self.storage_quotas = StorageQuotas()
+        self.streams = StreamSlots(config.stream_threads, config.tenant_streams)  # counted by StreamGate
         self._vet_slots = threading.Semaphore(1)  # one conversion child at a time: each can use GBs
         self._check_slots = threading.Semaphore(1)  # one release check at a time (CheckRelease)
         # How recent jobs ended (stats only: a handle would keep the job's tensors alive).
@@ -140,6 +195,7 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
     # -- model management ---------------------------------------------------------------------
     @rpc_handler
     def UploadModel(self, request_iterator: Iterator[pb.UploadModelRequest], context: grpc.ServicerContext, fields):
+        request_iterator = _idle_limited(request_iterator, self.config.upload_idle_seconds)
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "metadata":
             raise invalid("the first message of an upload must be `metadata` (name, preprocessing, labels)")
