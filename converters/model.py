@@ -207,7 +207,7 @@ def check_supported_ops(model: onnx.ModelProto) -> None:
 COMMON_SIZES = (224, 256, 192, 160, 128, 96, 320, 384, 448, 512, 640, 64, 48, 32)
 SIZE_HELP = (
     "declare the size it runs at: `preimage upload/inspect/check --size HxW`, Preprocessing height/width "
-    "(Python client: preprocessing={'height': H, 'width': W}), or metadata_props preimage.height/preimage.width"
+    "(Python client: upload(..., size=(H, W))), or metadata_props preimage.height/preimage.width"
 )
 
 

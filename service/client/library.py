@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,16 +181,21 @@ class PreimageClient:
         timeout: float | None = None,
         shared_with: Iterable[str] = (),
         public: bool = False,
+        size: tuple[int, int] | None = None,
     ) -> pb.UploadModelResponse:
         """Upload an ONNX file (path or bytes) in chunks; ``on_chunk(sent, total)`` reports progress.
 
         A file is streamed from disk and hashed on the way (memory: one chunk), so models of any
-        size the server accepts can be sent.
+        size the server accepts can be sent. ``size=(height, width)`` declares the size a dynamic-size
+        model runs at (``preimage upload --size HxW``, Preprocessing height/width); the rest of the
+        preprocessing still comes from ``preprocessing``, the model's metadata or the defaults.
         """
         total = len(model) if isinstance(model, bytes) else Path(model).stat().st_size
         if name is None:
             name = Path(model).stem if not isinstance(model, bytes) else "model"
         pre = preprocessing if isinstance(preprocessing, pb.Preprocessing) else _pre(preprocessing)
+        if size is not None:
+            pre = _with_size(pre, size)
 
         def messages() -> Iterator[pb.UploadModelRequest]:
             meta = pb.UploadModelMetadata(
@@ -360,6 +366,24 @@ def _chunks(model: bytes | str | Path, size: int) -> Iterator[bytes]:
 
 def _pre(values: dict | None) -> pb.Preprocessing:
     return preprocessing(**values) if values else pb.Preprocessing()
+
+
+def _with_size(pre: pb.Preprocessing, size: tuple[int, int]) -> pb.Preprocessing:
+    """A copy of ``pre`` with height and width set (the caller's message is left as it was)."""
+    try:
+        height, width = (operator.index(v) for v in size)  # ints, numpy ints; not floats
+    except (TypeError, ValueError):
+        raise ValueError(f"size must be (height, width), two integers, got {size!r}") from None
+    if height <= 0 or width <= 0:
+        raise ValueError(f"size must be positive, got {height}×{width}")
+    out = pb.Preprocessing()
+    out.CopyFrom(pre)
+    for name, value in (("height", height), ("width", width)):
+        # Two different sizes for one upload: refuse rather than pick one silently.
+        if out.HasField(name) and getattr(out, name) != value:
+            raise ValueError(f"size gives {name} {value} but preprocessing gives {getattr(out, name)}")
+        setattr(out, name, value)
+    return out
 
 
 def _split(kwargs: dict[str, Any]) -> tuple[pb.EnergyParams, pb.RunOptions]:

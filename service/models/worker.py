@@ -101,9 +101,10 @@ def _child(
 def load_requested(path: str | Path, requested: dict[str, Any] | None, verify: bool = True) -> Any:
     """load_model with the uploader's preprocessing (the server and the vetting child share this).
 
-    ``requested`` holds Preprocessing fields. Only a size (the nominal size of a dynamic-size model)
-    keeps everything else from the model's own metadata/defaults, so it takes two loads. ``verify``
-    runs converters' parity check against onnxruntime; the server skips it for vetted models.
+    ``requested`` holds Preprocessing fields. A size alone (the nominal size of a dynamic-size model)
+    keeps everything else from the model's own metadata/defaults: height and width together are passed
+    as ``size=``; one of them alone takes two loads. ``verify`` runs converters' parity check against
+    onnxruntime; the server skips it for vetted models.
     """
     from converters.model import load_model
     from converters.spec import Preprocessing
@@ -111,6 +112,10 @@ def load_requested(path: str | Path, requested: dict[str, Any] | None, verify: b
     if not requested:
         return load_model(path, verify=verify)
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in requested.items()}
+    if set(fields) == {"height", "width"}:
+        # One load, at the declared size: a first load without it would refuse a model that runs at
+        # none of the common sizes before the size is ever tried.
+        return load_model(path, verify=verify, size=(fields["height"], fields["width"]))
     if set(fields) <= {"height", "width"}:
         own = load_model(path, verify=False).preprocessing
         return load_model(path, dataclasses.replace(own, **fields), verify=verify)
