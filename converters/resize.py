@@ -44,7 +44,17 @@ from converters.parity import ort_session
 
 VERSIONS = (11, 13, 18, 19)
 MAX_CACHED_MATRICES = 32  # per Resize node
+# Clients choose image sizes, and a matrix is out × in floats built from an in × in identity: the
+# bytes of one build and of every node's cached matrices together are bounded, not only their count.
+MAX_MATRIX_BYTES = 128 << 20  # (in + out) × in floats of one build
+MAX_CACHED_BYTES = 256 << 20  # every Resize node's cached matrices in this process
 _CACHE_LOCK = threading.Lock()
+_CACHED: collections.OrderedDict[tuple[int, tuple], int] = collections.OrderedDict()  # (node, key) → bytes
+_NODES: dict[int, Resize] = {}
+
+
+class ResizeTooLarge(MemoryError):
+    """A Resize at a size whose matrix would take more memory than one build may."""
 _TORCH_MODES = {("linear", 1): "linear", ("linear", 2): "bilinear", ("linear", 3): "trilinear",
                 ("cubic", 2): "bicubic"}  # fmt: skip
 
@@ -98,18 +108,44 @@ class Resize(nn.Module, OnnxToTorchModule):
         with _CACHE_LOCK:  # the scheduler's thread and RPC threads may run one graph at once
             if key in self._matrices:
                 self._matrices.move_to_end(key)
+                if (id(self), key) in _CACHED:
+                    _CACHED.move_to_end((id(self), key))
                 return self._matrices[key]
         n, out, scale, scale_given, start, end = spec
+        size = 4 * (n + (out or math.ceil(n * scale))) * n
+        if size > MAX_MATRIX_BYTES:
+            limit = int(math.sqrt(MAX_MATRIX_BYTES / 8))
+            raise ResizeTooLarge(
+                f"a Resize in this model would build a {size >> 20} MiB matrix for an axis of {n} values "
+                f"(at most {MAX_MATRIX_BYTES >> 20} MiB): use an image about {limit} pixels wide and high or less"
+            )
         m, extra = _matrix_of(self.attrs, self.opset, n, out, scale if scale_given else None, start, end)
         entry = (
             torch.as_tensor(m, dtype=like.dtype, device=like.device),
             None if extra is None else torch.as_tensor(extra, dtype=like.dtype, device=like.device),
         )
+        nbytes = sum(t.numel() * t.element_size() for t in entry if t is not None)
         with _CACHE_LOCK:
             self._matrices[key] = entry
             while len(self._matrices) > MAX_CACHED_MATRICES:
-                self._matrices.popitem(last=False)
+                _CACHED.pop((id(self), self._matrices.popitem(last=False)[0]), None)
+            _NODES[id(self)] = self
+            _CACHED[(id(self), key)] = nbytes
+            _CACHED.move_to_end((id(self), key))
+            while sum(_CACHED.values()) > MAX_CACHED_BYTES and len(_CACHED) > 1:
+                (node_id, old_key), _ = _CACHED.popitem(last=False)
+                node = _NODES.get(node_id)
+                if node is not None:
+                    node._matrices.pop(old_key, None)
+                    if not node._matrices:
+                        _NODES.pop(node_id, None)
         return entry
+
+
+def cached_matrix_bytes() -> int:
+    """Bytes of every Resize node's cached matrices in this process."""
+    with _CACHE_LOCK:
+        return sum(_CACHED.values())
 
 
 def _values(t: torch.Tensor | None, kind: type = float) -> list | None:

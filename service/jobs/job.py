@@ -36,7 +36,7 @@ from service.energy import (
     neuron_weights,
 )
 from service.energy.presets import preset_params
-from service.jobs.errors import ServiceError, exhausted, invalid
+from service.jobs.errors import ServiceError, exhausted, invalid, is_allocation_failure, out_of_memory
 from service.jobs.images import png_bytes
 from service.jobs.limits import JobLimits
 from service.jobs.reference import amplitude_spectrum, center_crop_resize, effective_receptive_field
@@ -96,6 +96,32 @@ def params_message(p: EnergyParams) -> pb.EnergyParams:
         if value is not None:
             setattr(msg, name, value)
     return msg
+
+
+def image_size(data: bytes, index: int, limits: JobLimits) -> tuple[int, int]:
+    """(H, W) of encoded bytes from the header alone, with the checks ``decode_image`` makes first."""
+    if not data:
+        raise invalid(f"images[{index}] is empty: send the bytes of a PNG or JPEG file", field=f"images[{index}]")
+    if len(data) > limits.max_image_bytes:
+        raise exhausted(
+            f"images[{index}] is {len(data)} bytes; this server accepts at most {limits.max_image_bytes}",
+            field=f"images[{index}]",
+        )
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+    except Image.DecompressionBombError as exc:
+        raise exhausted(f"images[{index}] is too large to decode: {exc}", field=f"images[{index}]") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise invalid(
+            f"images[{index}] is not an image Pillow can read (send PNG or JPEG bytes): {exc}", field=f"images[{index}]"
+        ) from exc
+    if w * h > limits.max_input_pixels:
+        raise exhausted(
+            f"images[{index}] is {w}×{h} pixels; this server decodes at most {limits.max_input_pixels} pixels",
+            field=f"images[{index}]",
+        )
+    return h, w
 
 
 def decode_image(data: bytes, index: int, limits: JobLimits) -> np.ndarray:
@@ -178,7 +204,7 @@ def fixed_input_size(converted: Any) -> tuple[int, int] | None:
     return (spec.height, spec.width) if spec.height and spec.width else None
 
 
-def _size(options: pb.RunOptions, converted: Any, first: np.ndarray | None, limits: JobLimits) -> tuple[int, int]:
+def _size(options: pb.RunOptions, converted: Any, first: tuple[int, int] | None, limits: JobLimits) -> tuple[int, int]:
     """The output size: fixed by the graph, else asked for, else the model's nominal size, else the
     first image's, else 224. Giving only one side keeps the aspect ratio of the default."""
     fixed = fixed_input_size(converted)
@@ -197,7 +223,7 @@ def _size(options: pb.RunOptions, converted: Any, first: np.ndarray | None, limi
         if pre.height and pre.width:
             default = (pre.height, pre.width)
         elif first is not None:
-            default = first.shape[:2]
+            default = first
         else:
             default = (DEFAULT_SIZE, DEFAULT_SIZE)
         if h is None and w is None:
@@ -236,6 +262,47 @@ def find_tap(converted: Any, name: str) -> Any:
         raise invalid(unknown_tap_message(converted, exc), field="tap", reason="UNKNOWN_TAP") from exc
 
 
+def activation_bytes(converted: Any, tap: Any, height: int, width: int) -> int:
+    """Bytes of the activations one image makes up to ``tap`` at height × width (float32): the
+    taps' shapes at the model's nominal size, scaled by the ratio of pixels."""
+    from converters.model import NOMINAL_SIZE
+
+    pre = converted.preprocessing
+    nominal = (pre.height or NOMINAL_SIZE) * (pre.width or NOMINAL_SIZE)
+    values = sum(math.prod(d or 1 for d in t.shape) for t in converted.taps if t.index <= tap.index)
+    return int(4 * values * max(1.0, height * width / nominal))
+
+
+def job_bytes(converted: Any, tap: Any, height: int, width: int, n_targets: int, resolved: Any) -> tuple[int, int]:
+    """(estimated bytes, network rows) a job needs: its rows' activations, kept for the backward
+    pass, plus each target's image, gradient and optimizer state."""
+    per_row = 1 if resolved.parameterization == "pixel" else int(resolved.copies)
+    rows = n_targets * per_row
+    images = n_targets * 6 * 4 * 3 * height * width
+    # 1.5: measured peak of a forward and backward on EfficientNet-Lite0 is ~1.3× the activations.
+    return int(1.5 * rows * activation_bytes(converted, tap, height, width)) + images, rows
+
+
+def check_memory(
+    converted: Any, tap: Any, height: int, width: int, n_targets: int, resolved: Any, limits: JobLimits
+) -> None:
+    """RESOURCE_EXHAUSTED, before any work, for a request estimated over ``limits.max_job_bytes``."""
+    need, rows = job_bytes(converted, tap, height, width, n_targets, resolved)
+    if need <= limits.max_job_bytes:
+        return
+    gib = 1 << 30
+    per_target = max(1, need // n_targets)
+    fit = limits.max_job_bytes // per_target
+    fewer = f"at most {fit} targets at this size" if fit >= 1 else "one target does not fit at this size"
+    raise exhausted(
+        f"this request needs about {need / gib:.1f} GiB ({n_targets} targets, {rows} network rows at "
+        f"{height}×{width} up to tap {tap.alias!r}); this server runs at most {limits.max_job_bytes / gib:.1f} GiB "
+        f"per request: reduce the image size, the number of targets ({fewer}), the views (copies) "
+        "or use an earlier tap",
+        field="options.height",
+    )
+
+
 def build_job(
     task: str,
     request: Any,
@@ -249,7 +316,6 @@ def build_job(
     tap = find_tap(converted, request.tap)
     options = request.options
     params = params_from_message(request.params, task)
-    images: list[np.ndarray] = []
     if task in ("invert", "caricature"):
         if not request.images:
             raise invalid(f"{task} needs at least one image in `images`", field="images")
@@ -257,7 +323,15 @@ def build_job(
             raise exhausted(
                 f"{len(request.images)} images in one request; the limit is {limits.max_targets}", field="images"
             )
-        images = [decode_image(img.data, i, limits) for i, img in enumerate(request.images)]
+        # Headers only, all of them, before any pixel is decoded: the request's pixel budget.
+        sizes = [image_size(img.data, i, limits) for i, img in enumerate(request.images)]
+        total = sum(h * w for h, w in sizes)
+        if total > limits.max_request_pixels:
+            raise exhausted(
+                f"the {len(sizes)} images hold {total} pixels together; this server decodes at most "
+                f"{limits.max_request_pixels} per request: send fewer or smaller images",
+                field="images",
+            )
     else:
         if not request.targets:
             raise invalid(
@@ -267,8 +341,10 @@ def build_job(
             raise exhausted(
                 f"{len(request.targets)} targets in one request; the limit is {limits.max_targets}", field="targets"
             )
-    height, width = _size(options, converted, images[0] if images else None, limits)
+    height, width = _size(options, converted, sizes[0] if task in ("invert", "caricature") else None, limits)
     resolved = params.resolved(task, height, width, tap.stride)  # type: ignore[arg-type]
+    n_targets = len(request.images) if task in ("invert", "caricature") else len(request.targets)
+    check_memory(converted, tap, height, width, n_targets, resolved, limits)
     if resolved.steps + int(resolved.refine_steps or 0) > limits.max_steps:
         raise exhausted(
             f"{resolved.steps} + {resolved.refine_steps} steps is more than this server's limit of {limits.max_steps}",
@@ -292,13 +368,19 @@ def build_job(
 
     problems: list[Problem] = []
     descriptions: list[str] = []
-    if images:
-        starts = torch.stack([from_uint8(resize(img, height, width), mean_t) for img in images])
-        phi0 = _run_phi(phi, starts.to(device), tap.alias).cpu()
+    if task in ("invert", "caricature"):
+        # One image at a time: each is decoded, resized and run alone, so a request holds one
+        # decoded image and one image's activations at most, whatever its number of images.
+        starts_list, phi0_list = [], []
+        for i, img in enumerate(request.images):
+            start_i = from_uint8(resize(decode_image(img.data, i, limits), height, width), mean_t)
+            starts_list.append(start_i)
+            phi0_list.append(_run_phi(phi, start_i[None].to(device), tap.alias).cpu()[0])
+        starts, phi0 = torch.stack(starts_list), torch.stack(phi0_list)
         if not torch.isfinite(phi0).all():
             raise invalid(f"the model's tap {tap.alias!r} is not finite (NaN/Inf) on the given image(s)")
         mask = _mask(request.mask, phi0.shape[1:]) if task == "invert" else None
-        for i in range(len(images)):
+        for i in range(len(starts_list)):
             try:
                 obj = Objective.invert(phi0[i], mask) if task == "invert" else Objective.caricature(phi0[i])
             except ValueError as exc:
@@ -394,10 +476,12 @@ def _run_phi(phi: torch.nn.Module, x: torch.Tensor, alias: str) -> torch.Tensor:
     try:
         with torch.no_grad():
             return phi(x).float()
-    except RuntimeError as exc:
-        if "out of memory" in str(exc).lower():
-            raise
+    except (RuntimeError, MemoryError) as exc:
         h, w = x.shape[-2:]
+        if is_allocation_failure(exc):
+            # A MemoryError's own words are ours or numpy's (sizes), never a path: keep them.
+            detail = str(exc) if isinstance(exc, MemoryError) else ""
+            raise out_of_memory(f"running the model at {h}×{w} up to tap {alias!r}", detail) from exc
         first = str(exc).strip().splitlines()[0][:300]
         raise invalid(f"the model cannot run at {h}×{w} up to tap {alias!r} (try a larger size): {first}") from exc
 

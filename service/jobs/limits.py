@@ -15,6 +15,8 @@ class JobLimits:
     max_input_pixels: int = 6000 * 6000  # decoded input image, checked before decoding
     max_targets: int = 64
     max_steps: int = 10_000  # both stages together
+    max_request_pixels: int = 64 * 1024 * 1024  # Σ decoded input pixels of one request, from the headers
+    max_job_bytes: int = 8 << 30  # estimated memory of one request (activations × rows + images)
 
 
 @dataclass(frozen=True)

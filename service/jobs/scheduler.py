@@ -31,7 +31,7 @@ import torch
 from service.api.preimage.v1 import preimage_pb2 as pb
 from service.energy import Minimizer, Result
 from service.energy.minimize import batch_signature, network_rows, padded_rows
-from service.jobs.errors import exhausted, invalid, unavailable
+from service.jobs.errors import exhausted, invalid, is_allocation_failure, unavailable
 from service.jobs.images import contact_sheet, png_bytes
 from service.jobs.job import Job, JobHandle, result_message
 from service.jobs.limits import SchedulerLimits
@@ -381,9 +381,9 @@ class Scheduler:
         self._finish(state)
 
     def _fail_batch(self, batch: _Batch, exc: BaseException) -> None:
-        if isinstance(exc, torch.OutOfMemoryError):
+        if is_allocation_failure(exc):
             exc = exhausted(
-                f"out of device memory with {len(batch.minimizer)} images in one batch; retry later",
+                f"out of memory with {len(batch.minimizer)} images in one batch; retry later",
                 reason="OUT_OF_MEMORY",
                 retry_after=QUEUE_RETRY_SECONDS,
             )

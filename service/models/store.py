@@ -453,20 +453,61 @@ class ModelStore:
         return found[0]
 
 
-class ConvertedCache:
-    """LRU cache of converted models, keyed by model id; converts each model once even under load."""
+NODE_BYTES = 12 << 10  # a converted graph's Python objects per ONNX node (1.1 GB for 99,990 nodes)
 
-    def __init__(self, loader: Callable[[ModelRecord], Any], capacity: int = 4):
+
+def converted_bytes(converted: Any) -> int:
+    """Estimated bytes a converted model holds: its weights (the ONNX protos and the torch copy)
+    and, per node, the Python objects of the torch graph and of each representation built."""
+    graph = getattr(converted, "onnx", None)
+    nodes = len(graph.graph.node) if graph is not None else 0
+    weights = sum(
+        len(t.raw_data) + 4 * len(t.float_data) + 4 * len(t.int32_data) + 8 * len(t.int64_data)
+        for t in (graph.graph.initializer if graph is not None else ())
+    )
+    representations = len(getattr(converted, "_cache", {}))
+    protos = 2 if getattr(converted, "reference", None) is not None else 1
+    return (protos + 1) * weights + (1 + representations) * nodes * NODE_BYTES
+
+
+class ConvertedCache:
+    """LRU cache of converted models, keyed by model id; converts each model once even under load.
+
+    Bounded by count and by estimated bytes (``size``, re-read at each use: representations built
+    since grow a model); the model just used always stays."""
+
+    def __init__(
+        self,
+        loader: Callable[[ModelRecord], Any],
+        capacity: int = 4,
+        max_bytes: int | None = None,
+        size: Callable[[Any], int] = converted_bytes,
+    ):
         self.loader = loader
         self.capacity = capacity
+        self.max_bytes = max_bytes
+        self.size = size
         self._items: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
+
+    def nbytes(self) -> int:
+        """Estimated bytes of every cached model."""
+        with self._lock:
+            return sum(self.size(v) for v in self._items.values())
+
+    def _trim(self) -> None:  # under self._lock
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+        if self.max_bytes is not None:
+            while len(self._items) > 1 and sum(self.size(v) for v in self._items.values()) > self.max_bytes:
+                self._items.popitem(last=False)
 
     def get(self, record: ModelRecord) -> Any:
         with self._lock:
             if record.id in self._items:
                 self._items.move_to_end(record.id)
+                self._trim()
                 return self._items[record.id]
             per_model = self._loading.setdefault(record.id, threading.Lock())
         with per_model:  # a second request for the same model waits for the first conversion
@@ -478,8 +519,7 @@ class ConvertedCache:
             with self._lock:
                 self._items[record.id] = value
                 self._items.move_to_end(record.id)
-                while len(self._items) > self.capacity:
-                    self._items.popitem(last=False)
+                self._trim()
                 self._loading.pop(record.id, None)
             return value
 

@@ -55,6 +55,7 @@ HELP: dict[str, str] = {
     "upload_idle_seconds": "an upload that sends nothing for this long ends (DEADLINE_EXCEEDED, staging removed)",
     "torch_threads": "threads of the optimizations' tensor operations; unset: one per core (split among replicas)",
     "converted_cache_size": "converted models kept in memory per replica (LRU)",
+    "converted_cache_bytes": "estimated bytes of the converted models kept per replica (LRU; the last used stays)",
     "max_model_bytes": "largest upload accepted",
     "seed_bundled": "put the bundled models into the store at start",
     "metrics_port": "Prometheus `/metrics` HTTP port; unset: no metrics endpoint",
@@ -70,6 +71,8 @@ HELP: dict[str, str] = {
     "job_limits.max_input_pixels": "pixels of one decoded input image (checked before decoding)",
     "job_limits.max_targets": "targets (images/channels) of one request",
     "job_limits.max_steps": "optimization steps of one request, both stages",
+    "job_limits.max_request_pixels": "Σ decoded pixels of one request's input images (checked from the headers)",
+    "job_limits.max_job_bytes": "estimated memory of one request (rows × activations + images)",
     "worker_limits.extra_address_space": "bytes of address space a model's conversion child may add",
     "worker_limits.cpu_seconds": "CPU seconds of a model's conversion child",
     "worker_limits.wall_seconds": "wall-clock seconds of a model's conversion child",
@@ -118,6 +121,7 @@ class ServerConfig:
     torch_threads: int | None = None
     scheduler: SchedulerLimits = field(default_factory=SchedulerLimits)  # batch bounds, queue length
     converted_cache_size: int = 4
+    converted_cache_bytes: int = 4 << 30  # estimated bytes of the converted models kept (ConvertedCache)
     max_model_bytes: int = 1 << 30
     job_limits: JobLimits = field(default_factory=JobLimits)
     worker_limits: WorkerLimits = field(default_factory=WorkerLimits)

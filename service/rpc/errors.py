@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from service.jobs.errors import ServiceError
+from service.jobs.errors import ServiceError, is_allocation_failure
 from service.models.store import AmbiguousModel, ModelNotFound, ModelProtected, UploadTooLarge
 from service.models.worker import VetError
 
@@ -45,10 +45,11 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
         return code, f"model refused: {exc}"
     if isinstance(exc, (ModelError, AmbiguousModel)):  # includes UnknownTap (lists close names)
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+    if is_allocation_failure(exc):
+        detail = f" ({str(exc)[:300]})" if isinstance(exc, MemoryError) and str(exc) else ""
         return (
             grpc.StatusCode.RESOURCE_EXHAUSTED,
-            "out of memory: try a smaller image, fewer targets or an earlier tap",
+            f"out of memory{detail}: try a smaller image, fewer targets or an earlier tap",
         )
     if isinstance(exc, ValueError):  # the energy's own validation (hyperparameters, targets)
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
