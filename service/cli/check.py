@@ -29,7 +29,8 @@ from service.cli.remote import add_server_argument
 from service.cli.resolve import resolve_model, server_address, token_from_env
 
 _LIMIT_FLAGS = {
-    "parity_tolerance": "largest relative error vs onnxruntime at any tap (default 1e-4 for float32)",
+    "parity_tolerance": "largest parity figure at any tap, max|a-b| / (max|b| + |b|) per element, a: torch, "
+    "b: onnxruntime (default 1e-4 for float32, 1e-2 for float16; docs/converters.md#parity)",
     "max_drift": "largest visual drift per layer (feature distance of the same visualization)",
     "max_feature_drift": "largest feature drift per layer on the reference photographs",
     "max_changed_fraction": "largest fraction of a layer's channels whose responses changed",

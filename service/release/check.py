@@ -59,7 +59,7 @@ PRESETS: dict[str, Preset] = {
 class Thresholds:
     """Limits that fail the check; ``None`` = reported, not enforced."""
 
-    parity_tolerance: float | None = None  # relative error per tap; None: the dtype's default (parity.RTOL)
+    parity_tolerance: float | None = None  # per-tap max|a-b| / (max|b| + |b|); None: the dtype's default (parity.RTOL)
     max_drift: float | None = None  # visual drift: feature distance of the same visualization, per layer
     max_feature_drift: float | None = None  # feature drift on the reference photographs, per layer
     max_changed_fraction: float | None = None  # fraction of a layer's channels whose responses changed
@@ -235,7 +235,7 @@ def run_check(
         photos = reference_batch(*size, tuple(m.preprocessing.mean_rgb255),
                                  ("chelsea", "coffee", "astronaut", "rocket")[: p.parity_photos])
         report = check_parity(m, taps=chosen, images=photos, device=dev, rtol=limits.parity_tolerance)
-        progress("parity", len(chosen), len(chosen), f"{label}: worst relative error {report.max_rel_error:.2e}")
+        progress("parity", len(chosen), len(chosen), f"{label}: worst parity error {report.max_rel_error:.2e}")
         return report
 
     result = CheckResult(model_name, baseline_name, preset, size, str(dev), limits,

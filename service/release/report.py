@@ -75,7 +75,7 @@ def _parity_table(result: CheckResult) -> str:
         rows.append(f"<p>{label}: {len(rep.taps) - len(bad)} of {len(rep.taps)} taps within {rep.tolerance:g} "
                     f"(worst {rep.max_rel_error:.2e}, input {rep.input_shape})</p>")
         shown = bad or sorted(rep.taps, key=lambda t: -t.rel_error)[:5]
-        rows.append("<table><tr><th>tap</th><th>shape</th><th>relative error</th><th></th></tr>" + "".join(
+        rows.append("<table><tr><th>tap</th><th>shape</th><th>max|a−b| / (max|b| + |b|)</th><th></th></tr>" + "".join(
             f'<tr><td>{html.escape(t.alias)}</td><td>{t.shape}</td><td class="num">{t.rel_error:.2e}</td>'
             f"<td class=\"{'pass' if t.ok else 'fail'}\">{'ok' if t.ok else 'FAIL'}</td></tr>" for t in shown)
                     + "</table>")

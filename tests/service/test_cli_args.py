@@ -97,6 +97,14 @@ def test_every_command_has_a_description_and_plain_help(capsys: pytest.CaptureFi
     assert code == 0 and all(name in out for name in commands) and "PREIMAGE_TOKEN" in out
 
 
+def test_check_help_names_the_parity_measure() -> None:
+    """--parity-tolerance bounds converters' elementwise figure, not a plain relative error (which a value
+    near zero in a tensor of large values could never meet)."""
+    action = next(a for a in subcommands()["check"]._actions if "--parity-tolerance" in a.option_strings)
+    assert "max|a-b| / (max|b| + |b|)" in action.help
+    assert "relative error" not in action.help
+
+
 def test_version(capsys: pytest.CaptureFixture) -> None:
     from importlib.metadata import version
 
