@@ -168,12 +168,30 @@ def _all_nodes(graph: onnx.GraphProto):
                 yield from _all_nodes(sub)
 
 
+# Domains onnxruntime resolves by itself: a local function there is not what onnxruntime runs.
+RUNTIME_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training", "ai.onnx.training",
+                             "com.microsoft", "com.microsoft.nchwc", "com.microsoft.experimental",
+                             "com.microsoft.dml", "com.ms.internal.nhwc", "org.pytorch.aten"})  # fmt: skip
+
+
+def check_functions(model: onnx.ModelProto) -> None:
+    """Refuse local functions that shadow an operator onnxruntime runs itself: the service inlines
+    the function while onnxruntime runs its own op, so the judge would check a different model."""
+    for f in model.functions:
+        standard = f.domain in ("", "ai.onnx") and onnx.defs.has(f.name)
+        if standard or (f.domain not in ("", "ai.onnx") and f.domain in RUNTIME_DOMAINS):
+            raise ModelError(f"the model defines a local function {f.name!r} in domain {f.domain or 'ai.onnx'!r}, "
+                             "where onnxruntime runs its own operator of that name: rename the function "
+                             "into a domain of your own")
+
+
 def check_domains(model: onnx.ModelProto) -> None:
+    check_functions(model)
     local = {(f.domain, f.name) for f in model.functions}
     bad: dict[str, set[str]] = {}
     nodes = list(_all_nodes(model.graph))
-    for f in model.functions:
-        nodes.extend(f.node)
+    for f in model.functions:  # function bodies and the subgraphs inside them too
+        nodes.extend(n for top in f.node for n in _all_nodes(onnx.GraphProto(node=[top])))
     for node in nodes:
         if node.domain not in ALLOWED_DOMAINS and (node.domain, node.op_type) not in local:
             bad.setdefault(node.domain, set()).add(node.op_type)
