@@ -402,13 +402,28 @@ class ModelStore:
         """Whether ``record`` is the latest version of its owner's name."""
         return record.id in latest_ids([r for r in self._all() if r.name == record.name])
 
-    def get(self, ref: str, visible: Callable[[ModelRecord], bool] | None = None) -> ModelRecord:
+    def get(
+        self,
+        ref: str,
+        visible: Callable[[ModelRecord], bool] | None = None,
+        rank: Callable[[ModelRecord], int] | None = None,
+    ) -> ModelRecord:
         """A model by id, unique id prefix (≥ 8 hex characters), NAME (its latest version),
         NAME:N, NAME:latest or NAME:previous (the version before the latest).
 
         With ``visible``, models it rejects do not exist for this lookup: same NOT_FOUND, not named
         in the hint, not counted for ambiguity (a tenant cannot probe another's models).
+        With ``rank``, a name means the models of that name with the lowest rank only (the caller's
+        own before those shared with it, before public ones): another tenant's model of the same
+        name never makes one's own ambiguous.
         """
+
+        def best(named: list[ModelRecord]) -> list[ModelRecord]:
+            if rank is None:
+                return named
+            top = min(rank(r) for r in named)
+            return [r for r in named if rank(r) == top]
+
         ref = ref.strip()
         if not ref:
             raise ModelNotFound("no model given: pass a model id or name (see ListModels)")
@@ -419,10 +434,10 @@ class ModelStore:
         records = self.list(visible)
         by_name = [r for r in records if r.name == ref]
         if by_name:  # a name as given, ':' included, before NAME:VERSION is tried
-            return self._version(ref, by_name, "latest")
+            return self._version(ref, best(by_name), "latest")
         versioned = VERSION_SUFFIX.match(ref)
         if versioned and (named := [r for r in records if r.name == versioned["name"]]):
-            return self._version(versioned["name"], named, versioned["version"])
+            return self._version(versioned["name"], best(named), versioned["version"])
         if len(ref) >= MIN_PREFIX and re.fullmatch(r"[0-9a-f]+", ref):
             by_prefix = [r for r in records if r.id.startswith(ref)]
             if len(by_prefix) == 1:

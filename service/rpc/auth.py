@@ -199,6 +199,29 @@ def can_read(principal: Principal, record: Any) -> bool:
     )
 
 
+ORIGINS = ("bundled", "own", "shared", "public", "other")  # how names resolve: first wins
+
+
+def origin(principal: Principal, record: Any) -> str:
+    """Where a model the caller can read comes from, for that caller: ``ORIGINS``. Bundled names
+    are reserved, so they come first; "other" is another tenant's model only an admin sees."""
+    if record.bundled:
+        return "bundled"
+    if getattr(record, "owner", "") == principal.tenant:
+        return "own"
+    if principal.tenant in getattr(record, "shared_with", ()):
+        return "shared"
+    if getattr(record, "public", False):
+        return "public"
+    return "other"
+
+
+def origin_rank(principal: Principal) -> Any:
+    """``ModelStore.get``'s rank for this caller: a name is its own model, else one shared with it,
+    else a public one."""
+    return lambda record: ORIGINS.index(origin(principal, record))
+
+
 def can_write(principal: Principal, record: Any) -> bool:
     """May ``principal`` delete or re-share this model?"""
     return principal.admin or (not record.bundled and getattr(record, "owner", "") == principal.tenant)

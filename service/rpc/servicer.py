@@ -41,6 +41,7 @@ from service.rpc.auth import (
     can_read,
     can_write,
     check_share_list,
+    origin_rank,
 )
 from service.rpc.config import ServerConfig
 from service.rpc.errors import rpc_handler, status_for
@@ -552,7 +553,7 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
     def _get(self, ref: str, context: grpc.ServicerContext, fields: dict[str, Any]) -> ModelRecord:
         """The model ``ref`` names among those the caller may read; others do not exist for it."""
         principal = self._principal(context, fields)
-        return self.store.get(ref, lambda r: can_read(principal, r))
+        return self.store.get(ref, lambda r: can_read(principal, r), origin_rank(principal))
 
     def _tap_parity(self, model_id: str, converted: Any, tap: str) -> float | None:
         key = (model_id, tap)
