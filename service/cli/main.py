@@ -240,7 +240,7 @@ def _add_local_visualization(sub: Any, task: str) -> None:
     cli_remote.add_run_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object with outputs and figures")
     add_server_argument(p)
-    add_energy_arguments(p)
+    add_energy_arguments(p, amplitude_images=task != "invert")
     p.set_defaults(func=_visualize, command=task)
 
 

@@ -85,10 +85,18 @@ def add_server_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", metavar="ADDR", default=None, help=SERVER_HELP)
 
 
-def add_energy_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per EnergyParams field (--loss-weight, ..., --preset); unset = the preset's default."""
+def add_energy_arguments(parser: argparse.ArgumentParser, amplitude_images: bool = False) -> None:
+    """One flag per EnergyParams field (--loss-weight, ..., --preset); unset = the preset's default.
+    ``amplitude_images``: also --amplitude-image PATH (repeatable), for maximize and caricature."""
     group = parser.add_argument_group("energy (SPEC.md; unset = the preset's default)")
+    if amplitude_images:
+        group.add_argument("--amplitude-image", dest="amplitude_images", action="append", default=None,
+                           type=image_ref, metavar="PATH",
+                           help="photograph (file or scikit-image photo name) whose amplitude spectrum the phase "
+                           "parameterization imposes instead of the server's; repeatable, at most 16")  # fmt: skip
     for field in pb.EnergyParams.DESCRIPTOR.fields:
+        if field.type == field.TYPE_MESSAGE:  # amplitude_images: the flag above, not a number
+            continue
         flag = "--" + field.name.replace("_", "-")
         if field.name in ENERGY_ENUMS:
             choices = list(ENERGY_ENUMS[field.name])
@@ -188,13 +196,13 @@ def add_remote_commands(subparsers: Any, skip: Iterable[str] = ()) -> None:
                 p.add_argument("--mask-center", type=types.nonneg_int, default=0,
                                help="keep a central k×k window of features")  # fmt: skip
             add_run_arguments(p)
-            add_energy_arguments(p)
+            add_energy_arguments(p, amplitude_images=task == "caricature")
     if p := command("maximize", "find images that excite channels/neurons of a tap (positional form)"):
         p.add_argument("model", type=model_ref, help=MODEL_HELP)
         p.add_argument("tap", help="tap name or alias (see `taps`)")
         add_target_arguments(p)
         add_run_arguments(p)
-        add_energy_arguments(p)
+        add_energy_arguments(p, amplitude_images=True)
 
 
 def maximize_targets(args: argparse.Namespace) -> list[Any]:
@@ -376,6 +384,8 @@ def _energy_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("height", "width", "seed", "report_every"):
         out[name] = getattr(args, name, None)
     out["return_tensor"] = getattr(args, "tensor", False) or None
+    if out.get("amplitude_images"):  # files stay paths, photo names become their pixels
+        out["amplitude_images"] = [resolve_image(spec) for spec in out["amplitude_images"]]
     return {k: v for k, v in out.items() if v is not None}
 
 

@@ -12,6 +12,8 @@
 Every keyword of ``EnergyParams`` in SPEC.md (``loss_weight``, ``alpha``, ``steps``, ...) can be
 passed to invert/maximize/caricature; unset ones take the defaults of the request's preset on the
 server (``preset=``: natural for Maximize and Caricature, paper for Invert).
+``amplitude_images=[...]`` (files, bytes or arrays, as the images) gives the phase
+parameterization the amplitude spectrum of those photographs instead of the server's.
 """
 
 from __future__ import annotations
@@ -47,6 +49,12 @@ def energy_params(**values: Any) -> pb.EnergyParams:
             continue
         if name not in ENERGY_FIELDS:
             raise TypeError(f"unknown energy parameter {name!r}; known: {', '.join(sorted(ENERGY_FIELDS))}")
+        if name == "amplitude_images":  # the one message field: images, encoded as the request's
+            if isinstance(value, (bytes, str, Path)) or hasattr(value, "shape"):
+                # One image would be iterated as characters, bytes or rows.
+                raise TypeError("amplitude_images takes a list of images (files, bytes or arrays)")
+            msg.amplitude_images.extend(pb.Image(data=encode_image(i)) for i in value)
+            continue
         if name in ENERGY_ENUMS and isinstance(value, str):
             if value not in ENERGY_ENUMS[name]:
                 raise ValueError(f"{name} must be one of {', '.join(ENERGY_ENUMS[name])}, got {value!r}")

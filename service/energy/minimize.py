@@ -51,6 +51,10 @@ class Problem:
     # Rows of one group (the images a request asks of one target) are kept apart by the
     # diversity term (EnergyParams.diversity); None: no group.
     group: int | None = None
+    # The phase parameterization's amplitude spectrum for this problem alone (C×H×W//2+1), over
+    # the Minimizer's: problems whose amplitudes come from different photographs share a batch.
+    # None: the Minimizer's; ignored by the other parameterizations.
+    magnitude: torch.Tensor | None = None
 
 
 @dataclass
@@ -193,7 +197,8 @@ class Minimizer:
     ) -> None:
         """``channels``: the model's input channels (1 for grey models), the channels a
         parameterized image has; ``magnitude``: the amplitude spectrum of the phase
-        parameterization (``mean_amplitude`` of photographs at this size), when rows use it."""
+        parameterization (``mean_amplitude`` of photographs at this size), when rows use it and
+        have no ``Problem.magnitude`` of their own."""
         self.phi = phi
         self.channels = int(channels)
         self.magnitude = magnitude

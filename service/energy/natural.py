@@ -67,7 +67,7 @@ class NaturalRow:
         self.noise_generator = torch.Generator(device=device).manual_seed((seed + 1) % 2**64)
         self.parameterization = make_parameterization(
             params.parameterization, channels=channels, height=height, width=width,
-            decay=params.fourier_decay, magnitude=magnitude,
+            decay=params.fourier_decay, magnitude=problem.magnitude if problem.magnitude is not None else magnitude,
         )  # fmt: skip
         start01 = None
         if problem.start is not None:

@@ -39,7 +39,7 @@ from service.energy.presets import preset_params
 from service.jobs.errors import ServiceError, exhausted, invalid, is_allocation_failure, out_of_memory
 from service.jobs.images import png_bytes
 from service.jobs.limits import JobLimits
-from service.jobs.reference import amplitude_spectrum, center_crop_resize, effective_receptive_field
+from service.jobs.reference import amplitude_of, amplitude_spectrum, center_crop_resize, effective_receptive_field
 from service.jobs.reference import channel_max as channel_max_stats
 
 DEFAULT_SIZE = 224
@@ -52,6 +52,9 @@ _FLOAT_PARAMS = (
     "scale_max", "rotate", "crop_start", "crop_end", "crop_spread", "noise", "anchor", "diversity",
 )  # fmt: skip
 _INT_PARAMS = ("jitter", "steps", "refine_steps", "copies")
+# EnergyParams.amplitude_images: each photograph gives 10 crops at the output size, all held at
+# once as float32 for the spectrum (16 photos at 224 px: ~100 MB), so the count is capped.
+MAX_AMPLITUDE_IMAGES = 16
 
 
 # -- request → energy ---------------------------------------------------------------------------
@@ -124,32 +127,33 @@ def image_size(data: bytes, index: int, limits: JobLimits) -> tuple[int, int]:
     return h, w
 
 
-def decode_image(data: bytes, index: int, limits: JobLimits) -> np.ndarray:
-    """Encoded bytes → H×W×3 uint8 RGB, refusing non-images and oversized ones before decoding."""
+def decode_image(data: bytes, index: int, limits: JobLimits, name: str = "images") -> np.ndarray:
+    """Encoded bytes → H×W×3 uint8 RGB, refusing non-images and oversized ones before decoding;
+    errors name the request field ``name[index]``."""
     if not data:
-        raise invalid(f"images[{index}] is empty: send the bytes of a PNG or JPEG file", field=f"images[{index}]")
+        raise invalid(f"{name}[{index}] is empty: send the bytes of a PNG or JPEG file", field=f"{name}[{index}]")
     if len(data) > limits.max_image_bytes:
         raise exhausted(
-            f"images[{index}] is {len(data)} bytes; this server accepts at most {limits.max_image_bytes}",
-            field=f"images[{index}]",
+            f"{name}[{index}] is {len(data)} bytes; this server accepts at most {limits.max_image_bytes}",
+            field=f"{name}[{index}]",
         )
     try:
         img = Image.open(io.BytesIO(data))
         w, h = img.size  # from the header: nothing decoded yet
         if w * h > limits.max_input_pixels:
             raise exhausted(
-                f"images[{index}] is {w}×{h} pixels; this server decodes at most {limits.max_input_pixels} pixels",
-                field=f"images[{index}]",
+                f"{name}[{index}] is {w}×{h} pixels; this server decodes at most {limits.max_input_pixels} pixels",
+                field=f"{name}[{index}]",
             )
         img.load()
         rgb = img.convert("RGB")
     except ServiceError:
         raise
     except Image.DecompressionBombError as exc:  # Pillow's own cap fires in open(), before ours
-        raise exhausted(f"images[{index}] is too large to decode: {exc}", field=f"images[{index}]") from exc
+        raise exhausted(f"{name}[{index}] is too large to decode: {exc}", field=f"{name}[{index}]") from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise invalid(
-            f"images[{index}] is not an image Pillow can read (send PNG or JPEG bytes): {exc}", field=f"images[{index}]"
+            f"{name}[{index}] is not an image Pillow can read (send PNG or JPEG bytes): {exc}", field=f"{name}[{index}]"
         ) from exc
     return np.asarray(rgb, dtype=np.uint8)
 
@@ -361,6 +365,7 @@ def build_job(
             f"channel_max must be a finite number > 0 (0 or unset: measured), got {request.channel_max}",
             field="channel_max",
         )
+    magnitude = _client_amplitude(request.params, params, height, width, converted.preprocessing.channels, limits)
     mean = converted.preprocessing.mean_rgb255
     mean_t = torch.tensor(mean, dtype=torch.float32)
     phi = converted.representation(tap).to(device)
@@ -434,6 +439,9 @@ def build_job(
             problems.append(Problem(Objective.maximize(w), params, seed=_seed(seed0, i), group=group))
             descriptions.append(desc)
 
+    # On each problem, not on the batch: jobs with other photographs (or none) still share a batch.
+    for problem in problems:
+        problem.magnitude = magnitude
     report_every = options.report_every if options.HasField("report_every") else DEFAULT_REPORT_EVERY
     return Job(
         task=task,
@@ -456,9 +464,32 @@ def build_job(
         channels=converted.preprocessing.channels,
         magnitude=(
             amplitude_spectrum(height, width, converted.preprocessing.channels)
-            if params.parameterization == "phase" else None
+            if params.parameterization == "phase" and magnitude is None
+            else None
         ),
     )
+
+
+def _client_amplitude(
+    msg: pb.EnergyParams, params: EnergyParams, height: int, width: int, channels: int, limits: JobLimits
+) -> torch.Tensor | None:
+    """The mean amplitude spectrum of the request's ``params.amplitude_images`` at the output size
+    (None when there are none), with the crops of the server's own photographs."""
+    field = "params.amplitude_images"
+    if not msg.amplitude_images:
+        return None
+    if params.parameterization != "phase":
+        # Refused rather than ignored: a client that sends photographs expects them to count.
+        raise invalid(
+            f"{field} sets the amplitude of the phase parameterization; this request's parameterization is "
+            f"{params.parameterization}: set params.parameterization to phase or send no amplitude images",
+            field=field,
+        )
+    if len(msg.amplitude_images) > MAX_AMPLITUDE_IMAGES:
+        raise invalid(f"{len(msg.amplitude_images)} images in {field}; at most {MAX_AMPLITUDE_IMAGES}", field=field)
+    # Decoded one at a time as amplitude_of consumes them: one full-size image in memory at a time.
+    decoded = (decode_image(img.data, i, limits, name=field) for i, img in enumerate(msg.amplitude_images))
+    return amplitude_of(decoded, height, width, channels)
 
 
 def request_has(request: Any, name: str) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -102,7 +103,18 @@ def amplitude_spectrum(height: int, width: int, channels: int) -> torch.Tensor:
     key = (height, width, channels)
     with _amplitude_lock:
         if key not in _amplitudes:
-            photos = np.stack([center_crop_resize(photo(n), height, width) for n in REFERENCE_PHOTOS])
-            images = torch.from_numpy(photos).permute(0, 3, 1, 2).float() / 255.0
-            _amplitudes[key] = mean_amplitude(images, channels)
+            _amplitudes[key] = amplitude_of((photo(n) for n in REFERENCE_PHOTOS), height, width, channels)
         return _amplitudes[key]
+
+
+def amplitude_of(images: Iterable[np.ndarray], height: int, width: int, channels: int) -> torch.Tensor:
+    """The mean amplitude spectrum of ``images`` (H×W×3 uint8, any size) at this size, with the
+    crops of ``amplitude_spectrum``'s photographs (a client's own photographs, for example).
+
+    ``images`` is consumed one at a time and only each one's crops are kept, so a generator that
+    decodes on demand holds one full-size image at a time, not all of them."""
+    crops = [center_crop_resize(image, height, width) for image in images]
+    if not crops:
+        raise ValueError("the amplitude spectrum needs at least one image")
+    stack = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255.0
+    return mean_amplitude(stack, channels)

@@ -157,6 +157,7 @@ def test_every_flag_refuses_bad_values_in_one_line(
     onnx = tmp_path / "net.onnx"
     onnx.write_bytes(conv_net(seed=1))
     checked = 0
+    swept: set[tuple[str, str]] = set()
     for name, parser in subcommands().items():
         required = _required_options(parser, tmp_path)
         for action in parser._actions:
@@ -175,7 +176,11 @@ def test_every_flag_refuses_bad_values_in_one_line(
                 assert_one_line_usage_error(code, err, flag)
                 assert not out
                 checked += 1
+                swept.add((name, flag))
     assert checked > 150  # every command's flags were reached, not skipped
+    # The one energy flag that is not a number: photographs for the phase amplitude (not on invert).
+    assert {("maximize", "--amplitude-image"), ("caricature", "--amplitude-image")} <= swept
+    assert ("invert", "--amplitude-image") not in swept
 
 
 @pytest.mark.parametrize(
@@ -190,6 +195,8 @@ def test_every_flag_refuses_bad_values_in_one_line(
         (["invert", "--model", "missing.onnx"], ["--model", "missing.onnx", "no such file"]),
         (["invert", "--image", "chelsae"], ["did you mean chelsea", "astronaut", "coffee"]),
         (["caricature", "--image", "no-such-photo"], ["scikit-image photo", "photos:"]),
+        (["maximize", "--channel", "1", "--amplitude-image", "chelsae"], ["--amplitude-image", "did you mean chelsea"]),
+        (["invert", "--amplitude-image", "chelsea"], ["unrecognized arguments: --amplitude-image"]),
         (["upload", "missing.onnx"], ["no such file"]),
         (["check", "missing.onnx", "--out", "x"], ["no such file"]),
         (["share", "tiny", "--public", "--private"], ["not allowed with"]),

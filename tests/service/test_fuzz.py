@@ -187,6 +187,9 @@ def energy(draw: st.DrawFn) -> pb.EnergyParams:
     for f in pb.EnergyParams.DESCRIPTOR.fields:
         if not draw(st.booleans()):
             continue
+        if f.type == f.TYPE_MESSAGE:  # amplitude_images: good, odd and broken encodings
+            msg.amplitude_images.extend(pb.Image(data=d) for d in draw(st.lists(st.sampled_from(IMAGES), max_size=3)))
+            continue
         if f.type == f.TYPE_ENUM:  # known values, the unspecified 0, and values no enum has
             value = draw(st.sampled_from([0, 1, 2, 3, 4, -1, 2**31 - 1]))
         elif f.name in ("steps", "refine_steps"):  # keep most jobs tiny; extremes still drawn

@@ -979,6 +979,7 @@ class EnergyParams(_message.Message):
     ANCHOR_FIELD_NUMBER: _builtins.int
     DIVERSITY_FIELD_NUMBER: _builtins.int
     SPATIAL_FIELD_NUMBER: _builtins.int
+    AMPLITUDE_IMAGES_FIELD_NUMBER: _builtins.int
     loss_weight: _builtins.float
     """C, the weight of the loss term. Default for pixels: 300 for inversion, 3e4 for maximization,
     100 for caricature; 1 for the fourier and phase parameterizations (no other prior by default).
@@ -1053,6 +1054,18 @@ class EnergyParams(_message.Message):
     """
     spatial: Global___Spatial.ValueType
     """Where a Maximize channel is read. Default: centre (paper), mean (natural)."""
+    @_builtins.property
+    def amplitude_images(self) -> _containers.RepeatedCompositeFieldContainer[Global___Image]:
+        """Photographs whose mean amplitude spectrum the phase parameterization imposes, instead of the
+        server's scene photographs (docs/energy.md): images of the domain a model was trained on
+        (textures, faces, medical slides) give images with that domain's frequencies and colours.
+        Each is cropped and resized to the output size as the server's own photographs are; a grey
+        model uses their grey. At most 16, each within the server's image limits as `images` are
+        (errors name "params.amplitude_images[i]"). Only with parameterization phase:
+        INVALID_ARGUMENT otherwise. Default: none (the server's photographs). Not echoed in
+        ResolvedParams.
+        """
+
     def __init__(
         self,
         *,
@@ -1087,10 +1100,11 @@ class EnergyParams(_message.Message):
         anchor: _builtins.float | None = ...,
         diversity: _builtins.float | None = ...,
         spatial: Global___Spatial.ValueType = ...,
+        amplitude_images: _abc.Iterable[Global___Image] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_anchor", b"_anchor", "_b_norm", b"_b_norm", "_beta", b"_beta", "_bound", b"_bound", "_copies", b"_copies", "_crop_end", b"_crop_end", "_crop_spread", b"_crop_spread", "_crop_start", b"_crop_start", "_decay", b"_decay", "_diversity", b"_diversity", "_fourier_decay", b"_fourier_decay", "_jitter", b"_jitter", "_lambda_alpha", b"_lambda_alpha", "_lambda_tv", b"_lambda_tv", "_learning_rate", b"_learning_rate", "_loss_weight", b"_loss_weight", "_momentum", b"_momentum", "_noise", b"_noise", "_refine_lr_scale", b"_refine_lr_scale", "_refine_steps", b"_refine_steps", "_rotate", b"_rotate", "_scale_max", b"_scale_max", "_scale_min", b"_scale_min", "_steps", b"_steps", "_translate", b"_translate", "_tv_norm", b"_tv_norm", "alpha", b"alpha", "anchor", b"anchor", "b_norm", b"b_norm", "beta", b"beta", "bound", b"bound", "copies", b"copies", "crop_end", b"crop_end", "crop_spread", b"crop_spread", "crop_start", b"crop_start", "decay", b"decay", "diversity", b"diversity", "fourier_decay", b"fourier_decay", "jitter", b"jitter", "lambda_alpha", b"lambda_alpha", "lambda_tv", b"lambda_tv", "learning_rate", b"learning_rate", "loss_weight", b"loss_weight", "momentum", b"momentum", "noise", b"noise", "refine_lr_scale", b"refine_lr_scale", "refine_steps", b"refine_steps", "rotate", b"rotate", "scale_max", b"scale_max", "scale_min", b"scale_min", "steps", b"steps", "translate", b"translate", "tv_norm", b"tv_norm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_anchor", b"_anchor", "_b_norm", b"_b_norm", "_beta", b"_beta", "_bound", b"_bound", "_copies", b"_copies", "_crop_end", b"_crop_end", "_crop_spread", b"_crop_spread", "_crop_start", b"_crop_start", "_decay", b"_decay", "_diversity", b"_diversity", "_fourier_decay", b"_fourier_decay", "_jitter", b"_jitter", "_lambda_alpha", b"_lambda_alpha", "_lambda_tv", b"_lambda_tv", "_learning_rate", b"_learning_rate", "_loss_weight", b"_loss_weight", "_momentum", b"_momentum", "_noise", b"_noise", "_refine_lr_scale", b"_refine_lr_scale", "_refine_steps", b"_refine_steps", "_rotate", b"_rotate", "_scale_max", b"_scale_max", "_scale_min", b"_scale_min", "_steps", b"_steps", "_translate", b"_translate", "_tv_norm", b"_tv_norm", "alpha", b"alpha", "anchor", b"anchor", "b_norm", b"b_norm", "beta", b"beta", "bound", b"bound", "copies", b"copies", "crop_end", b"crop_end", "crop_spread", b"crop_spread", "crop_start", b"crop_start", "decay", b"decay", "diversity", b"diversity", "fourier_decay", b"fourier_decay", "jitter", b"jitter", "lambda_alpha", b"lambda_alpha", "lambda_tv", b"lambda_tv", "learning_rate", b"learning_rate", "loss_weight", b"loss_weight", "momentum", b"momentum", "noise", b"noise", "optimizer", b"optimizer", "parameterization", b"parameterization", "preset", b"preset", "refine_lr_scale", b"refine_lr_scale", "refine_steps", b"refine_steps", "rotate", b"rotate", "scale_max", b"scale_max", "scale_min", b"scale_min", "spatial", b"spatial", "steps", b"steps", "translate", b"translate", "tv_norm", b"tv_norm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_anchor", b"_anchor", "_b_norm", b"_b_norm", "_beta", b"_beta", "_bound", b"_bound", "_copies", b"_copies", "_crop_end", b"_crop_end", "_crop_spread", b"_crop_spread", "_crop_start", b"_crop_start", "_decay", b"_decay", "_diversity", b"_diversity", "_fourier_decay", b"_fourier_decay", "_jitter", b"_jitter", "_lambda_alpha", b"_lambda_alpha", "_lambda_tv", b"_lambda_tv", "_learning_rate", b"_learning_rate", "_loss_weight", b"_loss_weight", "_momentum", b"_momentum", "_noise", b"_noise", "_refine_lr_scale", b"_refine_lr_scale", "_refine_steps", b"_refine_steps", "_rotate", b"_rotate", "_scale_max", b"_scale_max", "_scale_min", b"_scale_min", "_steps", b"_steps", "_translate", b"_translate", "_tv_norm", b"_tv_norm", "alpha", b"alpha", "amplitude_images", b"amplitude_images", "anchor", b"anchor", "b_norm", b"b_norm", "beta", b"beta", "bound", b"bound", "copies", b"copies", "crop_end", b"crop_end", "crop_spread", b"crop_spread", "crop_start", b"crop_start", "decay", b"decay", "diversity", b"diversity", "fourier_decay", b"fourier_decay", "jitter", b"jitter", "lambda_alpha", b"lambda_alpha", "lambda_tv", b"lambda_tv", "learning_rate", b"learning_rate", "loss_weight", b"loss_weight", "momentum", b"momentum", "noise", b"noise", "optimizer", b"optimizer", "parameterization", b"parameterization", "preset", b"preset", "refine_lr_scale", b"refine_lr_scale", "refine_steps", b"refine_steps", "rotate", b"rotate", "scale_max", b"scale_max", "scale_min", b"scale_min", "spatial", b"spatial", "steps", b"steps", "translate", b"translate", "tv_norm", b"tv_norm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__alpha: _TypeAlias = _typing.Literal["alpha"]  # noqa: Y015
     _WhichOneofArgType__alpha: _TypeAlias = _typing.Literal["_alpha", b"_alpha"]  # noqa: Y015
