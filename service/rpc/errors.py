@@ -11,10 +11,13 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -131,10 +134,42 @@ def _fail(context: grpc.ServicerContext, exc: BaseException, fields: dict[str, A
         details = details_for(exc, code)
     # Messages echo what the client sent (names, taps); a status message beyond gRPC's 16 KiB
     # metadata cap would reach the client as a bare "Stream removed" instead of this code.
+    message = scrub(message)
     if len(message) > MAX_STATUS_MESSAGE:
         message = message[:MAX_STATUS_MESSAGE] + "… (truncated)"
     fields.update(code=code.name, message=message, reason=details.reason)
     context.abort_with_status(rich_status(code, message, details))
+
+
+# Directories whose paths are the server's own business (the store): registered at start.
+_PRIVATE_DIRS: list[str] = []
+# Library internals that reach exception texts: onnxruntime's prefix and C++ source locations and
+# signatures, Python file locations of installed packages.
+_INTERNALS = [
+    (re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : "), ""),
+    (re.compile(r"\[enforce fail at [^\]]*\]\s*"), ""),
+    (re.compile(r"(?:[\w.-]*/)*[\w.-]+\.(?:cc|cpp|cxx|h|hpp|cu|cuh):\d+\s*"), ""),
+    (re.compile(r"(?:\b\w+\s+)?\b(?:onnxruntime|onnx|std|c10|at)::[\w:<>,\s*&]*\([^()]*\)\s*(?:const\s*)?"), ""),
+    (re.compile(r"/[^\s'\"]*/(?:site-packages|dist-packages|lib/python3[\d.]*)/[^\s'\",:)]*"), "<library file>"),
+]
+
+
+def register_private_dir(path: str | Path) -> None:
+    """Keep ``path`` (and what lies under it) out of every message clients get."""
+    for p in {str(path), os.path.realpath(path)}:
+        if p not in _PRIVATE_DIRS:
+            _PRIVATE_DIRS.append(p)
+    _PRIVATE_DIRS.sort(key=len, reverse=True)
+
+
+def scrub(message: str) -> str:
+    """``message`` without the server's paths and library internals."""
+    for d in _PRIVATE_DIRS:
+        if d in message:
+            message = re.sub(re.escape(d) + r"[^\s'\",:)]*", "<server file>", message)
+    for pattern, replacement in _INTERNALS:
+        message = pattern.sub(replacement, message)
+    return message
 
 
 def rpc_handler(method: Callable) -> Callable:

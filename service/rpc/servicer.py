@@ -33,7 +33,7 @@ from service.jobs.errors import ServiceError, exhausted, invalid
 from service.jobs.job import JobHandle, JobStats, build_job
 from service.jobs.quotas import StorageQuotas
 from service.jobs.scheduler import Scheduler
-from service.models.store import ConvertedCache, ModelRecord, ModelStore, latest_ids
+from service.models.store import ConvertedCache, ModelNotFound, ModelRecord, ModelStore, latest_ids
 from service.models.worker import load_requested, vet_model
 from service.rpc.auth import (
     Authenticator,
@@ -44,7 +44,7 @@ from service.rpc.auth import (
     origin_rank,
 )
 from service.rpc.config import ServerConfig
-from service.rpc.errors import rpc_handler, status_for
+from service.rpc.errors import register_private_dir, rpc_handler, status_for
 from service.rpc.messages import (
     DEFAULT_CLIENT_LIMIT,
     MAX_MESSAGE_BYTES,
@@ -76,7 +76,11 @@ class FinishedJob:
 def _load_converted(store: ModelStore, record: ModelRecord) -> Any:
     # The same call the vetting child made, so the model converts the same way it was vetted.
     # verify=False: the vetting child already checked parity with this exact call.
-    return load_requested(store.blob_path(record.id), record.requested_preprocessing, verify=False)
+    try:
+        data = store.blob_path(record.id).read_bytes()
+    except FileNotFoundError:  # deleted between the lookup and this first use
+        raise ModelNotFound(f"model {record.name!r} ({record.id[:12]}) was deleted") from None
+    return load_requested(data, record.requested_preprocessing, verify=False)
 
 
 def release_memory() -> None:
@@ -190,6 +194,7 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
     def __init__(self, config: ServerConfig, store: ModelStore):
         self.config = config
         self.store = store
+        register_private_dir(store.root)  # no message a client gets names the store's files
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cache = ConvertedCache(
             lambda r: _load_converted(store, r),

@@ -386,6 +386,9 @@ def test_bad_input(server: Any, client: PreimageClient, models: dict[str, str], 
     assert code == case.code, f"{name}: got {code.name}: {message[:300]}"
     assert case.hint.lower() in message.lower(), f"{name}: {message[:300]!r} lacks {case.hint!r}"
     assert "Traceback" not in message and "internal error" not in message
+    # Nothing of the server's own: its store's files, a library's sources
+    assert str(server.servicer.store.root) not in message, f"{name}: {message[:300]!r}"
+    assert ".cc:" not in message and ".cpp:" not in message and "site-packages" not in message, message[:300]
 
 
 def test_log_lines_stay_bounded(client: PreimageClient, models: dict[str, str]) -> None:
