@@ -55,6 +55,7 @@ _ENERGY_HELP = {
     "steps": "first-stage steps (default 300)",
     "refine_steps": "second-stage steps (default 50 invert, 0 otherwise)",
     "refine_lr_scale": "second-stage learning-rate factor (default 0.1)",
+    "lr_end_scale": "factor the rate falls to by the last step, linearly (fourier/phase; natural maximize: 0.1)",
     "learning_rate": "η (paper: H·W·0.05·B²/α; adam on pixels 4; fourier 0.05; phase 1)",
     "momentum": "momentum (default 0.9)",
     "decay": "decay of G (default 0.9)",

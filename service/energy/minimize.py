@@ -453,7 +453,7 @@ class Minimizer:
             self._natural, gradients[len(inputs) - len(self._natural) :], losses, terms, strict=True
         ):
             row.variable.grad = gradient
-            row.optimizer.step()
+            row.step_optimizer()
             row.step += 1
             if recorded is not None:  # [image energy, R_α, R_V]
                 ell = view_loss.detach().mean()
@@ -653,7 +653,8 @@ def required_jitter(problems: Sequence[Problem], height: int, width: int, stride
     return max(
         (
             int(p.params.resolved(p.objective.task, height, width, stride).jitter or 1)
-            if p.params.parameterization == "pixel" else default
+            if p.params.parameterization == "pixel"
+            else default
             for p in problems
         ),
         default=1,

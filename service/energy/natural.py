@@ -108,6 +108,16 @@ class NaturalRow:
         progress = self.step / max(self.params.steps - 1, 1)
         return views(x, self.view_settings, self.generator, self.noise_generator, progress)
 
+    def step_optimizer(self) -> None:
+        """One optimizer step at this step's rate: over the first stage the rate falls linearly
+        from η to lr_end_scale·η (the second stage keeps its own constant rate)."""
+        if not self.in_refine() and self.params.lr_end_scale != 1:
+            progress = self.step / max(self.params.steps - 1, 1)
+            scale = 1 - (1 - self.params.lr_end_scale) * progress
+            for group in self.optimizer.param_groups:
+                group["lr"] = float(self.params.learning_rate) * scale
+        self.optimizer.step()
+
     def start_refine(self) -> None:
         """Second stage: a fresh optimizer at the lower rate, from the first stage's image."""
         self.optimizer = make_optimizer(self.params, self.variable, self.params.refine_lr_scale)
@@ -160,4 +170,3 @@ def diversity_penalty(grams: Sequence[torch.Tensor]) -> torch.Tensor:
     similarity = g @ g.T
     n = similarity.shape[0]
     return (similarity.sum() - similarity.diagonal().sum()) / (n * (n - 1))
-

@@ -48,6 +48,7 @@ class EnergyParams:
     steps: int = 300  # first-stage steps
     refine_steps: int | None = None  # second stage without jitter; default 50 for inversion
     refine_lr_scale: float = 0.1  # learning-rate factor of the second stage
+    lr_end_scale: float = 1.0  # factor the rate falls to, linearly, by the first stage's last step (fourier/phase)
     optimizer: OptimizerName = "paper"
     learning_rate: float | None = None  # η; default H·W·0.05·B²/α (paper), 4.0 px for Adam
     momentum: float = 0.9
@@ -155,6 +156,10 @@ class EnergyParams:
             raise ValueError(f"noise must be in [0, 1] (got {self.noise})")
         if not 0 <= self.fourier_decay <= 4:
             raise ValueError(f"fourier_decay must be in [0, 4] (got {self.fourier_decay})")
+        if not 0 < self.lr_end_scale <= 1:
+            raise ValueError(f"lr_end_scale must be in (0, 1] (got {self.lr_end_scale}); 1 keeps the rate constant")
+        if not natural and self.lr_end_scale != 1:
+            raise ValueError("lr_end_scale needs the fourier or phase parameterization")
         if self.anchor < 0 or self.diversity < 0:
             raise ValueError("anchor and diversity must be ≥ 0")
         if not natural and (self.anchor > 0 or self.diversity > 0):

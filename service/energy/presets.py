@@ -42,6 +42,7 @@ _NATURAL: dict[Task, dict[str, Any]] = {
         "parameterization": "phase",
         "optimizer": "nadam",
         "steps": 128,
+        "lr_end_scale": 0.1,
         "spatial": "mean",
     },
     # The caricature's target Φ0⁺ is a map aligned with the photograph: zoomed crops would ask for

@@ -48,7 +48,7 @@ DEFAULT_REPORT_EVERY = 10
 _ENUMS = {name: {v: k for k, v in values.items()} for name, values in ENERGY_ENUMS.items()}
 _FLOAT_PARAMS = (
     "loss_weight", "alpha", "lambda_alpha", "beta", "lambda_tv", "b_norm", "tv_norm", "bound",
-    "refine_lr_scale", "learning_rate", "momentum", "decay", "fourier_decay", "translate", "scale_min",
+    "refine_lr_scale", "lr_end_scale", "learning_rate", "momentum", "decay", "fourier_decay", "translate", "scale_min",
     "scale_max", "rotate", "crop_start", "crop_end", "crop_spread", "noise", "anchor", "diversity",
 )  # fmt: skip
 _INT_PARAMS = ("jitter", "steps", "refine_steps", "copies")

@@ -21,6 +21,18 @@ from service.energy.parameterizations import mean_amplitude
 # Photographs bundled with scikit-image (colour first; grey ones are repeated into RGB).
 REFERENCE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "camera", "brick", "clock")
 
+# The scenes whose amplitude spectrum the phase parameterization imposes: colour photographs of
+# ordinary scenes. Not the microscopy slide (immunohistochemistry), whose blue-brown stain would
+# tint every image, nor the grey ones, which carry no colour (grey models use the grey of all).
+AMPLITUDE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "motorcycle_right")
+AMPLITUDE_GREY_PHOTOS = ("camera", "brick", "clock", "grass", "gravel", "coins")
+# Crops per photograph: the whole square, then the four corners at 70 % and at 50 % of its side,
+# each also mirrored. Averaging over scales and positions is what makes the mean amplitude that
+# of scenes in general (close to 1/f) instead of the few edges of six particular pictures.
+_AMPLITUDE_CROPS = ((1.0, 0.5, 0.5),) + tuple(
+    (side, fy, fx) for side in (0.7, 0.5) for fy in (0.0, 1.0) for fx in (0.0, 1.0)
+)
+
 
 def center_crop_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """Crop to the target aspect ratio around the centre, then resize (bicubic) to height×width."""
@@ -47,9 +59,13 @@ def photo(name: str) -> np.ndarray:
     """One of scikit-image's bundled photographs as H×W×3 uint8."""
     import skimage.data
 
-    if name not in REFERENCE_PHOTOS and not hasattr(skimage.data, name):
+    if name in ("motorcycle_left", "motorcycle_right"):
+        left, right, _ = skimage.data.stereo_motorcycle()
+        image = np.asarray(left if name == "motorcycle_left" else right)
+    elif name not in REFERENCE_PHOTOS and not hasattr(skimage.data, name):
         raise ValueError(f"unknown photo {name!r}; known: {', '.join(REFERENCE_PHOTOS)}")
-    image = np.asarray(getattr(skimage.data, name)())
+    else:
+        image = np.asarray(getattr(skimage.data, name)())
     return center_crop_resize(image, *image.shape[:2])
 
 
@@ -78,9 +94,7 @@ def channel_max(
         return _stats[cache_key]
 
 
-def effective_receptive_field(
-    receptive_field: int | tuple[int, int] | None, height: int, width: int
-) -> int:
+def effective_receptive_field(receptive_field: int | tuple[int, int] | None, height: int, width: int) -> int:
     """ρ for the paper's 1/ρ² scaling: the theoretical field clipped to the image along each axis, as
     the side of the square of the same area (a tap's ``receptive_field_yx`` may differ between y and
     x). Unknown geometry (None or 0) counts as the whole image, the one bound every tap satisfies."""
@@ -97,13 +111,30 @@ _amplitude_lock = threading.Lock()
 _amplitudes: dict[tuple[int, int, int], torch.Tensor] = {}
 
 
+def amplitude_crops(image: np.ndarray, height: int, width: int) -> list[np.ndarray]:
+    """The crops of one photograph whose amplitudes are averaged (``_AMPLITUDE_CROPS``, each
+    also mirrored), resized to height×width."""
+    arr = np.asarray(image)
+    h, w = arr.shape[:2]
+    # The largest window of the target's aspect ratio, then fractions of it.
+    full_h, full_w = (h, round(h * width / height)) if w / h > width / height else (round(w * height / width), w)
+    crops = []
+    for side, fy, fx in _AMPLITUDE_CROPS:
+        ch, cw = max(8, round(full_h * side)), max(8, round(full_w * side))
+        top, left = round((h - ch) * fy), round((w - cw) * fx)
+        crop = arr[top : top + ch, left : left + cw]
+        crops += [center_crop_resize(crop, height, width), center_crop_resize(crop[:, ::-1], height, width)]
+    return crops
+
+
 def amplitude_spectrum(height: int, width: int, channels: int) -> torch.Tensor:
-    """The mean amplitude spectrum of the reference photographs at this size (the phase
+    """The mean amplitude spectrum of photographs of scenes at this size (the phase
     parameterization's fixed magnitude), cached per size and channel count."""
     key = (height, width, channels)
     with _amplitude_lock:
         if key not in _amplitudes:
-            _amplitudes[key] = amplitude_of((photo(n) for n in REFERENCE_PHOTOS), height, width, channels)
+            names = AMPLITUDE_PHOTOS if channels == 3 else AMPLITUDE_PHOTOS + AMPLITUDE_GREY_PHOTOS
+            _amplitudes[key] = amplitude_of((photo(n) for n in names), height, width, channels)
         return _amplitudes[key]
 
 
@@ -113,7 +144,7 @@ def amplitude_of(images: Iterable[np.ndarray], height: int, width: int, channels
 
     ``images`` is consumed one at a time and only each one's crops are kept, so a generator that
     decodes on demand holds one full-size image at a time, not all of them."""
-    crops = [center_crop_resize(image, height, width) for image in images]
+    crops = [c for image in images for c in amplitude_crops(image, height, width)]
     if not crops:
         raise ValueError("the amplitude spectrum needs at least one image")
     stack = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ from service.energy.natural import diversity_penalty, gram
 from service.energy.parameterizations import FourierImage, PhaseImage, from_energy, mean_amplitude, to_energy
 from service.energy.presets import preset_params
 from service.energy.transforms import ViewSettings, views
-from service.jobs.reference import REFERENCE_PHOTOS, center_crop_resize, photo
+from service.jobs.reference import REFERENCE_PHOTOS, amplitude_spectrum, center_crop_resize, photo
 
 MEAN = torch.tensor([120.0, 110.0, 100.0])
 
@@ -143,7 +144,7 @@ def test_pixel_and_natural_rows_share_one_batch() -> None:
     assert set(finished) == set(handles) and all(r.steps_run == 6 for r in finished.values())
     # The paper row's image is its own: the same as alone to within the kernels' batch dependence.
     [alone] = minimize(net, [paper], height=32, width=32, stride=4, mean_rgb255=MEAN)
-    diff = (torch.from_numpy(alone.image_uint8).int() - torch.from_numpy(finished[handles[1]].image_uint8).int())
+    diff = torch.from_numpy(alone.image_uint8).int() - torch.from_numpy(finished[handles[1]].image_uint8).int()
     assert int(diff.abs().max()) <= 1
 
 
@@ -181,3 +182,24 @@ def test_bad_settings_say_what_to_change(settings: dict, message: str) -> None:
         EnergyParams(**settings).validate()
     with pytest.raises(ValueError, match="unknown preset"):
         preset_params("lucent", "maximize")
+
+
+@pytest.mark.parametrize(("channels", "height", "width"), [(3, 48, 48), (1, 40, 56)])
+def test_the_service_amplitude_falls_like_photographs_and_gives_their_contrast(
+    channels: int, height: int, width: int
+) -> None:
+    magnitude = amplitude_spectrum(height, width, channels)
+    assert magnitude.shape == (channels, height, width // 2 + 1)
+    # Natural scenes: amplitude ∝ 1/f^a with a ≈ 1 (power slope ≈ −2). Fit over the band between
+    # the lowest frequencies and Nyquist, on the luminance (first decorrelated) channel.
+    fy = torch.fft.fftfreq(height)[:, None] * min(height, width)
+    fx = torch.fft.rfftfreq(width)[None, :] * min(height, width)
+    radius = torch.sqrt(fy**2 + fx**2)
+    band = (radius >= 2) & (radius <= min(height, width) / 2)
+    slope = np.polyfit(np.log(radius[band].numpy()), np.log(magnitude[0][band].numpy()), 1)[0]
+    assert -1.6 < slope < -0.6
+    # The phase image at its start has the contrast of photographs (std 33–80 on 0–255).
+    image = PhaseImage(magnitude, height, width).image(
+        PhaseImage(magnitude, height, width).init(torch.Generator().manual_seed(3))
+    )
+    assert 33 < float(image.std()) * 255 < 80

@@ -980,6 +980,7 @@ class EnergyParams(_message.Message):
     DIVERSITY_FIELD_NUMBER: _builtins.int
     SPATIAL_FIELD_NUMBER: _builtins.int
     AMPLITUDE_IMAGES_FIELD_NUMBER: _builtins.int
+    LR_END_SCALE_FIELD_NUMBER: _builtins.int
     loss_weight: _builtins.float
     """C, the weight of the loss term. Default for pixels: 300 for inversion, 3e4 for maximization,
     100 for caricature; 1 for the fourier and phase parameterizations (no other prior by default).
@@ -1054,6 +1055,11 @@ class EnergyParams(_message.Message):
     """
     spatial: Global___Spatial.ValueType
     """Where a Maximize channel is read. Default: centre (paper), mean (natural)."""
+    lr_end_scale: _builtins.float
+    """Factor, in (0, 1], that the learning rate falls to, linearly, by the last step of the first
+    stage (fourier and phase only): the views keep the image moving, and a falling rate lets its
+    details settle. Default 1 (a constant rate; paper), 0.1 for natural Maximize.
+    """
     @_builtins.property
     def amplitude_images(self) -> _containers.RepeatedCompositeFieldContainer[Global___Image]:
         """Photographs whose mean amplitude spectrum the phase parameterization imposes, instead of the
@@ -1101,10 +1107,11 @@ class EnergyParams(_message.Message):
         diversity: _builtins.float | None = ...,
         spatial: Global___Spatial.ValueType = ...,
         amplitude_images: _abc.Iterable[Global___Image] | None = ...,
+        lr_end_scale: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_anchor", b"_anchor", "_b_norm", b"_b_norm", "_beta", b"_beta", "_bound", b"_bound", "_copies", b"_copies", "_crop_end", b"_crop_end", "_crop_spread", b"_crop_spread", "_crop_start", b"_crop_start", "_decay", b"_decay", "_diversity", b"_diversity", "_fourier_decay", b"_fourier_decay", "_jitter", b"_jitter", "_lambda_alpha", b"_lambda_alpha", "_lambda_tv", b"_lambda_tv", "_learning_rate", b"_learning_rate", "_loss_weight", b"_loss_weight", "_momentum", b"_momentum", "_noise", b"_noise", "_refine_lr_scale", b"_refine_lr_scale", "_refine_steps", b"_refine_steps", "_rotate", b"_rotate", "_scale_max", b"_scale_max", "_scale_min", b"_scale_min", "_steps", b"_steps", "_translate", b"_translate", "_tv_norm", b"_tv_norm", "alpha", b"alpha", "anchor", b"anchor", "b_norm", b"b_norm", "beta", b"beta", "bound", b"bound", "copies", b"copies", "crop_end", b"crop_end", "crop_spread", b"crop_spread", "crop_start", b"crop_start", "decay", b"decay", "diversity", b"diversity", "fourier_decay", b"fourier_decay", "jitter", b"jitter", "lambda_alpha", b"lambda_alpha", "lambda_tv", b"lambda_tv", "learning_rate", b"learning_rate", "loss_weight", b"loss_weight", "momentum", b"momentum", "noise", b"noise", "refine_lr_scale", b"refine_lr_scale", "refine_steps", b"refine_steps", "rotate", b"rotate", "scale_max", b"scale_max", "scale_min", b"scale_min", "steps", b"steps", "translate", b"translate", "tv_norm", b"tv_norm"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_anchor", b"_anchor", "_b_norm", b"_b_norm", "_beta", b"_beta", "_bound", b"_bound", "_copies", b"_copies", "_crop_end", b"_crop_end", "_crop_spread", b"_crop_spread", "_crop_start", b"_crop_start", "_decay", b"_decay", "_diversity", b"_diversity", "_fourier_decay", b"_fourier_decay", "_jitter", b"_jitter", "_lambda_alpha", b"_lambda_alpha", "_lambda_tv", b"_lambda_tv", "_learning_rate", b"_learning_rate", "_loss_weight", b"_loss_weight", "_lr_end_scale", b"_lr_end_scale", "_momentum", b"_momentum", "_noise", b"_noise", "_refine_lr_scale", b"_refine_lr_scale", "_refine_steps", b"_refine_steps", "_rotate", b"_rotate", "_scale_max", b"_scale_max", "_scale_min", b"_scale_min", "_steps", b"_steps", "_translate", b"_translate", "_tv_norm", b"_tv_norm", "alpha", b"alpha", "anchor", b"anchor", "b_norm", b"b_norm", "beta", b"beta", "bound", b"bound", "copies", b"copies", "crop_end", b"crop_end", "crop_spread", b"crop_spread", "crop_start", b"crop_start", "decay", b"decay", "diversity", b"diversity", "fourier_decay", b"fourier_decay", "jitter", b"jitter", "lambda_alpha", b"lambda_alpha", "lambda_tv", b"lambda_tv", "learning_rate", b"learning_rate", "loss_weight", b"loss_weight", "lr_end_scale", b"lr_end_scale", "momentum", b"momentum", "noise", b"noise", "refine_lr_scale", b"refine_lr_scale", "refine_steps", b"refine_steps", "rotate", b"rotate", "scale_max", b"scale_max", "scale_min", b"scale_min", "steps", b"steps", "translate", b"translate", "tv_norm", b"tv_norm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_anchor", b"_anchor", "_b_norm", b"_b_norm", "_beta", b"_beta", "_bound", b"_bound", "_copies", b"_copies", "_crop_end", b"_crop_end", "_crop_spread", b"_crop_spread", "_crop_start", b"_crop_start", "_decay", b"_decay", "_diversity", b"_diversity", "_fourier_decay", b"_fourier_decay", "_jitter", b"_jitter", "_lambda_alpha", b"_lambda_alpha", "_lambda_tv", b"_lambda_tv", "_learning_rate", b"_learning_rate", "_loss_weight", b"_loss_weight", "_momentum", b"_momentum", "_noise", b"_noise", "_refine_lr_scale", b"_refine_lr_scale", "_refine_steps", b"_refine_steps", "_rotate", b"_rotate", "_scale_max", b"_scale_max", "_scale_min", b"_scale_min", "_steps", b"_steps", "_translate", b"_translate", "_tv_norm", b"_tv_norm", "alpha", b"alpha", "amplitude_images", b"amplitude_images", "anchor", b"anchor", "b_norm", b"b_norm", "beta", b"beta", "bound", b"bound", "copies", b"copies", "crop_end", b"crop_end", "crop_spread", b"crop_spread", "crop_start", b"crop_start", "decay", b"decay", "diversity", b"diversity", "fourier_decay", b"fourier_decay", "jitter", b"jitter", "lambda_alpha", b"lambda_alpha", "lambda_tv", b"lambda_tv", "learning_rate", b"learning_rate", "loss_weight", b"loss_weight", "momentum", b"momentum", "noise", b"noise", "optimizer", b"optimizer", "parameterization", b"parameterization", "preset", b"preset", "refine_lr_scale", b"refine_lr_scale", "refine_steps", b"refine_steps", "rotate", b"rotate", "scale_max", b"scale_max", "scale_min", b"scale_min", "spatial", b"spatial", "steps", b"steps", "translate", b"translate", "tv_norm", b"tv_norm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_anchor", b"_anchor", "_b_norm", b"_b_norm", "_beta", b"_beta", "_bound", b"_bound", "_copies", b"_copies", "_crop_end", b"_crop_end", "_crop_spread", b"_crop_spread", "_crop_start", b"_crop_start", "_decay", b"_decay", "_diversity", b"_diversity", "_fourier_decay", b"_fourier_decay", "_jitter", b"_jitter", "_lambda_alpha", b"_lambda_alpha", "_lambda_tv", b"_lambda_tv", "_learning_rate", b"_learning_rate", "_loss_weight", b"_loss_weight", "_lr_end_scale", b"_lr_end_scale", "_momentum", b"_momentum", "_noise", b"_noise", "_refine_lr_scale", b"_refine_lr_scale", "_refine_steps", b"_refine_steps", "_rotate", b"_rotate", "_scale_max", b"_scale_max", "_scale_min", b"_scale_min", "_steps", b"_steps", "_translate", b"_translate", "_tv_norm", b"_tv_norm", "alpha", b"alpha", "amplitude_images", b"amplitude_images", "anchor", b"anchor", "b_norm", b"b_norm", "beta", b"beta", "bound", b"bound", "copies", b"copies", "crop_end", b"crop_end", "crop_spread", b"crop_spread", "crop_start", b"crop_start", "decay", b"decay", "diversity", b"diversity", "fourier_decay", b"fourier_decay", "jitter", b"jitter", "lambda_alpha", b"lambda_alpha", "lambda_tv", b"lambda_tv", "learning_rate", b"learning_rate", "loss_weight", b"loss_weight", "lr_end_scale", b"lr_end_scale", "momentum", b"momentum", "noise", b"noise", "optimizer", b"optimizer", "parameterization", b"parameterization", "preset", b"preset", "refine_lr_scale", b"refine_lr_scale", "refine_steps", b"refine_steps", "rotate", b"rotate", "scale_max", b"scale_max", "scale_min", b"scale_min", "spatial", b"spatial", "steps", b"steps", "translate", b"translate", "tv_norm", b"tv_norm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__alpha: _TypeAlias = _typing.Literal["alpha"]  # noqa: Y015
     _WhichOneofArgType__alpha: _TypeAlias = _typing.Literal["_alpha", b"_alpha"]  # noqa: Y015
@@ -1140,6 +1147,8 @@ class EnergyParams(_message.Message):
     _WhichOneofArgType__learning_rate: _TypeAlias = _typing.Literal["_learning_rate", b"_learning_rate"]  # noqa: Y015
     _WhichOneofReturnType__loss_weight: _TypeAlias = _typing.Literal["loss_weight"]  # noqa: Y015
     _WhichOneofArgType__loss_weight: _TypeAlias = _typing.Literal["_loss_weight", b"_loss_weight"]  # noqa: Y015
+    _WhichOneofReturnType__lr_end_scale: _TypeAlias = _typing.Literal["lr_end_scale"]  # noqa: Y015
+    _WhichOneofArgType__lr_end_scale: _TypeAlias = _typing.Literal["_lr_end_scale", b"_lr_end_scale"]  # noqa: Y015
     _WhichOneofReturnType__momentum: _TypeAlias = _typing.Literal["momentum"]  # noqa: Y015
     _WhichOneofArgType__momentum: _TypeAlias = _typing.Literal["_momentum", b"_momentum"]  # noqa: Y015
     _WhichOneofReturnType__noise: _TypeAlias = _typing.Literal["noise"]  # noqa: Y015
@@ -1194,6 +1203,8 @@ class EnergyParams(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__learning_rate) -> _WhichOneofReturnType__learning_rate | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__loss_weight) -> _WhichOneofReturnType__loss_weight | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lr_end_scale) -> _WhichOneofReturnType__lr_end_scale | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__momentum) -> _WhichOneofReturnType__momentum | None: ...
     @_typing.overload
