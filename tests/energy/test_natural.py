@@ -175,6 +175,9 @@ def test_diversity_pushes_repeats_of_one_target_apart() -> None:
         ({"parameterization": "fourier", "optimizer": "adam", "copies": 65}, "copies"),
         ({"parameterization": "cubist"}, "parameterization"),
         ({"spatial": "corner"}, "spatial"),
+        ({"lr_end_scale": 0.5}, "lr_end_scale needs"),
+        ({"parameterization": "phase", "optimizer": "nadam", "lr_end_scale": 0.0}, "lr_end_scale must"),
+        ({"parameterization": "phase", "optimizer": "nadam", "lr_end_scale": 1.5}, "lr_end_scale must"),
     ],
 )
 def test_bad_settings_say_what_to_change(settings: dict, message: str) -> None:
@@ -203,3 +206,21 @@ def test_the_service_amplitude_falls_like_photographs_and_gives_their_contrast(
         PhaseImage(magnitude, height, width).init(torch.Generator().manual_seed(3))
     )
     assert 33 < float(image.std()) * 255 < 80
+
+
+def test_the_rate_falls_to_lr_end_scale_over_the_first_stage() -> None:
+    net = _net()
+    shape = net(torch.zeros(1, 3, 32, 32))[0].shape
+    w = channel_weights(shape, 1, spatial="mean")
+    photos = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    mini = Minimizer(net, height=32, width=32, stride=4, mean_rgb255=MEAN, magnitude=mean_amplitude(photos))
+    params = preset_params("natural", "maximize", steps=11, lr_end_scale=0.1, copies=1)
+    handle = mini.add(Problem(Objective.maximize(w), params, seed=0))
+    [row] = [r for r in mini.rows if r.handle == handle]
+    rates = []
+    for _ in range(11):
+        mini.step()
+        rates.append(row.optimizer.param_groups[0]["lr"])
+    lr = float(row.params.learning_rate)
+    assert rates[0] == pytest.approx(lr) and rates[-1] == pytest.approx(0.1 * lr)
+    assert rates[5] == pytest.approx(0.55 * lr)  # linear in between
