@@ -32,6 +32,7 @@ from service.cli import args as types
 from service.cli.args import CliParser, run_cli
 from service.cli.check import add_check_command
 from service.cli.embedded import connect, embedded_server, say
+from service.cli.exemplars import add_exemplars_command
 from service.cli.remote import (
     SERVER_HELP,
     add_energy_arguments,
@@ -305,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", metavar="ADDR", default=None, help=SERVER_HELP)
     p.set_defaults(func=_demo)
     add_check_command(sub)
+    add_exemplars_command(sub, EPILOG, DEFAULT_MODEL)
     add_remote_commands(sub, skip=set(VISUALIZATIONS))
     for name, action in sub.choices.items():
         if name in cli_remote.ALL_COMMANDS and name not in VISUALIZATIONS:

@@ -335,6 +335,51 @@ class PreimageClient:
         )  # fmt: skip
         return Run(self.stub.Caricature(request, timeout=self._timeout(timeout)), on_progress=on_progress)
 
+    def exemplars(
+        self,
+        model: str,
+        tap: str,
+        images: Iterable[Any],
+        targets: Sequence[Any],
+        *,
+        top_k: int = 9,
+        bottom_k: int = 0,
+        crop_size: int = 0,
+        batch_size: int = 0,
+        timeout: float | None = None,
+        on_progress: Callable[[pb.ExemplarsProgress], None] | None = None,
+    ) -> list[pb.ExemplarsResult]:
+        """The images of ``images`` that excite each target most (and least, ``bottom_k``), one
+        ExemplarsResult per target in target order. ``images``: paths, encoded bytes, uint8
+        arrays or (id, any of those) pairs; read and sent one at a time, lazily, so a generator
+        over thousands of files holds one at a time. A path's id is its file name."""
+        header = pb.ExemplarsHeader(
+            model=model,
+            tap=tap,
+            targets=[target(t) for t in targets],
+            top_k=top_k,
+            bottom_k=bottom_k,
+            crop_size=crop_size,
+            batch_size=batch_size,
+        )
+
+        def messages() -> Iterator[pb.ExemplarsRequest]:
+            yield pb.ExemplarsRequest(header=header)
+            for i, item in enumerate(images):
+                image_id, image = item if isinstance(item, tuple) else (None, item)
+                if image_id is None:
+                    image_id = Path(image).name if isinstance(image, (str, Path)) else str(i)
+                yield pb.ExemplarsRequest(image=pb.ExemplarsImage(data=encode_image(image), id=str(image_id)))
+
+        results: list[pb.ExemplarsResult] = []
+        for response in self.stub.Exemplars(messages(), timeout=self._timeout(timeout)):
+            kind = response.WhichOneof("event")
+            if kind == "result":
+                results.append(response.result)
+            elif kind == "progress" and on_progress is not None:
+                on_progress(response.progress)
+        return sorted(results, key=lambda r: r.target_index)
+
 
 @dataclass
 class CheckRun:

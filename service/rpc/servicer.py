@@ -444,6 +444,12 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
         yield from self._visualize("caricature", request, context, fields, pb.CaricatureResponse)
 
     @rpc_handler
+    def Exemplars(self, request_iterator: Iterator[pb.ExemplarsRequest], context: grpc.ServicerContext, fields):
+        from service.rpc.exemplars_rpc import exemplars_stream
+
+        yield from exemplars_stream(self, request_iterator, context, fields)
+
+    @rpc_handler
     def ShareModel(self, request: pb.ShareModelRequest, context: grpc.ServicerContext, fields):
         fields["model"] = request.model
         principal = self._principal(context, fields)

@@ -30,7 +30,8 @@ from service.rpc.auth import Authenticator
 
 # The RPCs that may hold their thread for long: client streams (waiting for chunks) and the jobs.
 LONG_METHODS = frozenset(
-    f"/preimage.v1.PreimageService/{m}" for m in ("UploadModel", "Invert", "Maximize", "Caricature", "CheckRelease")
+    f"/preimage.v1.PreimageService/{m}"
+    for m in ("UploadModel", "Invert", "Maximize", "Caricature", "CheckRelease", "Exemplars")
 )
 
 
@@ -160,5 +161,7 @@ class StreamGate(grpc.ServerInterceptor):
             return grpc.stream_unary_rpc_method_handler(_Gated(handler.stream_unary, self.pool, release, False), **kw)
         if handler.response_streaming and not handler.request_streaming:
             return grpc.unary_stream_rpc_method_handler(_Gated(handler.unary_stream, self.pool, release, True), **kw)
+        if handler.request_streaming and handler.response_streaming:  # Exemplars
+            return grpc.stream_stream_rpc_method_handler(_Gated(handler.stream_stream, self.pool, release, True), **kw)
         release()
         return handler

@@ -98,6 +98,7 @@ def every_rpc(ref: str) -> dict[str, Callable[[PreimageClient], Any]]:
         "DeleteModel": lambda c: c.delete(ref),
         "CheckRelease": lambda c: c.check(ref, taps=["relu2"]).wait(),
         "GetModelStatistics": lambda c: c.statistics(ref),
+        "Exemplars": lambda c: c.exemplars(ref, "relu2", [_png()], [0]),
     }
 
 

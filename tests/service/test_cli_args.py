@@ -18,6 +18,7 @@ import torch
 import service.cli.embedded as embedded
 from converters.spec import input_size
 from service.cli import args as types
+from service.cli.exemplars import image_set
 from service.cli.main import build_parser, main
 from service.cli.resolve import image_ref
 from service.client import PreimageClient
@@ -128,6 +129,7 @@ BAD_VALUES = {
     types.tenants: ["team a", "a,b c", "-x"],
     image_ref: ["chelsae", "no_such_photo.png"],
     input_size: ["48", "0x32", "ax3"],
+    image_set: ["/no/such/folder", "/no/such/*.png"],
 }
 BAD_CHOICE = "not-a-choice"
 
@@ -181,6 +183,7 @@ def test_every_flag_refuses_bad_values_in_one_line(
     # The one energy flag that is not a number: photographs for the phase amplitude (not on invert).
     assert {("maximize", "--amplitude-image"), ("caricature", "--amplitude-image")} <= swept
     assert ("invert", "--amplitude-image") not in swept
+    assert {("exemplars", f) for f in ("--images", "--channel", "--top", "--bottom", "--crop", "--batch")} <= swept
 
 
 @pytest.mark.parametrize(

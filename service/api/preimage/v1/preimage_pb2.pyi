@@ -2601,3 +2601,263 @@ class GetModelStatisticsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetModelStatisticsResponse: _TypeAlias = GetModelStatisticsResponse  # noqa: Y015
+
+@_typing.final
+class ExemplarsHeader(_message.Message):
+    """ExemplarsHeader is the first message of an Exemplars stream: what to rank the images by."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    TAP_FIELD_NUMBER: _builtins.int
+    TARGETS_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
+    BOTTOM_K_FIELD_NUMBER: _builtins.int
+    CROP_SIZE_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model (as in MaximizeRequest.model)."""
+    tap: _builtins.str
+    """The tap (name, alias or module path; see ListTaps)."""
+    top_k: _builtins.int
+    """Exemplars per target with the largest activation (1-16; 0: 9)."""
+    bottom_k: _builtins.int
+    """Exemplars per target with the smallest activation (0-16; 0: none)."""
+    crop_size: _builtins.int
+    """Side of each crop PNG in pixels (0: the tap's receptive field, clipped to the image and to
+    16-128).
+    """
+    batch_size: _builtins.int
+    """Images per forward pass (0: the server's choice)."""
+    @_builtins.property
+    def targets(self) -> _containers.RepeatedCompositeFieldContainer[Global___MaximizeTarget]:
+        """The targets: channels (the maximum over the map; for a 1-D output, the class), neurons
+        (one map position) or directions (weights over channels, the maximum over the map).
+        """
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        tap: _builtins.str = ...,
+        targets: _abc.Iterable[Global___MaximizeTarget] | None = ...,
+        top_k: _builtins.int = ...,
+        bottom_k: _builtins.int = ...,
+        crop_size: _builtins.int = ...,
+        batch_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "bottom_k", b"bottom_k", "crop_size", b"crop_size", "model", b"model", "tap", b"tap", "targets", b"targets", "top_k", b"top_k"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExemplarsHeader: _TypeAlias = ExemplarsHeader  # noqa: Y015
+
+@_typing.final
+class ExemplarsImage(_message.Message):
+    """ExemplarsImage is one image of the set."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """The encoded image (PNG, JPEG, ...), within the server's per-image limits."""
+    id: _builtins.str
+    """The client's id for it (e.g. a file name), echoed in results; empty: its index in the stream."""
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExemplarsImage: _TypeAlias = ExemplarsImage  # noqa: Y015
+
+@_typing.final
+class ExemplarsRequest(_message.Message):
+    """ExemplarsRequest is one message of an Exemplars stream: the header first, then images."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___ExemplarsHeader:
+        """First and only once."""
+
+    @_builtins.property
+    def image(self) -> Global___ExemplarsImage:
+        """One image."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___ExemplarsHeader | None = ...,
+        image: Global___ExemplarsImage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "image", b"image", "part", b"part"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "image", b"image", "part", b"part"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "image"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___ExemplarsRequest: _TypeAlias = ExemplarsRequest  # noqa: Y015
+
+@_typing.final
+class ExemplarsProgress(_message.Message):
+    """ExemplarsProgress reports how far the ranking is."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGES_SEEN_FIELD_NUMBER: _builtins.int
+    IMAGES_PER_SECOND_FIELD_NUMBER: _builtins.int
+    images_seen: _builtins.int
+    """Images run through the model so far."""
+    images_per_second: _builtins.float
+    """Images per second since the first image arrived."""
+    def __init__(
+        self,
+        *,
+        images_seen: _builtins.int = ...,
+        images_per_second: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["images_per_second", b"images_per_second", "images_seen", b"images_seen"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExemplarsProgress: _TypeAlias = ExemplarsProgress  # noqa: Y015
+
+@_typing.final
+class Exemplar(_message.Message):
+    """Exemplar is one image's response to one target."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGE_ID_FIELD_NUMBER: _builtins.int
+    ACTIVATION_FIELD_NUMBER: _builtins.int
+    FRACTION_OF_MAX_FIELD_NUMBER: _builtins.int
+    Y_FIELD_NUMBER: _builtins.int
+    X_FIELD_NUMBER: _builtins.int
+    CROP_PNG_FIELD_NUMBER: _builtins.int
+    BOX_FIELD_NUMBER: _builtins.int
+    image_id: _builtins.str
+    """The image's id (ExemplarsImage.id, or its index in the stream)."""
+    activation: _builtins.float
+    """The target's activation on this image (for a channel, the maximum over the map)."""
+    fraction_of_max: _builtins.float
+    """activation / the largest activation of this target over the whole set."""
+    y: _builtins.int
+    """Map position of that activation (row, column; 0 for a 1-D output)."""
+    x: _builtins.int
+    """Map column."""
+    crop_png: _builtins.bytes
+    """PNG of the receptive field around that position in the image as the model saw it (resized
+    to the model's input size); the whole image for global taps.
+    """
+    @_builtins.property
+    def box(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The crop's box in the model-input image: top, left, height, width."""
+
+    def __init__(
+        self,
+        *,
+        image_id: _builtins.str = ...,
+        activation: _builtins.float = ...,
+        fraction_of_max: _builtins.float = ...,
+        y: _builtins.int = ...,
+        x: _builtins.int = ...,
+        crop_png: _builtins.bytes = ...,
+        box: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation", b"activation", "box", b"box", "crop_png", b"crop_png", "fraction_of_max", b"fraction_of_max", "image_id", b"image_id", "x", b"x", "y", b"y"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Exemplar: _TypeAlias = Exemplar  # noqa: Y015
+
+@_typing.final
+class ExemplarsResult(_message.Message):
+    """ExemplarsResult is the ranking of one target over the whole set."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGET_INDEX_FIELD_NUMBER: _builtins.int
+    TOP_FIELD_NUMBER: _builtins.int
+    BOTTOM_FIELD_NUMBER: _builtins.int
+    SET_MAX_FIELD_NUMBER: _builtins.int
+    IMAGES_FIELD_NUMBER: _builtins.int
+    target_index: _builtins.int
+    """Index of the target in ExemplarsHeader.targets."""
+    set_max: _builtins.float
+    """The largest activation of this target over the set."""
+    images: _builtins.int
+    """Images ranked."""
+    @_builtins.property
+    def top(self) -> _containers.RepeatedCompositeFieldContainer[Global___Exemplar]:
+        """The exemplars with the largest activation, largest first."""
+
+    @_builtins.property
+    def bottom(self) -> _containers.RepeatedCompositeFieldContainer[Global___Exemplar]:
+        """The exemplars with the smallest activation, smallest first (when bottom_k > 0)."""
+
+    def __init__(
+        self,
+        *,
+        target_index: _builtins.int = ...,
+        top: _abc.Iterable[Global___Exemplar] | None = ...,
+        bottom: _abc.Iterable[Global___Exemplar] | None = ...,
+        set_max: _builtins.float = ...,
+        images: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bottom", b"bottom", "images", b"images", "set_max", b"set_max", "target_index", b"target_index", "top", b"top"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExemplarsResult: _TypeAlias = ExemplarsResult  # noqa: Y015
+
+@_typing.final
+class ExemplarsResponse(_message.Message):
+    """ExemplarsResponse is one event of an Exemplars stream: progress..., then one result per target."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def progress(self) -> Global___ExemplarsProgress:
+        """How far the ranking is."""
+
+    @_builtins.property
+    def result(self) -> Global___ExemplarsResult:
+        """One target's exemplars."""
+
+    def __init__(
+        self,
+        *,
+        progress: Global___ExemplarsProgress | None = ...,
+        result: Global___ExemplarsResult | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "progress", b"progress", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "progress", b"progress", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["progress", "result"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___ExemplarsResponse: _TypeAlias = ExemplarsResponse  # noqa: Y015

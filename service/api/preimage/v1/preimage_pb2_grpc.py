@@ -119,6 +119,11 @@ class PreimageServiceStub:
                 request_serializer=preimage_dot_v1_dot_preimage__pb2.GetModelStatisticsRequest.SerializeToString,
                 response_deserializer=preimage_dot_v1_dot_preimage__pb2.GetModelStatisticsResponse.FromString,
                 _registered_method=True)
+        self.Exemplars = channel.stream_stream(
+                '/preimage.v1.PreimageService/Exemplars',
+                request_serializer=preimage_dot_v1_dot_preimage__pb2.ExemplarsRequest.SerializeToString,
+                response_deserializer=preimage_dot_v1_dot_preimage__pb2.ExemplarsResponse.FromString,
+                _registered_method=True)
 
 
 class PreimageServiceServicer:
@@ -245,6 +250,16 @@ class PreimageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Exemplars(self, request_iterator, context):
+        """Exemplars finds, for each target of a tap, the client's images that excite it most (and
+        least): the client streams a header, then one image per message; the server streams progress,
+        then one result per target with each exemplar's activation, map position and receptive-field
+        crop. A forward pass only; images are held only while their batch runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PreimageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -307,6 +322,11 @@ def add_PreimageServiceServicer_to_server(servicer, server):
                     servicer.GetModelStatistics,
                     request_deserializer=preimage_dot_v1_dot_preimage__pb2.GetModelStatisticsRequest.FromString,
                     response_serializer=preimage_dot_v1_dot_preimage__pb2.GetModelStatisticsResponse.SerializeToString,
+            ),
+            'Exemplars': grpc.stream_stream_rpc_method_handler(
+                    servicer.Exemplars,
+                    request_deserializer=preimage_dot_v1_dot_preimage__pb2.ExemplarsRequest.FromString,
+                    response_serializer=preimage_dot_v1_dot_preimage__pb2.ExemplarsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -658,6 +678,33 @@ class PreimageService:
             '/preimage.v1.PreimageService/GetModelStatistics',
             preimage_dot_v1_dot_preimage__pb2.GetModelStatisticsRequest.SerializeToString,
             preimage_dot_v1_dot_preimage__pb2.GetModelStatisticsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Exemplars(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/preimage.v1.PreimageService/Exemplars',
+            preimage_dot_v1_dot_preimage__pb2.ExemplarsRequest.SerializeToString,
+            preimage_dot_v1_dot_preimage__pb2.ExemplarsResponse.FromString,
             options,
             channel_credentials,
             insecure,

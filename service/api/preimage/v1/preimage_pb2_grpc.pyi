@@ -107,6 +107,12 @@ class PreimageServiceStub:
     """GetModelStatistics reports what this server process has done with each model since it
     started: visualization jobs, steps, seconds and failures by status code.
     """
+    Exemplars: _grpc.StreamStreamMultiCallable[_preimage_pb2.ExemplarsRequest, _preimage_pb2.ExemplarsResponse]
+    """Exemplars finds, for each target of a tap, the client's images that excite it most (and
+    least): the client streams a header, then one image per message; the server streams progress,
+    then one result per target with each exemplar's activation, map position and receptive-field
+    crop. A forward pass only; images are held only while their batch runs.
+    """
 
 @_typing.type_check_only
 class PreimageServiceAsyncStub(PreimageServiceStub):
@@ -181,6 +187,12 @@ class PreimageServiceAsyncStub(PreimageServiceStub):
     GetModelStatistics: _aio.UnaryUnaryMultiCallable[_preimage_pb2.GetModelStatisticsRequest, _preimage_pb2.GetModelStatisticsResponse]  # type: ignore[assignment]
     """GetModelStatistics reports what this server process has done with each model since it
     started: visualization jobs, steps, seconds and failures by status code.
+    """
+    Exemplars: _aio.StreamStreamMultiCallable[_preimage_pb2.ExemplarsRequest, _preimage_pb2.ExemplarsResponse]  # type: ignore[assignment]
+    """Exemplars finds, for each target of a tap, the client's images that excite it most (and
+    least): the client streams a header, then one image per message; the server streams progress,
+    then one result per target with each exemplar's activation, map position and receptive-field
+    crop. A forward pass only; images are held only while their batch runs.
     """
 
 class PreimageServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -325,6 +337,18 @@ class PreimageServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_preimage_pb2.GetModelStatisticsResponse, _abc.Awaitable[_preimage_pb2.GetModelStatisticsResponse]]:
         """GetModelStatistics reports what this server process has done with each model since it
         started: visualization jobs, steps, seconds and failures by status code.
+        """
+
+    @_abc_1.abstractmethod
+    def Exemplars(
+        self,
+        request_iterator: _MaybeAsyncIterator[_preimage_pb2.ExemplarsRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_preimage_pb2.ExemplarsResponse], _abc.AsyncIterator[_preimage_pb2.ExemplarsResponse]]:
+        """Exemplars finds, for each target of a tap, the client's images that excite it most (and
+        least): the client streams a header, then one image per message; the server streams progress,
+        then one result per target with each exemplar's activation, map position and receptive-field
+        crop. A forward pass only; images are held only while their batch runs.
         """
 
 def add_PreimageServiceServicer_to_server(servicer: PreimageServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

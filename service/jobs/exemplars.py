@@ -1,0 +1,304 @@
+"""Exemplars: rank a client's images by how much they excite each target of a tap.
+
+A forward pass only, through the converted model's representation at the tap (the truncated
+graph), in batches. Each target keeps a bounded heap of its top-k (and bottom-k) images, holding
+only the receptive-field crop of each, so memory does not grow with the number of images: the
+full images of one batch are all that is ever held.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+from service.api.preimage.v1 import preimage_pb2 as pb
+from service.energy import from_uint8
+from service.jobs.errors import ServiceError, exhausted, invalid
+from service.jobs.images import png_bytes
+from service.jobs.job import _run_phi, decode_image, find_tap, fixed_input_size, resize
+from service.jobs.limits import JobLimits
+from service.jobs.reference import center_crop_resize
+
+MAX_K = 16
+DEFAULT_K = 9
+MIN_CROP, MAX_CROP = 16, 128
+DEFAULT_BATCH = 16
+MAX_BATCH = 64
+PROGRESS_SECONDS = 1.0
+
+
+@dataclass(order=True)
+class _Entry:
+    key: float  # the heap's order: activation (top) or -activation (bottom)
+    tie: int  # ties: the earlier image wins (minus its index in the stream)
+    activation: float = field(compare=False)
+    image_id: str = field(compare=False)
+    y: int = field(compare=False)
+    x: int = field(compare=False)
+    crop: np.ndarray = field(compare=False)
+    box: tuple[int, int, int, int] = field(compare=False)
+
+
+class _Heap:
+    """The k best entries by key, in O(k) memory."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.items: list[_Entry] = []
+
+    def wants(self, key: float, seq: int) -> bool:
+        # An entry enters when the heap has room or it beats the worst kept (the root).
+        return self.k > 0 and (len(self.items) < self.k or (key, -seq) > (self.items[0].key, self.items[0].tie))
+
+    def push(self, entry: _Entry) -> None:
+        if len(self.items) < self.k:
+            heapq.heappush(self.items, entry)
+        else:
+            heapq.heapreplace(self.items, entry)
+
+    def best_first(self) -> list[_Entry]:
+        return sorted(self.items, reverse=True)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one target reads off the tap: channel/direction take the map's maximum, a neuron its
+    one position."""
+
+    kind: str  # "channel" | "neuron" | "direction"
+    channel: int = 0
+    y: int = 0
+    x: int = 0
+    weights: torch.Tensor | None = None
+
+
+def parse_targets(msgs: Iterable[pb.MaximizeTarget], shape: tuple[int, ...], limits: JobLimits) -> list[Target]:
+    """The header's targets checked against the tap's shape (C, [H, W]) and the target limit."""
+    msgs = list(msgs)
+    if not msgs:
+        raise invalid("the header needs at least one target (a channel, neuron or direction)", field="header.targets")
+    if len(msgs) > limits.max_targets:
+        raise exhausted(
+            f"{len(msgs)} targets; this server ranks at most {limits.max_targets} per request",
+            field="header.targets",
+        )
+    channels = shape[0]
+    out = []
+    for i, m in enumerate(msgs):
+        kind = m.WhichOneof("kind")
+        where = f"header.targets[{i}]"
+        if kind == "channel":
+            if m.channel.channel >= channels:
+                raise invalid(f"{where}: channel {m.channel.channel}, the tap has {channels}", field=where)
+            out.append(Target("channel", m.channel.channel))
+        elif kind == "neuron":
+            n = m.neuron
+            hw = shape[1:3] if len(shape) >= 3 else (1, 1)
+            if n.channel >= channels or n.y >= hw[0] or n.x >= hw[1]:
+                raise invalid(
+                    f"{where}: neuron ({n.channel}, {n.y}, {n.x}) is outside the tap's {tuple(shape)}", field=where
+                )
+            out.append(Target("neuron", n.channel, n.y, n.x))
+        elif kind == "direction":
+            w = torch.tensor(list(m.direction.weights), dtype=torch.float32)
+            if w.numel() != channels or not torch.isfinite(w).all():
+                raise invalid(f"{where}: a direction needs {channels} finite weights, got {w.numel()}", field=where)
+            out.append(Target("direction", weights=w))
+        else:
+            raise invalid(f"{where} is empty: set channel, neuron or direction", field=where)
+    return out
+
+
+def _read(target: Target, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(activation, y, x) per image of a batch ``a`` (B×C×H×W or B×C)."""
+    b = a.shape[0]
+    zeros = torch.zeros(b, dtype=torch.long)
+    if a.dim() == 2:
+        v = a[:, target.channel] if target.weights is None else a @ target.weights
+        return v, zeros, zeros
+    if target.kind == "neuron":
+        return a[:, target.channel, target.y, target.x], zeros + target.y, zeros + target.x
+    m = a[:, target.channel] if target.weights is None else torch.einsum("bchw,c->bhw", a, target.weights)
+    flat = m.reshape(b, -1)
+    v, idx = flat.max(dim=1)
+    w = m.shape[-1]
+    return v, idx // w, idx % w
+
+
+def crop_box(tap: Any, y: int, x: int, map_hw: tuple[int, int], hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of unit (y, x)'s receptive field in the model-input image,
+    clipped to it. The unit's centre is taken as its cell's centre at the map's effective stride
+    (input side / map side), which is where same-padded convolutions put it; the side is the
+    tap's theoretical receptive field. Unknown geometry or a global tap: the whole image."""
+    h, w = hw
+    rf = tap.receptive_field_yx
+    if tap.is_global or rf is None or map_hw == (1, 1):
+        return 0, 0, h, w
+    ry, rx = min(int(rf[0]), h), min(int(rf[1]), w)
+    cy, cx = (y + 0.5) * h / map_hw[0], (x + 0.5) * w / map_hw[1]
+    top = int(min(max(round(cy - ry / 2), 0), h - ry))
+    left = int(min(max(round(cx - rx / 2), 0), w - rx))
+    return top, left, ry, rx
+
+
+@dataclass
+class ExemplarsRun:
+    """One request's state: the tap's representation, the targets and their heaps."""
+
+    converted: Any
+    tap: Any
+    targets: list[Target]
+    top_k: int
+    bottom_k: int
+    crop_size: int
+    batch_size: int
+    height: int
+    width: int
+    phi: torch.nn.Module
+    device: torch.device
+    limits: JobLimits
+    tops: list[_Heap] = field(default_factory=list)
+    bottoms: list[_Heap] = field(default_factory=list)
+    maxima: list[float] = field(default_factory=list)
+    seen: int = 0
+
+    def __post_init__(self) -> None:
+        self.tops = [_Heap(self.top_k) for _ in self.targets]
+        self.bottoms = [_Heap(self.bottom_k) for _ in self.targets]
+        self.maxima = [float("-inf")] * len(self.targets)
+        self.mean = torch.tensor(self.converted.preprocessing.mean_rgb255, dtype=torch.float32)
+
+    def run_batch(self, images: list[tuple[str, np.ndarray]]) -> None:
+        x = torch.stack([from_uint8(img, self.mean) for _, img in images]).to(self.device)
+        a = _run_phi(self.phi, x, self.tap.alias).cpu()
+        map_hw = tuple(a.shape[2:4]) if a.dim() == 4 else (1, 1)
+        for t, target in enumerate(self.targets):
+            values, ys, xs = _read(target, a)
+            for i, (image_id, img) in enumerate(images):
+                v, y, xx, seq = float(values[i]), int(ys[i]), int(xs[i]), self.seen + i
+                self.maxima[t] = max(self.maxima[t], v)
+                for heap, key in ((self.tops[t], v), (self.bottoms[t], -v)):
+                    if heap.wants(key, seq):
+                        box = crop_box(self.tap, y, xx, map_hw, (self.height, self.width))
+                        top, left, bh, bw = box
+                        crop = center_crop_resize(img[top : top + bh, left : left + bw], self.crop_size, self.crop_size)
+                        heap.push(_Entry(key, -seq, v, image_id, y, xx, crop, box))
+        self.seen += len(images)
+
+    def results(self) -> Iterator[pb.ExemplarsResult]:
+        for t in range(len(self.targets)):
+            set_max = self.maxima[t]
+
+            def message(e: _Entry, set_max: float = set_max) -> pb.Exemplar:
+                # A fraction only means something against a positive maximum.
+                frac = e.activation / set_max if set_max > 0 else 0.0
+                return pb.Exemplar(
+                    image_id=e.image_id,
+                    activation=e.activation,
+                    fraction_of_max=frac,
+                    y=e.y,
+                    x=e.x,
+                    crop_png=png_bytes(e.crop),
+                    box=list(e.box),
+                )
+
+            yield pb.ExemplarsResult(
+                target_index=t,
+                top=[message(e) for e in self.tops[t].best_first()],
+                bottom=[message(e) for e in self.bottoms[t].best_first()],
+                set_max=set_max if self.seen else 0.0,
+                images=self.seen,
+            )
+
+
+def start_run(header: pb.ExemplarsHeader, converted: Any, device: torch.device, limits: JobLimits) -> ExemplarsRun:
+    """Check the header and set up the run (INVALID_ARGUMENT / RESOURCE_EXHAUSTED naming the field)."""
+    from converters.model import NOMINAL_SIZE
+
+    tap = find_tap(converted, header.tap)
+    shape = tuple(d or 1 for d in tap.shape)
+    if len(shape) not in (1, 3):
+        raise invalid(f"tap {tap.alias!r} has shape {list(tap.shape)}; exemplars need C or C×H×W", field="tap")
+    if header.top_k > MAX_K or header.bottom_k > MAX_K:
+        raise invalid(f"top_k and bottom_k are at most {MAX_K}", field="header.top_k")
+    if header.crop_size and not MIN_CROP <= header.crop_size <= MAX_CROP:
+        raise invalid(f"crop_size is {MIN_CROP}–{MAX_CROP} pixels (0: the receptive field)", field="header.crop_size")
+    if header.batch_size > MAX_BATCH:
+        raise invalid(f"batch_size is at most {MAX_BATCH}", field="header.batch_size")
+    targets = parse_targets(header.targets, shape, limits)
+    fixed = fixed_input_size(converted)
+    pre = converted.preprocessing
+    height, width = fixed or (pre.height or NOMINAL_SIZE, pre.width or NOMINAL_SIZE)
+    rf = tap.receptive_field_yx
+    side = header.crop_size or (min(max(min(rf[0], height), MIN_CROP), MAX_CROP) if rf else MAX_CROP)
+    phi = converted.representation(tap.name).to(device)
+    return ExemplarsRun(
+        converted=converted,
+        tap=tap,
+        targets=targets,
+        top_k=header.top_k or DEFAULT_K,
+        bottom_k=header.bottom_k,
+        crop_size=int(side),
+        batch_size=header.batch_size or DEFAULT_BATCH,
+        height=height,
+        width=width,
+        phi=phi,
+        device=device,
+        limits=limits,
+    )
+
+
+def exemplar_events(
+    run: ExemplarsRun,
+    images: Iterator[pb.ExemplarsImage],
+    alive: Callable[[], bool],
+    clock: Callable[[], float] = time.monotonic,
+) -> Iterator[pb.ExemplarsResponse]:
+    """Progress events while ``images`` are ranked batch by batch, then one result per target.
+
+    Each image is decoded (within the per-image limits) and resized as it arrives; a batch runs
+    once it is full. ``alive`` is checked before each batch: a cancelled or expired call stops
+    within one batch."""
+    start = last = clock()
+    batch: list[tuple[str, np.ndarray]] = []
+    index = 0
+
+    def flush() -> Iterator[pb.ExemplarsResponse]:
+        nonlocal last
+        if not alive():
+            raise ServiceError(
+                grpc.StatusCode.CANCELLED, "the call ended before the ranking finished", reason="CANCELLED"
+            )
+        run.run_batch(batch)
+        batch.clear()
+        now = clock()
+        if now - last >= PROGRESS_SECONDS:
+            last = now
+            yield _progress(run, now - start)
+
+    for msg in images:
+        image = decode_image(msg.data, index, run.limits, name="images")
+        batch.append((msg.id or str(index), resize(image, run.height, run.width)))
+        del image  # only the model-size copy stays until its batch runs
+        index += 1
+        if len(batch) >= run.batch_size:
+            yield from flush()
+    if batch:
+        yield from flush()
+    if run.seen == 0:
+        raise invalid("the stream sent no images after the header", field="image")
+    yield _progress(run, clock() - start)
+    for result in run.results():
+        yield pb.ExemplarsResponse(result=result)
+
+
+def _progress(run: ExemplarsRun, seconds: float) -> pb.ExemplarsResponse:
+    rate = run.seen / seconds if seconds > 0 else 0.0
+    return pb.ExemplarsResponse(progress=pb.ExemplarsProgress(images_seen=run.seen, images_per_second=rate))

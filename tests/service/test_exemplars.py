@@ -1,0 +1,227 @@
+"""Exemplars through a real server on loopback, on the bundled EfficientNet-Lite0 and scikit-image's
+photographs (plus flips and crops): the top image of a class logit is that class's photograph, a
+mid-layer channel's reported position matches a brute-force onnxruntime activation map, and bad
+inputs get their codes while the server keeps serving. Also the client method over paths, and the
+CLI (contact sheet, --json)."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.api.preimage.v1 import preimage_pb2 as pb
+from service.client import PreimageClient
+from service.jobs.job import resize
+from service.jobs.limits import JobLimits
+from service.jobs.reference import photo
+from service.rpc.app import start_server
+from service.rpc.config import ServerConfig
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera")
+MODEL = "effnet"
+
+
+def png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def photo_set() -> list[tuple[str, bytes]]:
+    """Each photograph, its mirror image and a centre crop of half its side, scaled down (the
+    model resizes to 224 anyway; small PNGs keep the stream fast)."""
+    out = []
+    for name in PHOTOS:
+        img = resize(photo(name), 160, 160)
+        h, w = img.shape[:2]
+        out += [
+            (name, png(img)),
+            (f"{name}-flip", png(img[:, ::-1])),
+            (f"{name}-crop", png(img[h // 4 : h // 4 + h // 2, w // 4 : w // 4 + w // 2])),
+        ]
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    from converters.bundled import bundled_model_path
+
+    config = ServerConfig(
+        store_dir=tmp_path_factory.mktemp("store"),
+        seed_bundled=False,
+        torch_threads=1,
+        job_limits=JobLimits(max_input_pixels=1024 * 1024, max_image_bytes=2 << 20, max_targets=8),
+    )
+    running = start_server("127.0.0.1:0", config)
+    with PreimageClient(f"127.0.0.1:{running.port}", timeout=300) as client:
+        client.upload(bundled_model_path(), name=MODEL)
+    yield running
+    running.stop(grace=None)
+
+
+@pytest.fixture(scope="module")
+def client(server: object) -> Iterator[PreimageClient]:
+    with PreimageClient(f"127.0.0.1:{server.port}", timeout=300) as c:  # type: ignore[attr-defined]
+        yield c
+
+
+@pytest.fixture(scope="module")
+def images() -> list[tuple[str, bytes]]:
+    return photo_set()
+
+
+def mid_tap(client: PreimageClient) -> pb.Tap:
+    """A mid-layer tap: spatial, stride 8, not global."""
+    taps = client.taps(MODEL).taps
+    return next(t for t in taps if t.stride == 8 and not t.is_global and len(t.shape) == 3 and t.receptive_field > 32)
+
+
+def test_logit_top_exemplar_is_the_class_photo(client: PreimageClient, images: list[tuple[str, bytes]]) -> None:
+    out = client.taps(MODEL).taps[-1]
+    results = client.exemplars(MODEL, out.name, images, [285, 967], top_k=3, bottom_k=2)
+    assert [r.target_index for r in results] == [0, 1]
+    cat, coffee = results
+    assert cat.top[0].image_id.startswith("chelsea"), [e.image_id for e in cat.top]
+    assert coffee.top[0].image_id.startswith("coffee"), [e.image_id for e in coffee.top]
+    for r in results:
+        assert r.images == len(images)
+        acts = [e.activation for e in r.top]
+        assert acts == sorted(acts, reverse=True) and len(r.top) == 3 and len(r.bottom) == 2
+        assert r.top[0].fraction_of_max == pytest.approx(1.0) and r.set_max == pytest.approx(acts[0])
+        assert r.bottom[0].activation <= r.bottom[1].activation <= acts[-1]
+        # A logit is global: the crop is the whole model-input image.
+        assert list(r.top[0].box) == [0, 0, 224, 224]
+        assert Image.open(io.BytesIO(r.top[0].crop_png)).size[0] >= 16
+
+
+def test_mid_layer_position_matches_onnxruntime(
+    server: object, client: PreimageClient, images: list[tuple[str, bytes]]
+) -> None:
+    import torch
+
+    from converters.parity import ort_session
+    from converters.truncate import extract_subgraph
+    from service.energy import from_uint8
+    from service.jobs.job import decode_image
+
+    tap = mid_tap(client)
+    channels = [0, 5]
+    results = client.exemplars(MODEL, tap.name, images, channels, top_k=2, crop_size=48)
+    record = server.servicer.store.get(MODEL)  # type: ignore[attr-defined]
+    converted = server.servicer.cache.get(record)  # type: ignore[attr-defined]
+    sub = extract_subgraph(converted.onnx, converted.input_name, [tap.name])
+    session = ort_session(sub)
+    by_id = dict(images)
+    mean = torch.tensor(converted.preprocessing.mean_rgb255)
+    for channel, r in zip(channels, results, strict=True):
+        best = r.top[0]
+        img = resize(decode_image(by_id[best.image_id], 0, JobLimits()), 224, 224)
+        x = from_uint8(img, mean)[None]
+        ref = session.run(None, {converted.input_name: converted.to_model_input(x)})[0][0, channel]
+        y, xx = np.unravel_index(int(np.argmax(ref)), ref.shape)
+        assert (best.y, best.x) == (y, xx)
+        assert best.activation == pytest.approx(float(ref.max()), rel=1e-3, abs=1e-3)
+        # And no other image of the set beats it under onnxruntime.
+        for image_id, data in images:
+            other = from_uint8(resize(decode_image(data, 0, JobLimits()), 224, 224), mean)[None]
+            value = session.run(None, {converted.input_name: converted.to_model_input(other)})[0][0, channel].max()
+            assert value <= float(ref.max()) + 1e-3, image_id
+        top, left, h, w = best.box
+        assert 0 <= top and top + h <= 224 and 0 <= left and left + w <= 224 and 0 < h <= tap.receptive_field
+        # The crop contains the unit's cell centre (effective stride 224 / map side).
+        cy, cx = (best.y + 0.5) * 224 / ref.shape[0], (best.x + 0.5) * 224 / ref.shape[1]
+        assert top <= cy <= top + h and left <= cx <= left + w
+        assert Image.open(io.BytesIO(best.crop_png)).size == (48, 48)
+
+
+def _stream(header: pb.ExemplarsHeader, blobs: list[bytes]) -> Iterator[pb.ExemplarsRequest]:
+    yield pb.ExemplarsRequest(header=header)
+    for b in blobs:
+        yield pb.ExemplarsRequest(image=pb.ExemplarsImage(data=b))
+
+
+def _code(client: PreimageClient, header: pb.ExemplarsHeader, blobs: list[bytes]) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        list(client.stub.Exemplars(_stream(header, blobs), timeout=120))
+    return info.value.code(), info.value.details()
+
+
+def test_bad_inputs_get_their_codes_and_the_server_keeps_serving(
+    client: PreimageClient, images: list[tuple[str, bytes]]
+) -> None:
+    tap = mid_tap(client)
+    ok = pb.ExemplarsHeader(model=MODEL, tap=tap.name, targets=[pb.MaximizeTarget(channel=pb.ChannelTarget(channel=0))])
+    good = images[0][1]
+    code, details = _code(client, ok, [good, b"this is not an image"])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "images[1]" in details
+    huge = png(np.zeros((1100, 1100, 3), np.uint8))  # over max_input_pixels, within max_image_bytes
+    code, details = _code(client, ok, [huge])
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "images[0]" in details
+    many = pb.ExemplarsHeader(model=MODEL, tap=tap.name, targets=[ok.targets[0]] * 9)
+    code, details = _code(client, many, [good])
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "9 targets" in details
+    unknown = pb.ExemplarsHeader(model=MODEL, tap="no-such-tap", targets=ok.targets)
+    code, details = _code(client, unknown, [good])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and error_details_reason(code, details)
+    code, _ = _code(client, pb.ExemplarsHeader(model=MODEL, tap=tap.name), [good])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    # Images before a header.
+    with pytest.raises(grpc.RpcError) as info:
+        list(client.stub.Exemplars(iter([pb.ExemplarsRequest(image=pb.ExemplarsImage(data=good))]), timeout=60))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # A stream cancelled mid-way, while images flow (four batches sent, more to come): the client
+    # sees CANCELLED, and the server's stream slot comes back (checked below by a new call).
+    holder: dict[str, grpc.Future] = {}
+
+    def cancelling() -> Iterator[pb.ExemplarsRequest]:
+        yield pb.ExemplarsRequest(header=ok)
+        for i in range(10_000):
+            if i == 64:
+                holder["call"].cancel()
+            yield pb.ExemplarsRequest(image=pb.ExemplarsImage(data=good))
+
+    call = client.stub.Exemplars(cancelling(), timeout=120)
+    holder["call"] = call
+    with pytest.raises(grpc.RpcError) as info:
+        list(call)
+    assert info.value.code() == grpc.StatusCode.CANCELLED
+    # Still serving, and the same answer as before the errors.
+    results = client.exemplars(MODEL, tap.name, images[:3], [0], top_k=1)
+    assert results[0].images == 3 and len(results[0].top) == 1
+
+
+def error_details_reason(code: grpc.StatusCode, details: str) -> bool:
+    return "unknown tap" in details and "no-such-tap" in details
+
+
+def test_client_takes_paths_and_cli_writes_a_sheet(
+    server: object, client: PreimageClient, images: list[tuple[str, bytes]], tmp_path: Path, capsys
+) -> None:
+    from service.cli.main import main as cli_main
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for image_id, data in images[:6]:
+        (folder / f"{image_id}.png").write_bytes(data)
+    paths = sorted(folder.glob("*.png"))
+    results = client.exemplars(MODEL, client.taps(MODEL).taps[-1].name, paths, [285], top_k=2)
+    assert results[0].top[0].image_id.startswith("chelsea") and results[0].top[0].image_id.endswith(".png")
+    tap = mid_tap(client)
+    out = tmp_path / "sheet.png"
+    address = f"127.0.0.1:{server.port}"  # type: ignore[attr-defined]
+    argv = ["exemplars", "--model", MODEL, "--server", address, "--tap", tap.name, "--channel", "0-1", "--top", "4"]
+    assert cli_main([*argv, "--images", str(folder), "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [t["channel"] for t in summary["targets"]] == [0, 1]
+    assert all(len(t["top"]) == 4 for t in summary["targets"])
+    sheet = Image.open(out)
+    assert sheet.size[0] > 4 * 16 and sheet.size[1] > 2 * 16
+    # The same with a glob.
+    assert cli_main([*argv, "--images", str(folder / "chelsea*.png"), "--out", str(out)]) == 0
