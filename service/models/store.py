@@ -476,10 +476,8 @@ def converted_bytes(converted: Any) -> int:
     and, per node, the Python objects of the torch graph and of each representation built."""
     graph = getattr(converted, "onnx", None)
     nodes = len(graph.graph.node) if graph is not None else 0
-    weights = sum(
-        len(t.raw_data) + 4 * len(t.float_data) + 4 * len(t.int32_data) + 8 * len(t.int64_data)
-        for t in (graph.graph.initializer if graph is not None else ())
-    )
+    # ByteSize, not len(raw_data): reading raw_data copies the tensor's bytes.
+    weights = sum(t.ByteSize() for t in (graph.graph.initializer if graph is not None else ()))
     representations = len(getattr(converted, "_cache", {}))
     protos = 2 if getattr(converted, "reference", None) is not None else 1
     return (protos + 1) * weights + (1 + representations) * nodes * NODE_BYTES
@@ -515,7 +513,8 @@ class ConvertedCache:
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
         if self.max_bytes is not None:
-            while len(self._items) > 1 and sum(self.size(v) for v in self._items.values()) > self.max_bytes:
+            sizes = {k: self.size(v) for k, v in self._items.items()}
+            while len(self._items) > 1 and sum(sizes[k] for k in self._items) > self.max_bytes:
                 self._items.popitem(last=False)
 
     def get(self, record: ModelRecord) -> Any:

@@ -213,6 +213,7 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
         # How recent jobs ended (stats only: a handle would keep the job's tensors alive).
         self.recent_jobs: deque[FinishedJob] = deque(maxlen=64)
         self.jobs_finished = 0
+        self._release_pending = False  # a release_memory is scheduled (guarded by _figures_lock)
         self.statistics = ModelStatistics()  # GetModelStatistics: per model, since this process started
 
     # -- model management ---------------------------------------------------------------------
@@ -387,9 +388,8 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
         finally:
             if code == "OK" and not context.is_active():
                 code = "CANCELLED"
-            if code != "OK":
-                # After the error's traceback (and the tensors its frames hold) is gone.
-                threading.Timer(0.5, release_memory).start()
+            if code in ("RESOURCE_EXHAUSTED", "INTERNAL"):  # the failures that may leave memory behind
+                self._release_memory_soon()
             self.statistics.record(record.id, task, code, int(fields.get("steps", 0)), time.monotonic() - start)
 
     def _run_job(self, task, request, context, fields, response_cls, principal: Principal, record: ModelRecord):
@@ -532,6 +532,21 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
             self._check_slots.release()
 
     # -- helpers --------------------------------------------------------------------------------
+    def _release_memory_soon(self) -> None:
+        """``release_memory`` once the failed job's traceback (and the tensors its frames hold) is
+        gone; at most one pending at a time: a collection holds the GIL and a trim costs page faults."""
+        with self._figures_lock:
+            if self._release_pending:
+                return
+            self._release_pending = True
+
+        def run() -> None:
+            with self._figures_lock:
+                self._release_pending = False
+            release_memory()
+
+        threading.Timer(0.5, run).start()
+
     def _message(self, record: ModelRecord) -> pb.Model:
         return model_message(record, latest=self.store.is_latest(record))
 
