@@ -214,6 +214,26 @@ def maximize(targets: list, model: str = "tiny", tap: str = "relu2", **kw: Any) 
     return lambda c, m: c.maximize(m.get(model, model), tap, targets, **{**FAST, **kw}).wait()
 
 
+def exemplars(images: list[bytes], targets: list | None = None, tap: str = "relu2", **kw: Any) -> Callable:
+    return lambda c, m: c.exemplars(m["tiny"], tap, images, [0] if targets is None else targets, **kw)
+
+
+def cancelled_exemplars(c: PreimageClient, m: dict[str, str]) -> Any:
+    """An Exemplars stream the client cancels while its images flow."""
+    header = pb.ExemplarsHeader(model=m["tiny"], tap="relu2", targets=[pb.MaximizeTarget(channel=pb.ChannelTarget())])
+    holder: dict[str, Any] = {}
+
+    def requests() -> Iterator[pb.ExemplarsRequest]:
+        yield pb.ExemplarsRequest(header=header)
+        for i in range(10_000):
+            if i == 40:
+                holder["call"].cancel()
+            yield pb.ExemplarsRequest(image=pb.ExemplarsImage(data=png_bytes(photo())))
+
+    holder["call"] = c.stub.Exemplars(requests(), timeout=60)
+    return list(holder["call"])
+
+
 def raw_maximize(mutate: Callable[[pb.MaximizeRequest], None], model: str = "tiny") -> Callable:
     def call(c: PreimageClient, m: dict[str, str]) -> Any:
         request = pb.MaximizeRequest(
@@ -360,6 +380,20 @@ def corpus() -> list[Case]:
         ),  # fmt: skip
         Case("65 targets", maximize(list(range(8)) * 9), EXHAUSTED, "targets"),
         Case("no target kind set", raw_maximize(lambda r: r.targets.add()), INVALID),
+        # -- Exemplars: a client stream of images -----------------------------------------------------
+        Case("exemplars: odd images", exemplars([png_16bit(), png_bytes(photo("CMYK"), "JPEG")]), OK),
+        Case("exemplars: a non-image", exemplars([png_bytes(photo()), b"not an image"]), INVALID, "images[1]"),
+        Case("exemplars: truncated PNG", exemplars([png_bytes(photo())[:200]]), INVALID, "images[0]"),
+        Case("exemplars: empty image", exemplars([b""]), INVALID, "empty"),
+        Case("exemplars: decompression bomb", exemplars([zeros_bomb()]), EXHAUSTED, "pixels"),
+        Case("exemplars: 65 targets", exemplars([png_bytes(photo())], list(range(8)) * 9), EXHAUSTED, "targets"),
+        Case("exemplars: unknown tap", exemplars([png_bytes(photo())], tap="relu9"), INVALID, "unknown tap"),
+        Case("exemplars: channel uint32 max", exemplars([png_bytes(photo())], [U32]), INVALID, "channel"),
+        Case("exemplars: direction with NaN", exemplars([png_bytes(photo())], [[nan] * 8]), INVALID, "finite"),
+        Case("exemplars: top_k uint32 max", exemplars([png_bytes(photo())], top_k=U32), INVALID, "top_k"),
+        Case("exemplars: crop_size 1", exemplars([png_bytes(photo())], crop_size=1), INVALID, "crop_size"),
+        Case("exemplars: no images", exemplars([]), INVALID, "no images"),
+        Case("exemplars: cancelled stream", cancelled_exemplars, grpc.StatusCode.CANCELLED),
         # -- a model that produces NaN in the minimizer ------------------------------------------------
         Case("NaN gradient in the minimizer", maximize([0], model="nan", steps=3), INVALID, "non-finite"),
         Case("NaN gradient in an inversion", invert(png_bytes(photo()), model="nan", steps=3), INVALID, "non-finite"),
