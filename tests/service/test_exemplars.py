@@ -58,6 +58,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
         seed_bundled=False,
         torch_threads=1,
         job_limits=JobLimits(max_input_pixels=1024 * 1024, max_image_bytes=2 << 20, max_targets=8),
+        upload_idle_seconds=5.0,  # the stalled-client test waits this long
     )
     running = start_server("127.0.0.1:0", config)
     with PreimageClient(f"127.0.0.1:{running.port}", timeout=300) as client:
@@ -195,6 +196,48 @@ def test_bad_inputs_get_their_codes_and_the_server_keeps_serving(
     # Still serving, and the same answer as before the errors.
     results = client.exemplars(MODEL, tap.name, images[:3], [0], top_k=1)
     assert results[0].images == 3 and len(results[0].top) == 1
+
+
+def _rpc_lines(stream: io.StringIO) -> list[dict]:
+    lines = [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
+    return [x for x in lines if x.get("msg") == "rpc" and str(x.get("method", "")).endswith("Exemplars")]
+
+
+def test_a_stalled_stream_stops_within_one_batch(client: PreimageClient, images: list[tuple[str, bytes]]) -> None:
+    """40 images arrive, then nothing: the two full batches of 16 run, the partial third never
+    does, and the server's idle limit ends the call (a stalled client holds no stream slot)."""
+    import threading
+    import time
+
+    from tests.service._logs import captured_server_logs
+
+    tap = mid_tap(client)
+    header = pb.ExemplarsHeader(
+        model=MODEL, tap=tap.name, targets=[pb.MaximizeTarget(channel=pb.ChannelTarget(channel=0))], batch_size=16
+    )
+    release = threading.Event()
+
+    def stalling() -> Iterator[pb.ExemplarsRequest]:
+        yield pb.ExemplarsRequest(header=header)
+        for i in range(40):
+            yield pb.ExemplarsRequest(image=pb.ExemplarsImage(data=images[i % len(images)][1], id=str(i)))
+        release.wait(120)  # stalls until the test ends the call
+
+    try:
+        with captured_server_logs() as stream:
+            with pytest.raises(grpc.RpcError) as info:
+                list(client.stub.Exemplars(stalling(), timeout=120))
+            for _ in range(300):  # the log line follows the status: wait for it, not for a time
+                if _rpc_lines(stream):
+                    break
+                time.sleep(0.1)
+    finally:
+        release.set()
+    # The server's idle limit (5 s here) ended it, well before the client's deadline.
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "sent nothing" in info.value.details()
+    (line,) = _rpc_lines(stream)
+    assert line["images"] == 32, line
+    assert client.exemplars(MODEL, tap.name, images[:2], [0], top_k=1)[0].images == 2
 
 
 def error_details_reason(code: grpc.StatusCode, details: str) -> bool:
