@@ -22,7 +22,7 @@ from service.api.preimage.v1 import preimage_pb2 as pb
 from service.energy import from_uint8
 from service.jobs.errors import ServiceError, exhausted, invalid
 from service.jobs.images import png_bytes
-from service.jobs.job import _run_phi, decode_image, find_tap, fixed_input_size, resize
+from service.jobs.job import _run_phi, activation_bytes, decode_image, find_tap, fixed_input_size, resize
 from service.jobs.limits import JobLimits
 from service.jobs.reference import center_crop_resize
 
@@ -218,6 +218,36 @@ class ExemplarsRun:
             )
 
 
+def fit_batch(
+    batch: int,
+    converted: Any,
+    tap: Any,
+    height: int,
+    width: int,
+    n_targets: int,
+    kept: int,
+    crop: int,
+    limits: JobLimits,
+) -> int:
+    """The largest batch up to ``batch`` whose estimate fits ``limits.max_job_bytes``: every
+    activation up to the tap for each image (a forward pass frees most as it goes, so this is an
+    upper bound), the batch's images, and the kept crops. RESOURCE_EXHAUSTED when one image does
+    not fit."""
+    per_image = activation_bytes(converted, tap, height, width) + 4 * 3 * height * width * 2
+    crops = n_targets * kept * crop * crop * 3
+    room = limits.max_job_bytes - crops
+    fit = min(batch, room // per_image) if room > 0 else 0
+    if fit < 1:
+        gib = 1 << 30
+        raise exhausted(
+            f"one image at {height}×{width} up to tap {tap.alias!r} with {n_targets} targets needs about "
+            f"{(per_image + crops) / gib:.2f} GiB; this server runs at most {limits.max_job_bytes / gib:.2f} GiB "
+            "per request: use an earlier tap, fewer targets, a smaller top_k or crop_size",
+            field="header",
+        )
+    return int(fit)
+
+
 def start_run(header: pb.ExemplarsHeader, converted: Any, device: torch.device, limits: JobLimits) -> ExemplarsRun:
     """Check the header and set up the run (INVALID_ARGUMENT / RESOURCE_EXHAUSTED naming the field)."""
     from converters.model import NOMINAL_SIZE
@@ -238,15 +268,18 @@ def start_run(header: pb.ExemplarsHeader, converted: Any, device: torch.device, 
     height, width = fixed or (pre.height or NOMINAL_SIZE, pre.width or NOMINAL_SIZE)
     rf = tap.receptive_field_yx
     side = header.crop_size or (min(max(min(rf[0], height), MIN_CROP), MAX_CROP) if rf else MAX_CROP)
+    top_k = header.top_k or DEFAULT_K
+    batch = fit_batch(header.batch_size or DEFAULT_BATCH, converted, tap, height, width, len(targets),
+                      top_k + header.bottom_k, int(side), limits)  # fmt: skip
     phi = converted.representation(tap.name).to(device)
     return ExemplarsRun(
         converted=converted,
         tap=tap,
         targets=targets,
-        top_k=header.top_k or DEFAULT_K,
+        top_k=top_k,
         bottom_k=header.bottom_k,
         crop_size=int(side),
-        batch_size=header.batch_size or DEFAULT_BATCH,
+        batch_size=batch,
         height=height,
         width=width,
         phi=phi,

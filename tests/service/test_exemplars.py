@@ -268,3 +268,19 @@ def test_client_takes_paths_and_cli_writes_a_sheet(
     assert sheet.size[0] > 4 * 16 and sheet.size[1] > 2 * 16
     # The same with a glob.
     assert cli_main([*argv, "--images", str(folder / "chelsea*.png"), "--out", str(out)]) == 0
+
+
+def test_the_batch_shrinks_to_the_memory_limit_and_one_image_over_it_is_refused(server: object) -> None:
+    from service.jobs.errors import ServiceError
+    from service.jobs.exemplars import fit_batch
+    from service.jobs.job import activation_bytes
+
+    converted = server.servicer.cache.get(server.servicer.store.get(MODEL))  # type: ignore[attr-defined]
+    tap = converted.tap("/_blocks.7/Add")
+    per_image = activation_bytes(converted, tap, 224, 224) + 4 * 3 * 224 * 224 * 2
+    crops = 2 * 10 * 64 * 64 * 3
+    assert fit_batch(16, converted, tap, 224, 224, 2, 10, 64, JobLimits()) == 16
+    assert fit_batch(16, converted, tap, 224, 224, 2, 10, 64, JobLimits(max_job_bytes=crops + 3 * per_image)) == 3
+    with pytest.raises(ServiceError) as info:
+        fit_batch(16, converted, tap, 224, 224, 2, 10, 64, JobLimits(max_job_bytes=per_image // 2))
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "earlier tap" in info.value.message
