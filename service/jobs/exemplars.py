@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from service.api.preimage.v1 import preimage_pb2 as pb
-from service.energy import from_uint8
 from service.jobs.errors import ServiceError, exhausted, invalid
 from service.jobs.images import png_bytes
 from service.jobs.job import _run_phi, activation_bytes, decode_image, find_tap, fixed_input_size, resize
@@ -132,6 +131,18 @@ def _read(target: Target, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     return v, idx // w, idx % w
 
 
+def _read_channels(targets: list[Target], a: torch.Tensor) -> dict[int, tuple[torch.Tensor, ...]]:
+    """``_read`` for every channel target of a spatial map at once (one max over the map for all
+    of them, not one per target): target index → (activation, y, x) per image."""
+    idx = [t for t, target in enumerate(targets) if target.kind == "channel"]
+    if a.dim() != 4 or not idx:
+        return {}
+    m = a[:, [targets[t].channel for t in idx]].flatten(2)  # B × T × (H·W)
+    v, arg = m.max(dim=2)
+    w = a.shape[-1]
+    return {t: (v[:, j], arg[:, j] // w, arg[:, j] % w) for j, t in enumerate(idx)}
+
+
 def crop_box(tap: Any, y: int, x: int, map_hw: tuple[int, int], hw: tuple[int, int]) -> tuple[int, int, int, int]:
     """(top, left, height, width) of unit (y, x)'s receptive field in the model-input image,
     clipped to it. The unit's centre is taken as its cell's centre at the map's effective stride
@@ -176,11 +187,15 @@ class ExemplarsRun:
         self.mean = torch.tensor(self.converted.preprocessing.mean_rgb255, dtype=torch.float32)
 
     def run_batch(self, images: list[tuple[str, np.ndarray]]) -> None:
-        x = torch.stack([from_uint8(img, self.mean) for _, img in images]).to(self.device)
+        # One uint8 stack, then one conversion: per-image from_uint8 and a float stack measured
+        # 15 % of a batch's time on the bundled model (2-core CPU).
+        pixels = torch.from_numpy(np.stack([img for _, img in images])).to(self.device)
+        x = pixels.permute(0, 3, 1, 2).float() - self.mean.to(self.device).view(1, 3, 1, 1)
         a = _run_phi(self.phi, x, self.tap.alias).cpu()
         map_hw = tuple(a.shape[2:4]) if a.dim() == 4 else (1, 1)
+        read = _read_channels(self.targets, a)
         for t, target in enumerate(self.targets):
-            values, ys, xs = _read(target, a)
+            values, ys, xs = read[t] if t in read else _read(target, a)
             for i, (image_id, img) in enumerate(images):
                 v, y, xx, seq = float(values[i]), int(ys[i]), int(xs[i]), self.seen + i
                 self.maxima[t] = max(self.maxima[t], v)
