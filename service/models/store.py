@@ -39,6 +39,7 @@ import socket
 import tempfile
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -471,16 +472,23 @@ class ModelStore:
 NODE_BYTES = 12 << 10  # a converted graph's Python objects per ONNX node (1.1 GB for 99,990 nodes)
 
 
+_STATIC_BYTES: weakref.WeakKeyDictionary[Any, tuple[int, int]] = weakref.WeakKeyDictionary()
+
+
 def converted_bytes(converted: Any) -> int:
     """Estimated bytes a converted model holds: its weights (the ONNX protos and the torch copy)
     and, per node, the Python objects of the torch graph and of each representation built."""
-    graph = getattr(converted, "onnx", None)
-    nodes = len(graph.graph.node) if graph is not None else 0
-    # ByteSize, not len(raw_data): reading raw_data copies the tensor's bytes.
-    weights = sum(t.ByteSize() for t in (graph.graph.initializer if graph is not None else ()))
-    representations = len(getattr(converted, "_cache", {}))
-    protos = 2 if getattr(converted, "reference", None) is not None else 1
-    return (protos + 1) * weights + (1 + representations) * nodes * NODE_BYTES
+    static = _STATIC_BYTES.get(converted)
+    if static is None:  # the weights and nodes never change: measured once (a cache hit runs this)
+        graph = getattr(converted, "onnx", None)
+        nodes = len(graph.graph.node) if graph is not None else 0
+        weights = sum(t.ByteSize() for t in (graph.graph.initializer if graph is not None else ()))
+        protos = 2 if getattr(converted, "reference", None) is not None else 1
+        static = ((protos + 1) * weights, nodes)
+        with contextlib.suppress(TypeError):  # an object without weak references: measured each time
+            _STATIC_BYTES[converted] = static
+    weights, nodes = static
+    return weights + (1 + len(getattr(converted, "_cache", {}))) * nodes * NODE_BYTES
 
 
 class ConvertedCache:
