@@ -134,7 +134,8 @@ def _fail(context: grpc.ServicerContext, exc: BaseException, fields: dict[str, A
         details = details_for(exc, code)
     # Messages echo what the client sent (names, taps); a status message beyond gRPC's 16 KiB
     # metadata cap would reach the client as a bare "Stream removed" instead of this code.
-    message = scrub(message)
+    # Cut before scrubbing too, so the patterns never scan more than a status can carry.
+    message = scrub(message[: 2 * MAX_STATUS_MESSAGE])
     if len(message) > MAX_STATUS_MESSAGE:
         message = message[:MAX_STATUS_MESSAGE] + "… (truncated)"
     fields.update(code=code.name, message=message, reason=details.reason)
@@ -148,8 +149,16 @@ _PRIVATE_DIRS: list[str] = []
 _INTERNALS = [
     (re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : "), ""),
     (re.compile(r"\[enforce fail at [^\]]*\]\s*"), ""),
-    (re.compile(r"(?:[\w.-]*/)*[\w.-]+\.(?:cc|cpp|cxx|h|hpp|cu|cuh):\d+\s*"), ""),
-    (re.compile(r"(?:\b\w+\s+)?\b(?:onnxruntime|onnx|std|c10|at)::[\w:<>,\s*&]*\([^()]*\)\s*(?:const\s*)?"), ""),
+    # Bounded repeats: the messages echo client text (a 100k-character tap name), and an unbounded
+    # [\w.-]+ before a literal would rescan the rest of such a word from every position (quadratic).
+    (re.compile(r"(?:[\w.-]{0,255}/){0,32}[\w.-]{1,255}\.(?:cc|cpp|cxx|h|hpp|cu|cuh):\d+\s*"), ""),
+    (
+        re.compile(
+            r"(?:\b\w{1,255}\s+)?\b(?:onnxruntime|onnx|std|c10|at)::"
+            r"[\w:<>,\s*&]{0,1000}\([^()]{0,1000}\)\s*(?:const\s*)?"
+        ),
+        "",
+    ),
     (re.compile(r"/[^\s'\"]*/(?:site-packages|dist-packages|lib/python3[\d.]*)/[^\s'\",:)]*"), "<library file>"),
 ]
 
