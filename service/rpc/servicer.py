@@ -45,6 +45,7 @@ from service.rpc.auth import (
 )
 from service.rpc.config import ServerConfig
 from service.rpc.errors import register_private_dir, rpc_handler, status_for
+from service.rpc.idle import idle_limited
 from service.rpc.messages import (
     DEFAULT_CLIENT_LIMIT,
     MAX_MESSAGE_BYTES,
@@ -136,58 +137,6 @@ def module_paths(taps: list[Any]) -> dict[str, str]:
     return out
 
 
-def _idle_limited(messages: Iterator[Any], idle_seconds: float) -> Iterator[Any]:
-    """``messages``, ended with DEADLINE_EXCEEDED when none arrives for ``idle_seconds``.
-
-    A sync server's request iterator blocks without a timeout, so a reader thread feeds a queue the
-    handler waits on with one; when the handler gives up, gRPC ends the call, which ends the read.
-    """
-    import queue
-
-    box: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=2)  # the reader stays ≤ 2 messages ahead
-    stopped = threading.Event()
-
-    def put(item: tuple[str, Any]) -> bool:
-        while not stopped.is_set():
-            try:
-                box.put(item, timeout=0.5)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def read() -> None:
-        try:
-            for m in messages:
-                if not put(("message", m)):
-                    return
-            put(("end", None))
-        except BaseException as exc:  # the client cancelled: the handler re-raises it
-            put(("error", exc))
-
-    threading.Thread(target=read, name="upload-reader", daemon=True).start()
-    received = 0
-    try:
-        while True:
-            try:
-                kind, value = box.get(timeout=idle_seconds)
-            except queue.Empty:
-                raise ServiceError(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"the upload sent nothing for {idle_seconds:g} s after {received} messages and was ended "
-                    "(its bytes were discarded); send the chunks without pausing, and `finish` last",
-                    reason="DEADLINE_EXCEEDED",
-                ) from None
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            received += 1
-            yield value
-    finally:
-        stopped.set()
-
-
 class PreimageServicer(pb_grpc.PreimageServiceServicer):
     """The RPCs. Each handler gets ``fields``: what it adds there goes into the RPC's log line."""
 
@@ -219,7 +168,10 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
     # -- model management ---------------------------------------------------------------------
     @rpc_handler
     def UploadModel(self, request_iterator: Iterator[pb.UploadModelRequest], context: grpc.ServicerContext, fields):
-        request_iterator = _idle_limited(request_iterator, self.config.upload_idle_seconds)
+        request_iterator = idle_limited(
+            request_iterator, self.config.upload_idle_seconds, what="the upload",
+            advice=" (its bytes were discarded); send the chunks without pausing, and `finish` last",
+        )  # fmt: skip
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "metadata":
             raise invalid("the first message of an upload must be `metadata` (name, preprocessing, labels)")
