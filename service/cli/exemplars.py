@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from service.cli import args as types
+import service.cli.args as types
 from service.cli.args import UsageError
 from service.cli.remote import add_server_argument, rpc_error
 

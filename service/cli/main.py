@@ -28,7 +28,7 @@ from typing import Any
 
 import service.cli.remote as cli_remote
 from converters.spec import input_size
-from service.cli import args as types
+import service.cli.args as types
 from service.cli.args import CliParser, run_cli
 from service.cli.check import add_check_command
 from service.cli.embedded import connect, embedded_server, say

@@ -32,7 +32,7 @@ import grpc
 from converters.spec import input_size
 from service.api.enums import ENERGY_ENUMS
 from service.api.preimage.v1 import preimage_pb2 as pb
-from service.cli import args as types
+import service.cli.args as types
 from service.cli.args import EXIT_USAGE, CliParser, UsageError, model_ref, run_cli
 from service.cli.embedded import connect, say
 from service.cli.resolve import SERVER_ENV, image_ref, resolve_image
