@@ -39,7 +39,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -273,6 +273,12 @@ def _refusing(handler: grpc.RpcMethodHandler, method: str, message: str) -> grpc
 
         context.abort_with_status(rich_status(grpc.StatusCode.UNAUTHENTICATED, message, Details("UNAUTHENTICATED")))
 
+    return refusing_handler(handler, abort)
+
+
+def refusing_handler(handler: grpc.RpcMethodHandler, abort: Callable[[Any, Any], Any]) -> grpc.RpcMethodHandler:
+    """A handler of the same kind (unary or streaming on each side) and serializers as ``handler``
+    that runs ``abort`` instead: what an interceptor returns to refuse a call before it starts."""
     kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(abort, **kw)

@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 
 from service.jobs.errors import ServiceError, exhausted
-from service.rpc.auth import Authenticator
+from service.rpc.auth import Authenticator, refusing_handler
 
 # The RPCs that may hold their thread for long: client streams (waiting for chunks) and the jobs.
 LONG_METHODS = frozenset(
@@ -126,14 +126,7 @@ def _refusing(handler: grpc.RpcMethodHandler, error: ServiceError) -> grpc.RpcMe
         details = Details(error.reason or "SERVER_BUSY", retry_after=error.retry_after)
         context.abort_with_status(rich_status(error.code, error.message, details))
 
-    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort, **kw)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort, **kw)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort, **kw)
-    return grpc.unary_unary_rpc_method_handler(abort, **kw)
+    return refusing_handler(handler, abort)
 
 
 class StreamGate(grpc.ServerInterceptor):
