@@ -15,7 +15,7 @@ from converters import ops as _ops  # noqa: F401  (registers our extra onnx2torc
 from converters.errors import FailsAtSize, ModelError, UnknownTap
 from converters.freeze import freeze_constant_args
 from converters.inputs import detect_input, fixed_shape_copy, resolve_preprocessing
-from converters.loading import LoadLimits, load_untrusted
+from converters.loading import LoadLimits, load_untrusted, parse
 from converters.normalize import normalize
 from converters.representation import Preprocess, Representation
 from converters.spec import Preprocessing
@@ -59,15 +59,43 @@ class ConvertedModel:
         self._lock = threading.RLock()
         self.parity = None  # converters.parity.ParityReport once verified
         self._full: torch.fx.GraphModule | None = None
-        # What was upgraded in the uploaded file (IR, opset) and, when anything was, the file as
-        # uploaded: the judge runs it, so a faulty upgrade is caught like a faulty conversion.
+        # What was upgraded in the uploaded file (IR, opset).
         self.upgrade: Upgrade | None = None
-        self.reference: onnx.ModelProto | None = None
+        # The file as uploaded (its bytes, or the caller's path): the parity judge runs it, so whatever
+        # the upgrade or the normalization changed is judged like the conversion. Kept serialized and
+        # parsed only when judged, so a served model does not hold a second parsed copy of its weights.
+        self._uploaded: bytes | Path | None = None
+        self._uploaded_names: set[str] | None = None
         # where the nominal input size came from: "graph" (fixed), "declared" (by the caller), "metadata",
         # "probed" (the first common size the graph runs at) or "default" (dynamic: NOMINAL_SIZE)
         self.size_source = "graph"
         # a module whose gradient stands in for the output's (converters.surrogates), or None
         self.output_surrogate: torch.nn.Module | None = None
+
+    @property
+    def reference(self) -> onnx.ModelProto | None:
+        """The file as uploaded, parsed afresh on each call (the caller may edit it), which the parity
+        judge runs; None for a model built without one."""
+        if self._uploaded is None:
+            return None
+        raw = self._uploaded if isinstance(self._uploaded, bytes) else self._uploaded.read_bytes()
+        return parse(raw)
+
+    @property
+    def reference_names(self) -> set[str] | None:
+        """The value names the uploaded file computes or takes as inputs (None without a reference)."""
+        if self._uploaded_names is None:
+            ref = self.reference
+            if ref is None:
+                return None
+            self._uploaded_names = {o for n in ref.graph.node for o in n.output if o}
+            self._uploaded_names |= {i.name for i in ref.graph.input}
+        return self._uploaded_names
+
+    @property
+    def reference_bytes(self) -> int:
+        """Bytes this model holds for its reference (the uploaded file kept in memory; 0 for a path)."""
+        return len(self._uploaded) if isinstance(self._uploaded, bytes) else 0
 
     @property
     def output_tap(self) -> TapInfo:
@@ -235,7 +263,8 @@ def load_model(
     is kept as ``model.parity`` otherwise. Pass ``verify=False`` only for models already verified."""
     limits = limits or LoadLimits()
     model = load_untrusted(data, limits)
-    uploaded = model
+    # what the judge runs: the bytes as given (bytes() of bytes is the same object, no copy) or the path
+    uploaded = bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else Path(data)
     model, upgraded = upgrade(model)
     model = normalize(model, copy=False)
     input_name, spec = detect_input(model)
@@ -331,7 +360,7 @@ def _build(
     limits: LoadLimits,
     verify: bool,
     upgraded: Upgrade,
-    uploaded: onnx.ModelProto,
+    uploaded: bytes | Path,
     surrogates: bool = True,
 ) -> ConvertedModel:
     hw = (pre.height or NOMINAL_SIZE, pre.width or NOMINAL_SIZE)
@@ -344,8 +373,7 @@ def _build(
     converted = ConvertedModel(model, pre, input_name, taps, source, spec.batch)
     converted.output_surrogate = output_surrogate(model) if surrogates else None
     converted.upgrade = upgraded
-    if upgraded.changed:
-        converted.reference = uploaded
+    converted._uploaded = uploaded
     if verify:
         from converters.parity import verify as verify_parity
 

@@ -483,8 +483,8 @@ def converted_bytes(converted: Any) -> int:
         graph = getattr(converted, "onnx", None)
         nodes = len(graph.graph.node) if graph is not None else 0
         weights = sum(t.ByteSize() for t in (graph.graph.initializer if graph is not None else ()))
-        protos = 2 if getattr(converted, "reference", None) is not None else 1
-        static = ((protos + 1) * weights, nodes)
+        # the ONNX proto, the torch copy, and the uploaded file when it is kept in memory for the judge
+        static = (2 * weights + int(getattr(converted, "reference_bytes", 0)), nodes)
         with contextlib.suppress(TypeError):  # an object without weak references: measured each time
             _STATIC_BYTES[converted] = static
     weights, nodes = static
