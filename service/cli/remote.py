@@ -29,14 +29,14 @@ from typing import Any
 
 import grpc
 
+import service.cli.args as types
 from converters.spec import input_size
 from service.api.enums import ENERGY_ENUMS
 from service.api.preimage.v1 import preimage_pb2 as pb
-import service.cli.args as types
 from service.cli.args import EXIT_USAGE, CliParser, UsageError, model_ref, run_cli
 from service.cli.embedded import connect, say
 from service.cli.resolve import SERVER_ENV, image_ref, resolve_image
-from service.rpc.messages import model_dict, preprocessing_dict
+from service.rpc.messages import model_dict, origin_text, preprocessing_dict
 
 ALL_COMMANDS = ("upload", "models", "taps", "delete", "share", "info", "stats", "invert", "maximize", "caricature")
 # What the server's code says about the arguments: these are the caller's to fix (exit 2).
@@ -287,7 +287,8 @@ def _upload(client: Any, args: argparse.Namespace) -> int:
 def _models(client: Any, args: argparse.Namespace) -> int:
     models = client.models(args.prefix)
     lines = [f"{m.id[:12]}  {f'{m.name}:{m.version}':<28} {m.size_bytes / 2**20:8.1f} MiB {m.tap_count:5d} taps"
-             f"{'  latest' if m.latest else ''}{'  (bundled)' if m.bundled else ''}" for m in models]  # fmt: skip
+             f"  {origin_text(m) or ('bundled' if m.bundled else '?'):<20}{'  latest' if m.latest else ''}"
+             for m in models]  # fmt: skip
     _print(args, [model_dict(m) for m in models], "\n".join(lines) or "no models")
     return 0
 

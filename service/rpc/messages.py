@@ -73,7 +73,24 @@ def preprocessing_message(pre: dict[str, Any]) -> pb.Preprocessing:
     return msg
 
 
-def model_message(r: ModelRecord, latest: bool = False) -> pb.Model:
+# Where a model comes from for the caller (service.rpc.auth.origin's names) ↔ pb.ModelOrigin.
+ORIGINS = {v.name.removeprefix("MODEL_ORIGIN_").lower(): v.number
+           for v in pb.ModelOrigin.DESCRIPTOR.values if v.number}  # fmt: skip
+ORIGIN_NAMES = {number: name for name, number in ORIGINS.items()}
+
+
+def origin_text(m: pb.Model) -> str:
+    """How a listing says where the model comes from: own, shared by OWNER, public (OWNER), bundled."""
+    name = ORIGIN_NAMES.get(m.origin, "")
+    if name == "shared":
+        return f"shared by {m.owner}"
+    if name in ("public", "other") and m.owner:
+        return f"{name} ({m.owner})"
+    return name
+
+
+def model_message(r: ModelRecord, latest: bool = False, origin: str = "") -> pb.Model:
+    """``origin``: where the model comes from for the caller (``ORIGINS``; empty: unspecified)."""
     created = Timestamp()
     created.FromNanoseconds(int(r.created_at * 1e9))
     return pb.Model(
@@ -94,6 +111,7 @@ def model_message(r: ModelRecord, latest: bool = False) -> pb.Model:
         public=r.public or r.bundled,
         version=r.version,
         latest=latest,
+        origin=ORIGINS.get(origin, pb.MODEL_ORIGIN_UNSPECIFIED),
     )
 
 
@@ -191,4 +209,6 @@ def model_dict(m: pb.Model) -> dict[str, Any]:
         "labels": len(m.labels),
         "version": m.version,
         "latest": m.latest,
+        "origin": ORIGIN_NAMES.get(m.origin, ""),
+        "owner": m.owner,
     }

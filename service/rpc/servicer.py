@@ -43,6 +43,7 @@ from service.rpc.auth import (
     check_share_list,
     origin_rank,
 )
+from service.rpc.auth import origin as model_origin
 from service.rpc.config import ServerConfig
 from service.rpc.errors import register_private_dir, rpc_handler, status_for
 from service.rpc.idle import idle_limited
@@ -259,7 +260,7 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
                 record, existed = self.store.commit(staged.path, record)
         if existed:  # a parallel upload of the same bytes won
             return self._already_stored(record, name)
-        return pb.UploadModelResponse(model=self._message(record), already_existed=False)
+        return pb.UploadModelResponse(model=self._message(record, principal), already_existed=False)
 
     def _already_stored(self, record: ModelRecord, name: str) -> pb.UploadModelResponse:
         """Identical bytes: nothing changes, and the note says what the caller got."""
@@ -269,12 +270,14 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
                     f"(one model, one name: refer to it as {record.name!r} or by its id)")  # fmt: skip
         else:
             note = f"these bytes are already stored as {ref}; no new version was made"
-        return pb.UploadModelResponse(model=self._message(record), already_existed=True, note=note)
+        # the id is a hash of the tenant and the bytes: the stored copy is the caller's own
+        return pb.UploadModelResponse(model=self._message(record, origin="own"), already_existed=True, note=note)
 
     @rpc_handler
     def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext, fields) -> pb.GetModelResponse:
         fields["model"] = request.model
-        return pb.GetModelResponse(model=self._message(self._get(request.model, context, fields)))
+        record = self._get(request.model, context, fields)
+        return pb.GetModelResponse(model=self._message(record, self._principal(context, fields)))
 
     @rpc_handler
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext, fields):
@@ -283,7 +286,8 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
             r for r in self.store.list(lambda r: can_read(principal, r)) if r.name.startswith(request.name_prefix)
         ]
         latest = latest_ids(self.store.list())
-        return pb.ListModelsResponse(models=[model_message(r, r.id in latest) for r in records])
+        models = [model_message(r, r.id in latest, model_origin(principal, r)) for r in records]
+        return pb.ListModelsResponse(models=models)
 
     @rpc_handler
     def DeleteModel(self, request: pb.DeleteModelRequest, context: grpc.ServicerContext, fields):
@@ -409,7 +413,7 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
         record.shared_with = check_share_list(list(request.shared_with))
         record.public = request.public
         self.store.update(record)
-        return pb.ShareModelResponse(model=self._message(record))
+        return pb.ShareModelResponse(model=self._message(record, principal))
 
     # -- metadata -------------------------------------------------------------------------------
     @rpc_handler
@@ -499,8 +503,11 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
 
         threading.Timer(0.5, run).start()
 
-    def _message(self, record: ModelRecord) -> pb.Model:
-        return model_message(record, latest=self.store.is_latest(record))
+    def _message(self, record: ModelRecord, principal: Principal | None = None, origin: str = "") -> pb.Model:
+        """The model as the caller sees it: its origin for ``principal`` (or the ``origin`` given)."""
+        if principal is not None:
+            origin = model_origin(principal, record)
+        return model_message(record, latest=self.store.is_latest(record), origin=origin)
 
     def _principal(self, context: grpc.ServicerContext, fields: dict[str, Any]) -> Principal:
         principal = self.auth.authenticate(context.invocation_metadata())

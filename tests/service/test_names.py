@@ -4,6 +4,7 @@ ambiguous by publishing or sharing a model of the same name."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,3 +88,45 @@ def test_two_tenants_sharing_one_name_with_you_is_still_ambiguous(
     finally:
         with client(server, "bob") as c:
             c.share(models["bob"], [], public=True)
+
+
+# Each tenant's view of the three `net` models: (owner, origin). Carol's is shared with dave only; an
+# admin sees the models no one shared with it as "other".
+VIEWS = {
+    "alice": {("alice", "own"), ("bob", "public")},
+    "bob": {("bob", "own")},
+    "carol": {("carol", "own"), ("bob", "public")},
+    "dave": {("carol", "shared"), ("bob", "public")},
+    "ops": {("alice", "other"), ("bob", "public"), ("carol", "other")},
+}
+
+
+@pytest.mark.parametrize("tenant", sorted(VIEWS))
+def test_list_models_names_each_models_origin_for_the_caller(
+    server: RunningServer, models: dict[str, str], tenant: str
+) -> None:
+    from service.rpc.messages import ORIGIN_NAMES
+
+    with client(server, tenant) as c:
+        listed = {(m.owner, ORIGIN_NAMES[m.origin]) for m in c.models("net")}
+        assert listed == VIEWS[tenant]
+        # GetModel answers the same origin as the listing for the model a bare name resolves to
+        got = c.get("net")
+        assert (got.owner, ORIGIN_NAMES[got.origin]) in VIEWS[tenant]
+
+
+def test_the_cli_listing_says_shared_by_whom(
+    server: RunningServer, models: dict[str, str], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.cli.main import main
+
+    monkeypatch.setenv("PREIMAGE_TOKEN", TOKENS["dave"])
+    address = f"127.0.0.1:{server.port}"
+    assert main(["models", "--prefix", "net", "--server", address]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    by_id = {line.split()[0]: line for line in lines}
+    assert "shared by carol" in by_id[models["carol"][:12]]
+    assert "public (bob)" in by_id[models["bob"][:12]]
+    assert main(["models", "--prefix", "net", "--server", address, "--json"]) == 0
+    rows = {(r["owner"], r["origin"]) for r in json.loads(capsys.readouterr().out)}
+    assert rows == VIEWS["dave"]

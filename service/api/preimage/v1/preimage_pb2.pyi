@@ -101,6 +101,44 @@ INPUT_DTYPE_FLOAT16: InputDtype.ValueType  # 2
 """16-bit float."""
 Global___InputDtype: _TypeAlias = InputDtype  # noqa: Y015
 
+class _ModelOrigin:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ModelOriginEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelOrigin.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MODEL_ORIGIN_UNSPECIFIED: _ModelOrigin.ValueType  # 0
+    """Not said (a server older than this field)."""
+    MODEL_ORIGIN_BUNDLED: _ModelOrigin.ValueType  # 1
+    """Ships with the service."""
+    MODEL_ORIGIN_OWN: _ModelOrigin.ValueType  # 2
+    """Uploaded by the caller's tenant (on an open server: every upload)."""
+    MODEL_ORIGIN_SHARED: _ModelOrigin.ValueType  # 3
+    """Another tenant's model (Model.owner) shared with the caller's tenant."""
+    MODEL_ORIGIN_PUBLIC: _ModelOrigin.ValueType  # 4
+    """Another tenant's model (Model.owner) that every tenant may read and use."""
+    MODEL_ORIGIN_OTHER: _ModelOrigin.ValueType  # 5
+    """Another tenant's model neither shared nor public: only an admin sees it."""
+
+class ModelOrigin(_ModelOrigin, metaclass=_ModelOriginEnumTypeWrapper):
+    """ModelOrigin says where a model comes from, for the caller who asks. A bare name resolves in this
+    order: bundled, own, shared, public (bundled names are reserved).
+    """
+
+MODEL_ORIGIN_UNSPECIFIED: ModelOrigin.ValueType  # 0
+"""Not said (a server older than this field)."""
+MODEL_ORIGIN_BUNDLED: ModelOrigin.ValueType  # 1
+"""Ships with the service."""
+MODEL_ORIGIN_OWN: ModelOrigin.ValueType  # 2
+"""Uploaded by the caller's tenant (on an open server: every upload)."""
+MODEL_ORIGIN_SHARED: ModelOrigin.ValueType  # 3
+"""Another tenant's model (Model.owner) shared with the caller's tenant."""
+MODEL_ORIGIN_PUBLIC: ModelOrigin.ValueType  # 4
+"""Another tenant's model (Model.owner) that every tenant may read and use."""
+MODEL_ORIGIN_OTHER: ModelOrigin.ValueType  # 5
+"""Another tenant's model neither shared nor public: only an admin sees it."""
+Global___ModelOrigin: _TypeAlias = ModelOrigin  # noqa: Y015
+
 class _Optimizer:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -362,6 +400,7 @@ class Model(_message.Message):
     PUBLIC_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     LATEST_FIELD_NUMBER: _builtins.int
+    ORIGIN_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The model's id: the lowercase hex sha256 of its ONNX bytes on an open server and for bundled
     models; for a tenant's upload, a sha256 of the tenant and those bytes (each tenant its own copy).
@@ -396,6 +435,10 @@ class Model(_message.Message):
     """
     latest: _builtins.bool
     """True for the latest version of its name, the one a bare NAME resolves to."""
+    origin: Global___ModelOrigin.ValueType
+    """Where the model comes from for the caller (own, shared with it by owner, public, bundled), as
+    ListModels, GetModel, UploadModel and ShareModel answer it. DeleteModel leaves it unspecified.
+    """
     @_builtins.property
     def preprocessing(self) -> Global___Preprocessing:
         """The preprocessing the service uses for this model (every field resolved)."""
@@ -432,10 +475,11 @@ class Model(_message.Message):
         public: _builtins.bool = ...,
         version: _builtins.int = ...,
         latest: _builtins.bool = ...,
+        origin: Global___ModelOrigin.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_parity", b"_parity", "created_at", b"created_at", "parity", b"parity", "preprocessing", b"preprocessing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_parity", b"_parity", "bundled", b"bundled", "created_at", b"created_at", "description", b"description", "id", b"id", "labels", b"labels", "latest", b"latest", "name", b"name", "output_tap", b"output_tap", "owner", b"owner", "parity", b"parity", "preprocessing", b"preprocessing", "preprocessing_source", b"preprocessing_source", "public", b"public", "shared_with", b"shared_with", "size_bytes", b"size_bytes", "tap_count", b"tap_count", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_parity", b"_parity", "bundled", b"bundled", "created_at", b"created_at", "description", b"description", "id", b"id", "labels", b"labels", "latest", b"latest", "name", b"name", "origin", b"origin", "output_tap", b"output_tap", "owner", b"owner", "parity", b"parity", "preprocessing", b"preprocessing", "preprocessing_source", b"preprocessing_source", "public", b"public", "shared_with", b"shared_with", "size_bytes", b"size_bytes", "tap_count", b"tap_count", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__parity: _TypeAlias = _typing.Literal["parity"]  # noqa: Y015
     _WhichOneofArgType__parity: _TypeAlias = _typing.Literal["_parity", b"_parity"]  # noqa: Y015
