@@ -43,6 +43,7 @@ RTOL = {"float32": 1e-4, "float16": 1e-2}
 PARITY_SIZE = 128  # side used for a model whose input size is dynamic
 PHOTOS = ("chelsea",)  # scikit-image photographs added to the probes by verify()
 MEASURE = "max |a−b| / (max|b| + |b|)"
+NORMALIZED = "onnxruntime on the normalized graph"  # a row judged there, not on the file as uploaded
 # Quantized models. A QDQ graph is judged as written (no onnxruntime graph optimization, see ort_session):
 # fused into onnxruntime's integer kernels it comes out differently (a QDQ resnet18: 39 % of a layer's
 # elements 1–3 steps off), while ONNX defines it as the float graph, which we match exactly. Integer ops
@@ -303,17 +304,29 @@ def _normalized_only(model, names: list[str]) -> list[str]:
     return [] if known is None else [n for n in names if n not in known]
 
 
-def _reference_runs(model, names: list[str], x: torch.Tensor) -> dict[str, np.ndarray]:
-    """onnxruntime's values of ``names`` for the energy-space images ``x``: on the file as uploaded, except
-    for the names only the normalized graph has (see ``_normalized_only``)."""
+def _reference_runs(model, names: list[str], x: torch.Tensor) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """onnxruntime's values of ``names`` for the energy-space images ``x``, on the file as uploaded, and the
+    names judged on the normalized graph instead, each with what its row says about that: the names only
+    the normalized graph has (``_normalized_only``), or every name when onnxruntime refuses to run the
+    file as uploaded but runs the normalized graph (a stride-1 ``auto_pad=SAME`` Conv with dilations,
+    which the normalization writes out as pads; the weaker judgement, said so in every row)."""
     if _names_in_reference(model) is None:
-        return _run_onnxruntime(model, None, names, x)
-    inner = set(_normalized_only(model, names))
+        return _run_onnxruntime(model, None, names, x), dict.fromkeys(names, NORMALIZED)
+    inner = dict.fromkeys(_normalized_only(model, names), NORMALIZED)
     outer = [n for n in names if n not in inner]
-    values = _run_onnxruntime(model, model.reference, outer, x) if outer else {}
-    if inner:
-        values.update(_run_onnxruntime(model, None, [n for n in names if n in inner], x))
-    return values
+    values: dict[str, np.ndarray] = {}
+    if outer:
+        try:
+            values = _run_onnxruntime(model, model.reference, outer, x)
+        except FailsAtSize as exc:
+            # The runtime cannot run the file as uploaded: if it runs the normalized graph, that is judged.
+            values = _run_onnxruntime(model, None, outer, x)
+            why = exc.detail.strip().splitlines()[0] if exc.detail.strip() else "it fails"
+            inner.update(dict.fromkeys(outer, f"{NORMALIZED} (it cannot run the file as uploaded: {why[:200]})"))
+    rest = [n for n in names if n in inner and n not in values]
+    if rest:
+        values.update(_run_onnxruntime(model, None, rest, x))
+    return values, inner
 
 
 def _run_onnxruntime(model, reference: onnx.ModelProto | None, names: list[str], x: torch.Tensor):
@@ -382,8 +395,7 @@ def check_parity(
         if fn is not None and (reference_names is None or node.input[0] in reference_names):
             exact[info.name] = (fn, node.input[0])
     names = list(dict.fromkeys([*(t.name for t in infos), *(src for _, src in exact.values())]))
-    refs = _reference_runs(model, [n for n in names if n != model.input_name], x)
-    normalized_only = set(_normalized_only(model, names))
+    refs, judged_normalized = _reference_runs(model, [n for n in names if n != model.input_name], x)
     if model.input_name in names:
         refs[model.input_name] = model.to_model_input(x)
     layers = None  # (worst max, worst mean, onnxruntime's values) of the layer-by-layer check, when needed
@@ -393,7 +405,7 @@ def check_parity(
             got = rep(x.to(device)).double().cpu().numpy()
             ref = np.asarray(refs[info.name], dtype=np.float64)
             err = elementwise_error(got, ref)
-            against = "onnxruntime on the normalized graph" if info.name in normalized_only else "onnxruntime"
+            against = judged_normalized.get(info.name, "onnxruntime")
             if err > tol and info.name in exact:
                 fn, src = exact[info.name]
                 with np.errstate(over="ignore", under="ignore"):
@@ -436,7 +448,7 @@ def _layer_by_layer(model, x: torch.Tensor) -> tuple[float, float, dict]:
     from converters.quantized import check_layers, quantized_values
 
     names = quantized_values(model.onnx)
-    values = _reference_runs(model, names, x)
+    values, _ = _reference_runs(model, names, x)
     values[model.input_name] = model.to_model_input(x)
     worst_max, worst_mean = check_layers(model.onnx, model.input_name, values)
     return worst_max, worst_mean, values

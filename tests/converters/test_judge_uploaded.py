@@ -115,3 +115,17 @@ def test_a_value_made_inside_an_inlined_function_is_judged_on_the_normalized_gra
     assert report.ok, report.summary()
     assert report.taps[0].reference == "onnxruntime on the normalized graph"
     assert report.taps[1].reference == "onnxruntime"
+
+
+def test_a_file_onnxruntime_cannot_run_as_uploaded_is_judged_on_the_normalized_graph_and_says_so() -> None:
+    # onnxruntime refuses dilations with auto_pad=SAME; the normalization writes the pads out, which it runs
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], auto_pad="SAME_UPPER", dilations=[2, 1]),
+             helper.make_node("Relu", ["c"], ["y"])]  # fmt: skip
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 20, 20])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 20, 20])], [w])  # fmt: skip
+    model = load_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+                       .SerializeToString())  # fmt: skip
+    assert model.parity.ok, model.parity.summary()
+    assert all(t.reference.startswith("onnxruntime on the normalized graph (it cannot run the file as uploaded")
+               for t in model.parity.taps), model.parity.summary()  # fmt: skip
