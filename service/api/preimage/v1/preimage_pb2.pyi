@@ -2659,6 +2659,7 @@ class ExemplarsHeader(_message.Message):
     BOTTOM_K_FIELD_NUMBER: _builtins.int
     CROP_SIZE_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    HEAT_MAPS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model (as in MaximizeRequest.model)."""
     tap: _builtins.str
@@ -2673,6 +2674,10 @@ class ExemplarsHeader(_message.Message):
     """
     batch_size: _builtins.int
     """Images per forward pass (0: the server's choice)."""
+    heat_maps: _builtins.bool
+    """Also each exemplar's location map over the whole image, as a PNG heat map
+    (Exemplar.heat_map_png; spatial taps only).
+    """
     @_builtins.property
     def targets(self) -> _containers.RepeatedCompositeFieldContainer[Global___MaximizeTarget]:
         """The targets: channels (the maximum over the map; for a 1-D output, the class), neurons
@@ -2689,10 +2694,11 @@ class ExemplarsHeader(_message.Message):
         bottom_k: _builtins.int = ...,
         crop_size: _builtins.int = ...,
         batch_size: _builtins.int = ...,
+        heat_maps: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "bottom_k", b"bottom_k", "crop_size", b"crop_size", "model", b"model", "tap", b"tap", "targets", b"targets", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "bottom_k", b"bottom_k", "crop_size", b"crop_size", "heat_maps", b"heat_maps", "model", b"model", "tap", b"tap", "targets", b"targets", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2795,6 +2801,8 @@ class Exemplar(_message.Message):
     X_FIELD_NUMBER: _builtins.int
     CROP_PNG_FIELD_NUMBER: _builtins.int
     BOX_FIELD_NUMBER: _builtins.int
+    HEAT_MAP_PNG_FIELD_NUMBER: _builtins.int
+    TOP_CLASSES_FIELD_NUMBER: _builtins.int
     image_id: _builtins.str
     """The image's id (ExemplarsImage.id, or its index in the stream)."""
     activation: _builtins.float
@@ -2809,9 +2817,21 @@ class Exemplar(_message.Message):
     """PNG of the receptive field around that position in the image as the model saw it (resized
     to the model's input size); the whole image for global taps.
     """
+    heat_map_png: _builtins.bytes
+    """With ExemplarsHeader.heat_maps, on a spatial tap: the target's activation at every map
+    position, upsampled over the image as the model saw it (model-input size) and coloured from
+    black (at or below 0) through red and yellow to white (the target's maximum over the set);
+    the image shows through at half strength. Empty otherwise.
+    """
     @_builtins.property
     def box(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The crop's box in the model-input image: top, left, height, width."""
+
+    @_builtins.property
+    def top_classes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExemplarClass]:
+        """On a 1-D output (logits) of a model uploaded with labels (one per output): this image's
+        highest-scoring classes at that output, highest first (at most 5). Empty otherwise.
+        """
 
     def __init__(
         self,
@@ -2823,14 +2843,46 @@ class Exemplar(_message.Message):
         x: _builtins.int = ...,
         crop_png: _builtins.bytes = ...,
         box: _abc.Iterable[_builtins.int] | None = ...,
+        heat_map_png: _builtins.bytes = ...,
+        top_classes: _abc.Iterable[Global___ExemplarClass] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation", b"activation", "box", b"box", "crop_png", b"crop_png", "fraction_of_max", b"fraction_of_max", "image_id", b"image_id", "x", b"x", "y", b"y"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation", b"activation", "box", b"box", "crop_png", b"crop_png", "fraction_of_max", b"fraction_of_max", "heat_map_png", b"heat_map_png", "image_id", b"image_id", "top_classes", b"top_classes", "x", b"x", "y", b"y"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Exemplar: _TypeAlias = Exemplar  # noqa: Y015
+
+@_typing.final
+class ExemplarClass(_message.Message):
+    """ExemplarClass is one class an exemplar scores highly on at a 1-D output."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Index of the output (the class)."""
+    label: _builtins.str
+    """The model's label for it (Model.labels[index])."""
+    score: _builtins.float
+    """The output's value on the image (the logit, or whatever the output holds)."""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        label: _builtins.str = ...,
+        score: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "label", b"label", "score", b"score"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExemplarClass: _TypeAlias = ExemplarClass  # noqa: Y015
 
 @_typing.final
 class ExemplarsResult(_message.Message):
