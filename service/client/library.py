@@ -35,10 +35,24 @@ from service.client.token import with_token
 from service.rpc.messages import MAX_MESSAGE_BYTES, ChunkJoiner, preprocessing
 
 CHUNK_BYTES = 1 << 20
+# Sent on every call about one model, so a proxy can route by model (deploy/envoy.yaml hashes it):
+# one model's jobs then share one replica's batches and converted cache.
+ROUTING_HEADER = "x-preimage-model"
 ENERGY_FIELDS = {f.name for f in pb.EnergyParams.DESCRIPTOR.fields}
 OPTIONS_FIELDS = {f.name for f in pb.RunOptions.DESCRIPTOR.fields}
 
 ImageLike = bytes | str | Path | Any  # encoded bytes, a file path, or an H×W×3 uint8 array
+
+
+def routing_metadata(model: str) -> tuple[tuple[str, str], ...]:
+    """The routing header for calls about ``model`` (the string as given: a name and an id of one
+    model hash apart, so use one of them consistently). Non-ASCII names are percent-encoded:
+    gRPC metadata values are printable ASCII."""
+    if not model:
+        return ()
+    from urllib.parse import quote
+
+    return ((ROUTING_HEADER, quote(model, safe="")),)
 
 
 def energy_params(**values: Any) -> pb.EnergyParams:
@@ -228,26 +242,28 @@ class PreimageClient:
         return self.stub.UploadModel(messages(), timeout=self._timeout(timeout))
 
     def get(self, model: str, timeout: float | None = None) -> pb.Model:
-        return self.stub.GetModel(pb.GetModelRequest(model=model), timeout=self._timeout(timeout)).model
+        request = pb.GetModelRequest(model=model)
+        return self.stub.GetModel(request, timeout=self._timeout(timeout), metadata=routing_metadata(model)).model
 
     def models(self, name_prefix: str = "", timeout: float | None = None) -> list[pb.Model]:
         request = pb.ListModelsRequest(name_prefix=name_prefix)
         return list(self.stub.ListModels(request, timeout=self._timeout(timeout)).models)
 
     def delete(self, model: str, timeout: float | None = None) -> pb.Model:
-        return self.stub.DeleteModel(pb.DeleteModelRequest(model=model), timeout=self._timeout(timeout)).model
+        request = pb.DeleteModelRequest(model=model)
+        return self.stub.DeleteModel(request, timeout=self._timeout(timeout), metadata=routing_metadata(model)).model
 
     def share(
         self, model: str, shared_with: Iterable[str] = (), public: bool = False, timeout: float | None = None
     ) -> pb.Model:
         """Replace who else may read and use one of your models (named tenants, or everyone)."""
         request = pb.ShareModelRequest(model=model, shared_with=list(shared_with), public=public)
-        return self.stub.ShareModel(request, timeout=self._timeout(timeout)).model
+        return self.stub.ShareModel(request, timeout=self._timeout(timeout), metadata=routing_metadata(model)).model
 
     def taps(self, model: str, module_paths: bool = False, timeout: float | None = None) -> pb.ListTapsResponse:
         """The model's taps; ``module_paths`` also lists the torch module paths that name taps."""
         request = pb.ListTapsRequest(model=model, module_paths=module_paths)
-        return self.stub.ListTaps(request, timeout=self._timeout(timeout))
+        return self.stub.ListTaps(request, timeout=self._timeout(timeout), metadata=routing_metadata(model))
 
     # -- metadata -------------------------------------------------------------------------------
     def server_info(self, timeout: float | None = None) -> pb.GetServerInfoResponse:
@@ -257,7 +273,7 @@ class PreimageClient:
     def statistics(self, model: str = "", timeout: float | None = None) -> pb.GetModelStatisticsResponse:
         """Jobs, steps, seconds and failures per model since the server started (``model``: one)."""
         request = pb.GetModelStatisticsRequest(model=model)
-        return self.stub.GetModelStatistics(request, timeout=self._timeout(timeout))
+        return self.stub.GetModelStatistics(request, timeout=self._timeout(timeout), metadata=routing_metadata(model))
 
     # -- release checks -------------------------------------------------------------------------
     def check(
@@ -275,7 +291,8 @@ class PreimageClient:
         """Start a release check of ``model`` (against ``baseline``). Keywords: CheckThresholds fields."""
         request = pb.CheckReleaseRequest(model=model, baseline=baseline, preset=preset, taps=list(taps),
                                          thresholds=pb.CheckThresholds(**thresholds), seed=seed)
-        return CheckRun(self.stub.CheckRelease(request, timeout=self._timeout(timeout)), on_progress=on_progress)
+        call = self.stub.CheckRelease(request, timeout=self._timeout(timeout), metadata=routing_metadata(model))
+        return CheckRun(call, on_progress=on_progress)
 
     # -- visualizations -------------------------------------------------------------------------
     def invert(
@@ -295,7 +312,8 @@ class PreimageClient:
             model=model, tap=tap, images=[pb.Image(data=encode_image(i)) for i in images],
             mask=pb.FeatureMask(center_size=mask_center), params=params, options=options,
         )  # fmt: skip
-        return Run(self.stub.Invert(request, timeout=self._timeout(timeout)), on_progress=on_progress)
+        call = self.stub.Invert(request, timeout=self._timeout(timeout), metadata=routing_metadata(model))
+        return Run(call, on_progress=on_progress)
 
     def maximize(
         self,
@@ -315,7 +333,8 @@ class PreimageClient:
         )
         if channel_max is not None:
             request.channel_max = channel_max
-        return Run(self.stub.Maximize(request, timeout=self._timeout(timeout)), on_progress=on_progress)
+        call = self.stub.Maximize(request, timeout=self._timeout(timeout), metadata=routing_metadata(model))
+        return Run(call, on_progress=on_progress)
 
     def caricature(
         self,
@@ -333,7 +352,8 @@ class PreimageClient:
             model=model, tap=tap, images=[pb.Image(data=encode_image(i)) for i in images],
             params=params, options=options,
         )  # fmt: skip
-        return Run(self.stub.Caricature(request, timeout=self._timeout(timeout)), on_progress=on_progress)
+        call = self.stub.Caricature(request, timeout=self._timeout(timeout), metadata=routing_metadata(model))
+        return Run(call, on_progress=on_progress)
 
     def exemplars(
         self,
@@ -346,13 +366,16 @@ class PreimageClient:
         bottom_k: int = 0,
         crop_size: int = 0,
         batch_size: int = 0,
+        heat_maps: bool = False,
         timeout: float | None = None,
         on_progress: Callable[[pb.ExemplarsProgress], None] | None = None,
     ) -> list[pb.ExemplarsResult]:
         """The images of ``images`` that excite each target most (and least, ``bottom_k``), one
         ExemplarsResult per target in target order. ``images``: paths, encoded bytes, uint8
         arrays or (id, any of those) pairs; read and sent one at a time, lazily, so a generator
-        over thousands of files holds one at a time. A path's id is its file name."""
+        over thousands of files holds one at a time. A path's id is its file name. ``heat_maps``:
+        each exemplar also carries its location map as a PNG (``heat_map_png``); on a labelled
+        model's 1-D output each carries its ``top_classes`` regardless."""
         header = pb.ExemplarsHeader(
             model=model,
             tap=tap,
@@ -361,6 +384,7 @@ class PreimageClient:
             bottom_k=bottom_k,
             crop_size=crop_size,
             batch_size=batch_size,
+            heat_maps=heat_maps,
         )
 
         def messages() -> Iterator[pb.ExemplarsRequest]:
@@ -372,7 +396,8 @@ class PreimageClient:
                 yield pb.ExemplarsRequest(image=pb.ExemplarsImage(data=encode_image(image), id=str(image_id)))
 
         results: list[pb.ExemplarsResult] = []
-        for response in self.stub.Exemplars(messages(), timeout=self._timeout(timeout)):
+        call = self.stub.Exemplars(messages(), timeout=self._timeout(timeout), metadata=routing_metadata(model))
+        for response in call:
             kind = response.WhichOneof("event")
             if kind == "result":
                 results.append(response.result)

@@ -31,6 +31,7 @@ MIN_CROP, MAX_CROP = 16, 128
 DEFAULT_BATCH = 16
 MAX_BATCH = 64
 PROGRESS_SECONDS = 1.0
+TOP_CLASSES = 5
 
 
 @dataclass(order=True)
@@ -43,6 +44,11 @@ class _Entry:
     x: int = field(compare=False)
     crop: np.ndarray = field(compare=False)
     box: tuple[int, int, int, int] = field(compare=False)
+    # With heat maps: the model-input image (shared by every heap that keeps it, not copied) and
+    # the target's map on it, rendered once the set's maximum is known.
+    image: np.ndarray | None = field(default=None, compare=False)
+    location_map: np.ndarray | None = field(default=None, compare=False)
+    classes: list[tuple[int, float]] = field(default_factory=list, compare=False)
 
 
 class _Heap:
@@ -131,6 +137,30 @@ def _read(target: Target, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     return v, idx // w, idx % w
 
 
+def _target_map(target: Target, a: torch.Tensor) -> torch.Tensor:
+    """The target's map (B×H×W) of a spatial batch ``a``: its channel's, or the direction's
+    weighted sum (a neuron's is its channel's map: where else the channel fires)."""
+    if target.weights is None:
+        return a[:, target.channel]
+    return torch.einsum("bchw,c->bhw", a, target.weights)
+
+
+def heat_map(image: np.ndarray, location_map: np.ndarray, set_max: float) -> np.ndarray:
+    """The map upsampled over ``image`` (H×W×3 uint8): 0 (or less) black, the set's maximum
+    white, through red and yellow, blended half and half with the image. Against the set's
+    maximum rather than the map's own, so the maps of one target's exemplars compare."""
+    h, w = image.shape[:2]
+    scale = set_max if set_max > 0 else float(location_map.max())
+    v = np.clip(location_map / scale, 0.0, 1.0) if scale > 0 else np.zeros_like(location_map)
+    up = torch.nn.functional.interpolate(
+        torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))[None, None], size=(h, w), mode="bilinear",
+        align_corners=False,
+    )[0, 0].clamp(0, 1).numpy()  # fmt: skip
+    # Black → red → yellow → white as v rises through thirds.
+    colour = np.stack([np.clip(3 * up - k, 0.0, 1.0) for k in range(3)], axis=-1) * 255.0
+    return (0.5 * image.astype(np.float32) + 0.5 * colour).round().astype(np.uint8)
+
+
 def _read_channels(targets: list[Target], a: torch.Tensor) -> dict[int, tuple[torch.Tensor, ...]]:
     """``_read`` for every channel target of a spatial map at once (one max over the map for all
     of them, not one per target): target index → (activation, y, x) per image."""
@@ -175,6 +205,8 @@ class ExemplarsRun:
     phi: torch.nn.Module
     device: torch.device
     limits: JobLimits
+    heat_maps: bool = False
+    labels: list[str] = field(default_factory=list)
     tops: list[_Heap] = field(default_factory=list)
     bottoms: list[_Heap] = field(default_factory=list)
     maxima: list[float] = field(default_factory=list)
@@ -194,8 +226,11 @@ class ExemplarsRun:
         a = _run_phi(self.phi, x, self.tap.alias).cpu()
         map_hw = tuple(a.shape[2:4]) if a.dim() == 4 else (1, 1)
         read = _read_channels(self.targets, a)
+        # Class names only where the output has one label per entry (a 1-D output of a labelled model).
+        classes = a.dim() == 2 and len(self.labels) == a.shape[1]
         for t, target in enumerate(self.targets):
             values, ys, xs = read[t] if t in read else _read(target, a)
+            maps = _target_map(target, a) if self.heat_maps and a.dim() == 4 else None
             for i, (image_id, img) in enumerate(images):
                 v, y, xx, seq = float(values[i]), int(ys[i]), int(xs[i]), self.seen + i
                 self.maxima[t] = max(self.maxima[t], v)
@@ -204,7 +239,13 @@ class ExemplarsRun:
                         box = crop_box(self.tap, y, xx, map_hw, (self.height, self.width))
                         top, left, bh, bw = box
                         crop = center_crop_resize(img[top : top + bh, left : left + bw], self.crop_size, self.crop_size)
-                        heap.push(_Entry(key, -seq, v, image_id, y, xx, crop, box))
+                        entry = _Entry(key, -seq, v, image_id, y, xx, crop, box)
+                        if maps is not None:
+                            entry.image, entry.location_map = img, maps[i].numpy().copy()
+                        if classes:
+                            scores, order = torch.topk(a[i], min(TOP_CLASSES, a.shape[1]))
+                            entry.classes = [(int(c), float(s)) for c, s in zip(order, scores, strict=True)]
+                        heap.push(entry)
         self.seen += len(images)
 
     def results(self) -> Iterator[pb.ExemplarsResult]:
@@ -214,6 +255,9 @@ class ExemplarsRun:
             def message(e: _Entry, set_max: float = set_max) -> pb.Exemplar:
                 # A fraction only means something against a positive maximum.
                 frac = e.activation / set_max if set_max > 0 else 0.0
+                heat = b""
+                if e.image is not None and e.location_map is not None:
+                    heat = png_bytes(heat_map(e.image, e.location_map, set_max))
                 return pb.Exemplar(
                     image_id=e.image_id,
                     activation=e.activation,
@@ -222,6 +266,8 @@ class ExemplarsRun:
                     x=e.x,
                     crop_png=png_bytes(e.crop),
                     box=list(e.box),
+                    heat_map_png=heat,
+                    top_classes=[pb.ExemplarClass(index=c, label=self.labels[c], score=s) for c, s in e.classes],
                 )
 
             yield pb.ExemplarsResult(
@@ -243,13 +289,15 @@ def fit_batch(
     kept: int,
     crop: int,
     limits: JobLimits,
+    heat_maps: bool = False,
 ) -> int:
     """The largest batch up to ``batch`` whose estimate fits ``limits.max_job_bytes``: every
     activation up to the tap for each image (a forward pass frees most as it goes, so this is an
-    upper bound), the batch's images, and the kept crops. RESOURCE_EXHAUSTED when one image does
-    not fit."""
+    upper bound), the batch's images, and the kept crops (with heat maps, also each kept entry's
+    model-input image, counted as if no two entries shared one). RESOURCE_EXHAUSTED when one image
+    does not fit."""
     per_image = activation_bytes(converted, tap, height, width) + 4 * 3 * height * width * 2
-    crops = n_targets * kept * crop * crop * 3
+    crops = n_targets * kept * (crop * crop * 3 + (height * width * 3 if heat_maps else 0))
     room = limits.max_job_bytes - crops
     fit = min(batch, room // per_image) if room > 0 else 0
     if fit < 1:
@@ -263,8 +311,15 @@ def fit_batch(
     return int(fit)
 
 
-def start_run(header: pb.ExemplarsHeader, converted: Any, device: torch.device, limits: JobLimits) -> ExemplarsRun:
-    """Check the header and set up the run (INVALID_ARGUMENT / RESOURCE_EXHAUSTED naming the field)."""
+def start_run(
+    header: pb.ExemplarsHeader,
+    converted: Any,
+    device: torch.device,
+    limits: JobLimits,
+    labels: list[str] | None = None,
+) -> ExemplarsRun:
+    """Check the header and set up the run (INVALID_ARGUMENT / RESOURCE_EXHAUSTED naming the field).
+    ``labels``: the model's class labels (named in the top classes of a 1-D output's exemplars)."""
     from converters.model import NOMINAL_SIZE
 
     tap = find_tap(converted, header.tap)
@@ -285,7 +340,7 @@ def start_run(header: pb.ExemplarsHeader, converted: Any, device: torch.device, 
     side = header.crop_size or (min(max(min(rf[0], height), MIN_CROP), MAX_CROP) if rf else MAX_CROP)
     top_k = header.top_k or DEFAULT_K
     batch = fit_batch(header.batch_size or DEFAULT_BATCH, converted, tap, height, width, len(targets),
-                      top_k + header.bottom_k, int(side), limits)  # fmt: skip
+                      top_k + header.bottom_k, int(side), limits, header.heat_maps)  # fmt: skip
     phi = converted.representation(tap.name).to(device)
     return ExemplarsRun(
         converted=converted,
@@ -300,6 +355,8 @@ def start_run(header: pb.ExemplarsHeader, converted: Any, device: torch.device, 
         phi=phi,
         device=device,
         limits=limits,
+        heat_maps=header.heat_maps,
+        labels=list(labels or []),
     )
 
 

@@ -41,7 +41,7 @@ def exemplars_stream(
     converted = servicer.cache.get(record)
     # The tenant's quota tightens the server's limits, as for the visualizations.
     limits = principal.quota.job_limits(servicer.config.job_limits)
-    run = start_run(header, converted, servicer.device, limits)
+    run = start_run(header, converted, servicer.device, limits, labels=list(record.labels))
     fields["targets"] = len(run.targets)
     try:
         yield from exemplar_events(run, _images(requests), alive=context.is_active)
