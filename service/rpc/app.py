@@ -68,7 +68,7 @@ class RunningServer:
     port: int
     servicer: PreimageServicer
     health: health.HealthServicer
-    metrics: Any = None  # service.rpc.metrics.Metrics when ServerConfig.metrics_port is set
+    metrics: Any = None  # service.rpc.metrics.Metrics (also /healthz, /readyz) when metrics_port is set
     metrics_port: int | None = None
     gate: StreamGate | None = None  # the long streams' pool, shut down last
     restore_kernels: Callable[[], None] | None = None  # undoes ServerConfig.batch_invariant
@@ -83,12 +83,12 @@ class RunningServer:
         start = time.monotonic()
         scheduler = self.servicer.scheduler
         self.health.enter_graceful_shutdown()  # NOT_SERVING now, and set() is ignored from here on
+        if self.metrics is not None:
+            self.metrics.draining()  # /readyz 503 and preimage_serving 0 with it; /metrics goes on
         figures: dict[str, Any] = {}
         if drain:
             grace = max(0.0, grace or 0.0)
             deadline = start + grace
-            if self.metrics is not None:
-                self.metrics.serving.set(0)
             scheduler.close("the server is shutting down and accepts no new jobs; retry (another replica will take it)")
             log.info(
                 "shutting down",
@@ -169,16 +169,29 @@ def start_server(address: str, config: ServerConfig, progress: Callable[[str], N
     if port == 0:
         servicer.scheduler.shutdown()
         raise RuntimeError(f"cannot listen on {address}: is another server using that port?")
-    restore_kernels = use_batch_invariant_kernels(servicer.device) if config.batch_invariant else None
-    if config.torch_threads is not None:
-        torch.set_num_threads(config.torch_threads)
-    server.start()
     metrics, metrics_port = None, None
     if config.metrics_port is not None:
         from service.rpc.metrics import Metrics  # prometheus-client is needed only with metrics on
 
-        metrics = Metrics(servicer.scheduler, servicer.store, servicer.cache, servicer.device)
-        metrics_port = metrics.start(config.metrics_address, config.metrics_port)
+        metrics = Metrics(
+            servicer.scheduler, servicer.store, servicer.cache, servicer.device, config.metrics_model_labels
+        )
+        try:
+            metrics_port = metrics.start(config.metrics_address, config.metrics_port)
+        except OSError as exc:  # before gRPC starts: nothing is left serving half a server
+            server.stop(0)
+            gate.pool.shutdown(wait=False)
+            servicer.scheduler.shutdown()
+            servicer.store.close()
+            where = f"{config.metrics_address}:{config.metrics_port}"
+            raise RuntimeError(
+                f"cannot serve metrics on {where} ({exc.strerror or exc}): is another server using that port? "
+                "Set metrics_port to a free port, 0 for any, or none to turn metrics off"
+            ) from None
+    restore_kernels = use_batch_invariant_kernels(servicer.device) if config.batch_invariant else None
+    if config.torch_threads is not None:
+        torch.set_num_threads(config.torch_threads)
+    server.start()
     log.info(
         "serving",
         extra={

@@ -42,6 +42,9 @@ DEFAULT_ADDRESS = "localhost:50051"
 # store_dir keeps the variable the CLI has always read (README, .ci/run), not PREIMAGE_STORE_DIR.
 ENV_NAMES = {"store_dir": "PREIMAGE_STORE"}
 CONFIG_ENV = "PREIMAGE_CONFIG"  # a config file named by the environment (containers)
+# Where ``preimage serve`` (resolve) differs from ServerConfig(): a served process exports metrics
+# and probes on Triton's way, on a port of their own, unless told otherwise.
+SERVE_DEFAULTS: dict[str, Any] = {"metrics_port": 9464}
 
 # One line per setting, for the table. The test fails for a field missing here, so write one when
 # adding a field to ServerConfig or one of its nested limits.
@@ -58,8 +61,9 @@ HELP: dict[str, str] = {
     "converted_cache_bytes": "estimated bytes of the converted models kept per replica (LRU; the last used stays)",
     "max_model_bytes": "largest upload accepted",
     "seed_bundled": "put the bundled models into the store at start",
-    "metrics_port": "Prometheus `/metrics` HTTP port; unset: no metrics endpoint",
+    "metrics_port": "port of `/metrics`, `/healthz`, `/readyz` (0: any free); `none`: off (in-code ServerConfig: off)",
     "metrics_address": "interface the metrics endpoint listens on (`0.0.0.0` in a container, for Prometheus)",
+    "metrics_model_labels": "models with their own `model` label on job metrics (the most used; the rest: `other`)",
     "shutdown_grace": "seconds from SIGTERM to exit: running jobs may finish, then are cancelled (UNAVAILABLE)",
     "batch_invariant": "results independent of who shares a batch (CPU: batches padded to 4 rows; lone jobs 2.5×)",
     "scheduler.max_rows": "images the network runs in one batch (a fourier/phase job counts its views)",
@@ -127,8 +131,12 @@ class ServerConfig:
     worker_limits: WorkerLimits = field(default_factory=WorkerLimits)
     seed_bundled: bool = True
     auth: AuthConfig = field(default_factory=AuthConfig)  # tokens, TLS; default: open, loopback only
-    metrics_port: int | None = None  # Prometheus /metrics on this HTTP port (0: any free one); None: off
+    # Prometheus /metrics and the HTTP probes on this port (0: any free one); None: off. Off for a
+    # ServerConfig built in code (embedded servers, tests: many per machine, none scraped);
+    # ``preimage serve`` turns it on (SERVE_DEFAULTS).
+    metrics_port: int | None = None
     metrics_address: str = "127.0.0.1"  # the interface /metrics listens on (containers: 0.0.0.0)
+    metrics_model_labels: int = 10  # job metrics' model label: the N most used models, the rest "other"
     shutdown_grace: float = 30.0  # seconds from SIGTERM to exit: jobs may finish, then are cancelled
     # Results independent of batch composition; on CPU the network runs on batches padded with zero
     # images to a multiple of 4 rows, which costs lone jobs 2.5× (service/jobs/batch_invariance.py).
@@ -193,7 +201,8 @@ def settings() -> list[Setting]:
             if dataclasses.is_dataclass(tp):
                 walk(tp, f"{prefix}{f.name}.")
             else:
-                out.append(Setting(prefix + f.name, tp, _default_of(f)))
+                name = prefix + f.name
+                out.append(Setting(name, tp, SERVE_DEFAULTS.get(name, _default_of(f))))
 
     walk(ServerConfig, "")
     return out

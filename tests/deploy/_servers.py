@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -26,6 +27,16 @@ class ServerProcess:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def metrics_port(self) -> int | None:
+        """The HTTP port of /metrics and the probes, from the server's `serving` log line."""
+        for line in self.lines:
+            if line.startswith("{") and '"serving"' in line:
+                record = json.loads(line)
+                if record.get("msg") == "serving":
+                    return record.get("metrics_port")
+        return None
+
     def terminate(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
 
@@ -49,6 +60,9 @@ def start(store: Path, *extra: str, env: dict[str, str] | None = None) -> Server
         if name.startswith("PREIMAGE_") and name not in (env or {}) and name != "PREIMAGE_CACHE":
             del environ[name]
     cmd = [sys.executable, "-m", "service.cli", "serve", "--address", "127.0.0.1:0", "--store", str(store)]
+    if "--metrics-port" not in extra and "PREIMAGE_METRICS_PORT" not in (env or {}):
+        # Metrics are on by default at 9464: servers run in parallel (pytest -n) would collide.
+        cmd += ["--metrics-port", "0"]
     proc = subprocess.Popen(
         [*cmd, "--no-bundled", *extra],
         stdout=subprocess.PIPE,

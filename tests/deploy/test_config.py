@@ -50,7 +50,10 @@ def test_every_setting_is_documented_and_settable() -> None:
 
 def test_defaults_file_environment_flags_in_that_order(tmp_path: Path) -> None:
     address, default = cfg.resolve(env={})
-    assert address == cfg.DEFAULT_ADDRESS and default == ServerConfig(store_dir=default_store_dir())
+    # `preimage serve` exports metrics by default; a ServerConfig built in code does not.
+    assert cfg.SERVE_DEFAULTS == {"metrics_port": 9464} and ServerConfig(store_dir=Path(".")).metrics_port is None
+    assert address == cfg.DEFAULT_ADDRESS
+    assert default == ServerConfig(store_dir=default_store_dir(), **cfg.SERVE_DEFAULTS)
 
     path = tmp_path / "preimage.toml"
     path.write_text(

@@ -77,16 +77,19 @@ def test_metrics_move_during_and_after_a_job(tmp_path) -> None:
 
     # During the job: two images running in one batch, steps counting up, nothing finished yet.
     assert value(during, "preimage_running_images") == 2 and value(during, "preimage_running_batches") == 1
-    assert value(during, "preimage_jobs_total", task="maximize", outcome="completed") == 0
+    assert value(during, "preimage_jobs_total", task="maximize", outcome="completed", model=model.id) == 0
     assert 0 < value(during, "preimage_batch_steps_total") < value(later, "preimage_batch_steps_total")
     assert value(later, "preimage_steps_per_second") > 0
     # After it: the job and its RPC counted once, its time observed, every step's batch size seen.
-    assert value(after, "preimage_jobs_total", task="maximize", outcome="completed") == 1
+    # (the model label is the model's id: tests/deploy/test_probes.py checks its bound)
+    assert value(after, "preimage_jobs_total", task="maximize", outcome="completed", model=model.id) == 1
     assert value(after, "preimage_rpcs_total", method="Maximize", code="OK") == 1
     assert value(after, "preimage_rpcs_total", method="UploadModel", code="OK") == 1
     assert value(after, "preimage_rpcs_total", method="GetModel", code="NOT_FOUND") == 1
-    assert value(after, "preimage_job_seconds_count", task="maximize") == 1
-    assert value(after, "preimage_job_seconds_sum", task="maximize") > 0
+    assert value(after, "preimage_job_seconds_count", task="maximize", model=model.id) == 1
+    assert value(after, "preimage_job_seconds_sum", task="maximize", model=model.id) > 0
+    assert value(after, "preimage_model_conversions_total") == 1  # converted once for the job
+    assert value(after, "preimage_model_conversion_seconds_total") > 0
     assert value(after, "preimage_batch_steps_total") == steps
     assert value(after, "preimage_batch_size_count") == steps
     assert value(after, "preimage_image_steps_total") == 2 * steps  # both images every step

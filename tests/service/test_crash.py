@@ -52,7 +52,7 @@ class ServerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREIMAGE_")}
         env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
         cmd = [sys.executable, "-m", "service.cli", "serve", "--address", self.address, "--store", str(store),
-               "--no-bundled", "--device", "cpu", *(extra or [])]  # fmt: skip
+               "--no-bundled", "--device", "cpu", "--metrics-port", "0", *(extra or [])]  # fmt: skip
         self.log = open(log, "ab")  # noqa: SIM115 - closed in kill()
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=self.log, start_new_session=True)
 
