@@ -221,6 +221,28 @@ def test_envoy_and_prometheus_point_at_the_replicas() -> None:
     assert dns["names"] == ["preimage-replica"] and dns["port"] == metrics_port
 
 
+def test_envoy_routes_each_model_to_one_replica_by_the_clients_header() -> None:
+    """Model affinity: a ring hash of the header the client library sets, over the same replicas."""
+    from service.client.library import ROUTING_HEADER
+
+    envoy = yaml.safe_load((ROOT / "deploy" / "envoy.yaml").read_text())
+    (cluster,) = envoy["static_resources"]["clusters"]
+    assert cluster["lb_policy"] == "RING_HASH"
+    # Bounded load: a hot model spills to the next replica on the ring instead of queueing on one.
+    assert cluster["common_lb_config"]["consistent_hashing_lb_config"]["hash_balance_factor"] >= 100
+    ring = cluster.get("ring_hash_lb_config", {})
+    assert ring.get("minimum_ring_size", 1024) <= ring.get("maximum_ring_size", 8 << 20)
+    manager = envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    routes = [r for vh in manager["route_config"]["virtual_hosts"] for r in vh["routes"]]
+    assert routes and all(r["route"]["cluster"] == cluster["name"] for r in routes)
+    for route in routes:
+        policies = route["route"]["hash_policy"]
+        assert [p["header"]["header_name"] for p in policies] == [ROUTING_HEADER]
+        # Retries still go to another replica (the next one on the ring) when one refuses.
+        assert "unavailable" in route["route"]["retry_policy"]["retry_on"]
+    assert ROUTING_HEADER == ROUTING_HEADER.lower()  # HTTP/2 header names are lower case
+
+
 # -- Dockerfile -----------------------------------------------------------------------------------
 def dockerfile_instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
