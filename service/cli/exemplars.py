@@ -1,5 +1,6 @@
 """``preimage exemplars``: the images of a folder or glob that excite a tap's channels most, as a
-contact sheet (one row per target, best first) and, with --json, one JSON object."""
+contact sheet (one row per target, best first; with --with-maximize the target's Maximize image
+first) and, with --json, one JSON object."""
 
 from __future__ import annotations
 
@@ -71,23 +72,43 @@ def add_exemplars_command(sub: Any, epilog: str, default_model: str) -> None:
         "--batch", type=types.positive_int, default=None, help="images per forward pass (default: the server's)"
     )
     p.add_argument("--out", "-o", default="exemplars.png", help="the contact sheet PNG (default exemplars.png)")
+    p.add_argument("--heat-maps", default=None, metavar="DIR",
+                   help="also write each top exemplar's location map (PNG heat map) into DIR")  # fmt: skip
+    p.add_argument("--with-maximize", action="store_true",
+                   help="start each row with the channel's Maximize image (natural preset, same server)")  # fmt: skip
+    p.add_argument("--maximize-steps", type=types.positive_int, default=None, metavar="N",
+                   help="optimization steps of those Maximize images (default: the natural preset's)")  # fmt: skip
     p.add_argument("--timeout", type=types.positive_float, default=None, help="seconds before giving up")
     p.add_argument("--json", action="store_true", help="print one JSON object with the rankings")
     add_server_argument(p)
     p.set_defaults(func=run_exemplars, command="exemplars")
 
 
-def sheet(rows: list[list[bytes]], gap: int = 2) -> np.ndarray:
-    """One row per target, its crops left to right, white gaps between them."""
+def sheet(rows: list[list[bytes]], gap: int = 2, lead: list[bytes] | None = None) -> np.ndarray:
+    """One row per target, its crops left to right, white gaps between them. ``lead``: one image
+    per row (the target's Maximize image) placed first, the crops beside it in a block of up to
+    three lines (9 crops: 3×3) as high as it is, a wider gap between."""
     from PIL import Image
 
     decoded = [[np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in row] for row in rows]
     side = max((im.shape[0] for row in decoded for im in row), default=16)
     cols = max((len(row) for row in decoded), default=1)
-    out = np.full((len(rows) * (side + gap) - gap, cols * (side + gap) - gap, 3), 255, np.uint8)
+    # With a lead image the crops stack in a near-square block, so the lead shows several times
+    # their side: a synthetic image needs the room more than one crop does.
+    lines = max(1, min(3, round(cols**0.5))) if lead else 1
+    per_line = -(-cols // lines)
+    row_h = lines * side + (lines - 1) * gap
+    lead_w = (row_h + 4 * gap) if lead else 0
+    width = lead_w + per_line * (side + gap) - gap
+    out = np.full((len(rows) * (row_h + gap) - gap, width, 3), 255, np.uint8)
     for r, row in enumerate(decoded):
+        top0 = r * (row_h + gap)
+        if lead:
+            first = Image.open(io.BytesIO(lead[r])).convert("RGB").resize((row_h, row_h), Image.Resampling.LANCZOS)
+            out[top0 : top0 + row_h, :row_h] = np.asarray(first)
         for c, im in enumerate(row):
-            top, left = r * (side + gap), c * (side + gap)
+            top = top0 + (c // per_line) * (side + gap)
+            left = lead_w + (c % per_line) * (side + gap)
             out[top : top + im.shape[0], left : left + im.shape[1]] = im
     return out
 
@@ -124,30 +145,48 @@ def run_exemplars(args: argparse.Namespace) -> int:
             tap = args.tap or model.output_tap
             results = client.exemplars(model.id, tap, images(), channels, top_k=args.top, bottom_k=args.bottom,
                                        crop_size=args.crop, batch_size=args.batch or 0,
-                                       on_progress=_progress)  # fmt: skip
+                                       heat_maps=args.heat_maps is not None, on_progress=_progress)  # fmt: skip
+            maximized: list[bytes] | None = None
+            if args.with_maximize:
+                steps = {"steps": args.maximize_steps} if args.maximize_steps else {}
+                if sys.stderr.isatty():
+                    print(f"\nMaximize images of {len(channels)} channel(s), natural preset", file=sys.stderr)
+                run = client.maximize(model.id, tap, channels, preset="natural", **steps).wait()
+                maximized = [r.png for r in run.results]
     except grpc.RpcError as err:
         return rpc_error(err, server_address(args.server))
     if sys.stderr.isatty():
         print(file=sys.stderr)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(sheet([[e.crop_png for e in r.top] for r in results])).save(out)
+    Image.fromarray(sheet([[e.crop_png for e in r.top] for r in results], lead=maximized)).save(out)
+    heat_dir = Path(args.heat_maps) if args.heat_maps is not None else None
+    if heat_dir is not None:
+        heat_dir.mkdir(parents=True, exist_ok=True)
 
-    def entry(e: Any) -> dict[str, Any]:
-        return {"id": e.image_id, "activation": e.activation, "fraction_of_max": e.fraction_of_max,
+    def entry(e: Any, channel: int, rank: int | None) -> dict[str, Any]:
+        item = {"id": e.image_id, "activation": e.activation, "fraction_of_max": e.fraction_of_max,
                 "y": e.y, "x": e.x, "box": list(e.box)}  # fmt: skip
+        if e.top_classes:
+            item["top_classes"] = [{"index": c.index, "label": c.label, "score": c.score} for c in e.top_classes]
+        if heat_dir is not None and rank is not None and e.heat_map_png:
+            path = heat_dir / f"channel{channel}_top{rank}.png"
+            path.write_bytes(e.heat_map_png)
+            item["heat_map"] = str(path)
+        return item
 
     report = {
         "model": model.id,
         "tap": tap,
         "images": results[0].images if results else 0,
         "output": str(out),
+        "with_maximize": maximized is not None,
         "targets": [
             {
                 "channel": c,
                 "set_max": r.set_max,
-                "top": [entry(e) for e in r.top],
-                "bottom": [entry(e) for e in r.bottom],
+                "top": [entry(e, c, rank) for rank, e in enumerate(r.top, 1)],
+                "bottom": [entry(e, c, None) for e in r.bottom],
             }
             for c, r in zip(channels, results, strict=True)
         ],
@@ -156,7 +195,11 @@ def run_exemplars(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=1))
     else:
         for t in report["targets"]:
-            best = ", ".join(f"{e['id']} {e['activation']:.3g}" for e in t["top"][:3])
+            best = ", ".join(
+                f"{e['id']} {e['activation']:.3g}"
+                + (f" ({e['top_classes'][0]['label']})" if "top_classes" in e else "")
+                for e in t["top"][:3]
+            )
             print(f"channel {t['channel']:<5} {best}")
         print(f"sheet → {out}")
     return 0

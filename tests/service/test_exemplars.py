@@ -284,3 +284,123 @@ def test_the_batch_shrinks_to_the_memory_limit_and_one_image_over_it_is_refused(
     with pytest.raises(ServiceError) as info:
         fit_batch(16, converted, tap, 224, 224, 2, 10, 64, JobLimits(max_job_bytes=per_image // 2))
     assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "earlier tap" in info.value.message
+
+
+def _ort_maps(server: object, tap_name: str, images: list[tuple[str, bytes]]) -> tuple[object, dict[str, np.ndarray]]:
+    """onnxruntime's output of the graph truncated at ``tap_name`` for every image of the set, by id."""
+    import torch
+
+    from converters.parity import ort_session
+    from converters.truncate import extract_subgraph
+    from service.energy import from_uint8
+    from service.jobs.job import decode_image
+
+    converted = server.servicer.cache.get(server.servicer.store.get(MODEL))  # type: ignore[attr-defined]
+    session = ort_session(extract_subgraph(converted.onnx, converted.input_name, [tap_name]))
+    mean = torch.tensor(converted.preprocessing.mean_rgb255)
+    out = {}
+    for image_id, data in images:
+        x = from_uint8(resize(decode_image(data, 0, JobLimits()), 224, 224), mean)[None]
+        out[image_id] = session.run(None, {converted.input_name: converted.to_model_input(x)})[0][0]
+    return converted, out
+
+
+def test_heat_maps_and_fractions_follow_the_onnxruntime_map(
+    server: object, client: PreimageClient, images: list[tuple[str, bytes]]
+) -> None:
+    """Each exemplar's heat map is its channel's whole map against the set's maximum: undoing the
+    half-and-half blend with the image recovers onnxruntime's map, upsampled; fractions are the
+    activation over the set's maximum, which is onnxruntime's maximum over every image."""
+    import torch
+
+    from service.jobs.job import decode_image
+
+    tap = mid_tap(client)
+    channel = 5
+    (result,) = client.exemplars(MODEL, tap.name, images, [channel], top_k=3, heat_maps=True)
+    _, maps = _ort_maps(server, tap.name, images)
+    set_max = max(float(m[channel].max()) for m in maps.values())
+    assert result.set_max == pytest.approx(set_max, rel=1e-3, abs=1e-3)
+    by_id = dict(images)
+    for e in result.top:
+        assert e.fraction_of_max == pytest.approx(e.activation / result.set_max)
+        assert e.fraction_of_max == pytest.approx(float(maps[e.image_id][channel].max()) / set_max, abs=1e-3)
+        heat = np.asarray(Image.open(io.BytesIO(e.heat_map_png)).convert("RGB")).astype(np.float64)
+        assert heat.shape == (224, 224, 3)
+        img = resize(decode_image(by_id[e.image_id], 0, JobLimits()), 224, 224).astype(np.float64)
+        # The colour ramp's three channels sum to 3·v (v the map over the set's maximum, 0–1).
+        recovered = np.clip(2 * heat - img, 0, 255).sum(-1) / (3 * 255)
+        v = torch.from_numpy(np.clip(maps[e.image_id][channel] / set_max, 0, 1).astype(np.float32))[None, None]
+        expected = torch.nn.functional.interpolate(v, size=(224, 224), mode="bilinear", align_corners=False)
+        assert np.abs(recovered - expected[0, 0].numpy()).mean() < 0.01
+        assert np.abs(recovered - expected[0, 0].numpy()).max() < 0.05
+    # Off by default, and never for a 1-D output.
+    (plain,) = client.exemplars(MODEL, tap.name, images[:3], [channel], top_k=1)
+    assert plain.top[0].heat_map_png == b""
+    out = client.taps(MODEL).taps[-1]
+    (logit,) = client.exemplars(MODEL, out.name, images[:3], [285], top_k=1, heat_maps=True)
+    assert logit.top[0].heat_map_png == b"" and not logit.top[0].top_classes  # no labels on this upload
+
+
+def test_a_labelled_model_names_each_logit_exemplars_top_classes(
+    server: object, client: PreimageClient, images: list[tuple[str, bytes]]
+) -> None:
+    import onnx
+    from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+    from converters.bundled import bundled_model_path
+
+    # The store is content-addressed: the same bytes would be the unlabelled model again.
+    proto = onnx.load(bundled_model_path())
+    proto.doc_string = "the bundled model, uploaded with its labels"
+    client.upload(proto.SerializeToString(), name="effnet-labelled", labels=list(_IMAGENET_CATEGORIES))
+    out = client.taps("effnet-labelled").taps[-1]
+    results = client.exemplars("effnet-labelled", out.name, images, [285, 967], top_k=2)
+    _, logits = _ort_maps(server, out.name, images)  # the same weights as MODEL
+    for cls, r in zip([285, 967], results, strict=True):
+        for e in r.top:
+            order = np.argsort(-logits[e.image_id])[:5]
+            assert [c.index for c in e.top_classes] == [int(i) for i in order]
+            assert [c.label for c in e.top_classes] == [_IMAGENET_CATEGORIES[int(i)] for i in order]
+            scores = [c.score for c in e.top_classes]
+            assert scores == sorted(scores, reverse=True)
+            assert scores[0] == pytest.approx(float(logits[e.image_id].max()), rel=1e-3, abs=1e-3)
+        # The class's best photograph has that class among its five highest.
+        assert cls in [c.index for c in r.top[0].top_classes], [c.label for c in r.top[0].top_classes]
+
+
+def test_cli_with_maximize_heat_maps_and_json(
+    server: object, client: PreimageClient, images: list[tuple[str, bytes]], tmp_path: Path, capsys
+) -> None:
+    from service.cli.main import main as cli_main
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for image_id, data in images:
+        (folder / f"{image_id}.png").write_bytes(data)
+    tap = mid_tap(client)
+    address = f"127.0.0.1:{server.port}"  # type: ignore[attr-defined]
+    argv = ["exemplars", "--model", MODEL, "--server", address, "--tap", tap.name, "--channel", "3", "--top", "9",
+            "--crop", "48", "--images", str(folder), "--json"]  # fmt: skip
+    plain, lead = tmp_path / "plain.png", tmp_path / "lead.png"
+    assert cli_main([*argv, "--out", str(plain)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["with_maximize"] is False and "heat_map" not in summary["targets"][0]["top"][0]
+    heat_dir = tmp_path / "heat"
+    more = ["--out", str(lead), "--with-maximize", "--maximize-steps", "4", "--heat-maps", str(heat_dir)]
+    assert cli_main([*argv, *more]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["with_maximize"] is True
+    tops = summary["targets"][0]["top"]
+    assert len(tops) == 9 and all(Path(e["heat_map"]).is_file() for e in tops)
+    assert Image.open(tops[0]["heat_map"]).size == (224, 224)
+    # One row of 9 crops at 48 px; with the Maximize image the crops fold into 3×3 beside it, as high.
+    assert np.asarray(Image.open(plain)).shape[:2] == (48, 9 * 50 - 2)
+    sheet = np.asarray(Image.open(lead).convert("RGB"))
+    side = 3 * 48 + 2 * 2
+    assert sheet.shape[:2] == (side, side + 8 + 3 * 50 - 2)
+    # The crops are the same, moved beside the lead; the lead is an image, not white space.
+    plain_rgb = np.asarray(Image.open(plain).convert("RGB"))
+    assert np.array_equal(sheet[:48, side + 8 : side + 8 + 48], plain_rgb[:, :48])
+    assert np.array_equal(sheet[50:98, side + 8 : side + 8 + 48], plain_rgb[:, 3 * 50 : 3 * 50 + 48])
+    assert sheet[:side, :side].astype(np.float64).std() > 5
