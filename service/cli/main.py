@@ -26,9 +26,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import service.cli.args as types
 import service.cli.remote as cli_remote
 from converters.spec import input_size
-import service.cli.args as types
 from service.cli.args import CliParser, run_cli
 from service.cli.check import add_check_command
 from service.cli.embedded import connect, embedded_server, say
@@ -284,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TOML settings file (default $PREIMAGE_CONFIG)")  # fmt: skip
     p.add_argument("--address", default=None, help="host:port to listen on (default localhost:50051)")
     p.add_argument("--metrics-port", type=types.nonneg_int, default=None,
-                   help="serve Prometheus /metrics on this port (0: any free one)")  # fmt: skip
+                   help="port of /metrics, /healthz, /readyz (default 9464; 0: any free one; "
+                        "PREIMAGE_METRICS_PORT=none: off)")  # fmt: skip
     p.add_argument("--shutdown-grace", type=types.nonneg_float, default=None,
                    help="seconds from SIGTERM to exit (default 30)")  # fmt: skip
     p.add_argument("--tokens", default=None, type=types.existing_file,

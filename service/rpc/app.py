@@ -143,6 +143,9 @@ def start_server(address: str, config: ServerConfig, progress: Callable[[str], N
     check_listen(address, config.auth)  # an open server (no tokens) may only listen on loopback
     if config.torch_threads is not None and config.torch_threads < 1:
         raise ValueError(f"torch_threads must be ≥ 1 (or unset for one per core), got {config.torch_threads}")
+    if config.metrics_model_labels < 0:
+        labels = config.metrics_model_labels
+        raise ValueError(f"metrics_model_labels must be ≥ 0 (0: every model is other), got {labels}")
     store = ModelStore(config.store_dir, max_model_bytes=config.max_model_bytes)
     # The conversion fork server starts on the first upload (or a bundled model not yet stored);
     # short-lived embedded servers (the CLI's local commands) never pay for it. serve() warms it.

@@ -104,6 +104,12 @@ def test_a_busy_metrics_port_is_a_clear_error_and_no_half_server(tmp_path: Path)
 
 
 # -- the model label --------------------------------------------------------------------------------
+def test_a_negative_label_count_is_refused_before_anything_listens(tmp_path: Path) -> None:
+    config = ServerConfig(store_dir=tmp_path, seed_bundled=False, metrics_port=0, metrics_model_labels=-1)
+    with pytest.raises(ValueError, match="metrics_model_labels must be ≥ 0"):
+        start_server("127.0.0.1:0", config)
+
+
 def test_top_models_keeps_the_most_used_and_at_most_n() -> None:
     rng = random.Random(0)
     dropped: list[str] = []
