@@ -31,6 +31,7 @@ from service.energy.presets import preset_params
 from service.jobs.job import unknown_tap_message
 from service.jobs.reference import amplitude_spectrum, effective_receptive_field, reference_batch
 from service.release.drift import LayerDrift, layer_drift
+from service.release.exemplars import ChannelExemplars, exemplar_drift, layer_exemplars, reference_set
 
 Progress = Callable[[str, int, int, str], None]  # (stage, done, total, message)
 
@@ -85,6 +86,11 @@ class LayerReport:
     baseline_visuals: list[Visual] | None = None
     drift: LayerDrift | None = None
     note: str = ""  # why a layer could not be compared, e.g. missing from the baseline
+    # The reference photographs' top crops per sampled channel (release, baseline), and one note
+    # per channel whose top exemplars moved between them.
+    exemplars: list[ChannelExemplars] = field(default_factory=list)
+    baseline_exemplars: list[ChannelExemplars] | None = None
+    exemplar_notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -243,6 +249,7 @@ def run_check(
     # The reference photographs in each model's energy space, once per check: M_k and feature drift.
     refs = reference_batch(*size, tuple(model.preprocessing.mean_rgb255))
     base_refs = reference_batch(*size, tuple(baseline.preprocessing.mean_rgb255)) if baseline is not None else None
+    ranked = reference_set(*size)  # the exemplars' images, the same for both releases
     base_layers: dict[str, TapInfo] = {}
     if baseline is not None:
         base_layers = {t.name: t for t in baseline.taps}
@@ -257,6 +264,7 @@ def run_check(
         progress("render", i, len(layers), f"{model_name} {tap.alias}: {len(channels)} channels, "
                  f"{len(p.photos)} inversions")
         layer = LayerReport(tap, channels, render_layer(model, tap, channels, p, size, dev, refs, seed, stop))
+        layer.exemplars = layer_exemplars(model, tap, channels, size, dev, ranked)
         old = base_layers.get(tap.name)
         if baseline is not None and old is None:
             layer.note = "not in the baseline (no tap with this ONNX value name)"
@@ -267,6 +275,8 @@ def run_check(
                 progress("render", i, len(layers), f"{baseline_name or 'baseline'} {tap.alias}")
                 assert base_refs is not None
                 layer.baseline_visuals = render_layer(baseline, old, channels, p, size, dev, base_refs, seed, stop)
+                layer.baseline_exemplars = layer_exemplars(baseline, old, channels, size, dev, ranked)
+                layer.exemplar_notes = exemplar_drift(layer.exemplars, layer.baseline_exemplars)
                 layer.drift = layer_drift(
                     model.representation(tap).to(dev), baseline.representation(old).to(dev),
                     [v.image for v in layer.visuals], [v.image for v in layer.baseline_visuals],
@@ -311,6 +321,13 @@ def summary(result: CheckResult) -> dict[str, Any]:
             return None
         return [{"kind": v.kind, "label": v.label, "seed": v.seed, "objective": _finite(v.objective)} for v in vs]
 
+    def exemplars(es: list[ChannelExemplars] | None) -> list[dict] | None:
+        if es is None:
+            return None
+        return [{"channel": e.channel, "top": [{"id": x.image_id, "activation": _finite(x.activation),
+                                                "fraction_of_max": _finite(x.fraction_of_max)} for x in e.top]}
+                for e in es]  # fmt: skip
+
     return {
         "ok": result.ok,
         "reasons": result.reasons,
@@ -330,6 +347,9 @@ def summary(result: CheckResult) -> dict[str, Any]:
                 "baseline_visuals": visuals(layer.baseline_visuals),
                 "drift": layer.drift.as_dict() if layer.drift else None,
                 "note": layer.note,
+                "exemplars": exemplars(layer.exemplars),
+                "baseline_exemplars": exemplars(layer.baseline_exemplars),
+                "exemplar_drift": layer.exemplar_notes,
             }
             for layer in result.layers
         ],

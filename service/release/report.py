@@ -27,6 +27,9 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 figure { margin: 0; text-align: center; font-size: 12px; }
 figure img { width: 128px; height: 128px; image-rendering: pixelated; border: 1px solid #bbb; display: block; }
 .pair { display: flex; gap: 2px; }
+.ex { display: flex; gap: 2px; align-items: flex-end; margin: 4px 0; }
+.ex img { width: 64px; height: 64px; }
+.ex .lead img { width: 128px; height: 128px; }
 """
 
 
@@ -34,6 +37,43 @@ def _img(v: Visual, caption: str) -> str:
     data = base64.b64encode(png_bytes(v.image)).decode("ascii")
     alt = html.escape(f"{v.kind} {v.label} ({caption})")
     return f'<img alt="{alt}" title="{alt}" src="data:image/png;base64,{data}">'
+
+
+def _png(image: Any, alt: str) -> str:
+    data = base64.b64encode(png_bytes(image)).decode("ascii")
+    alt = html.escape(alt)
+    return f'<img alt="{alt}" title="{alt}" src="data:image/png;base64,{data}">'
+
+
+def _exemplars(layer: LayerReport) -> str:
+    """Each sampled channel's Maximize image, then its top crops of the reference photographs
+    (and the baseline's), then the drift notes."""
+    if not layer.exemplars:
+        return ""
+    maxima = {v.label: v for v in layer.visuals if v.kind == "maximize"}
+    olds = {e.channel: e for e in layer.baseline_exemplars or []}
+    rows = []
+    for ex in layer.exemplars:
+        lead = maxima.get(f"channel {ex.channel}")
+        cells = [f'<figure class="lead">{_img(lead, "release")}<figcaption>channel {ex.channel}</figcaption></figure>'
+                 if lead is not None else ""]  # fmt: skip
+        for label, es in (("release", ex), ("baseline", olds.get(ex.channel))):
+            if es is None:
+                continue
+            for e in es.top:
+                caption = html.escape(f"{label}: {e.image_id} {e.fraction_of_max:.2f}")
+                cells.append(f"<figure>{_png(e.crop, f'{label} channel {ex.channel}: {e.image_id}')}"
+                             f"<figcaption>{caption}</figcaption></figure>")  # fmt: skip
+        rows.append(f'<div class="ex">{"".join(cells)}</div>')
+    if layer.baseline_exemplars is None:
+        notes = ""
+    elif layer.exemplar_notes:
+        notes = "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in layer.exemplar_notes) + "</ul>"
+    else:
+        notes = "<p>top exemplars unchanged in every sampled channel</p>"
+    return ("<p>top crops of the reference photographs (and their mirrors and centre crops) per sampled "
+            "channel, beside its Maximize image; fraction of the channel's maximum over the set</p>"
+            + "".join(rows) + notes)  # fmt: skip
 
 
 def _layer(layer: LayerReport, has_baseline: bool) -> str:
@@ -63,6 +103,7 @@ def _layer(layer: LayerReport, has_baseline: bool) -> str:
         figures.append(f'<figure><div class="pair">{imgs}</div><figcaption>{caption}</figcaption></figure>')
     legend = "release (left) and baseline (right)" if has_baseline else "release"
     parts.append(f"<p>{legend}</p><div class=\"grid\">{''.join(figures)}</div>")
+    parts.append(_exemplars(layer))
     return "\n".join(parts)
 
 

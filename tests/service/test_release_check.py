@@ -146,6 +146,12 @@ def test_identical_models_have_zero_drift(files: dict[str, Path]) -> None:
         assert layer.drift.changed_channels == 0
         assert layer.baseline_visuals is not None
         assert all(np.array_equal(a.image, b.image) for a, b in zip(layer.visuals, layer.baseline_visuals, strict=True))
+        # Exemplars: the same top crops for each sampled channel, so no drift notes.
+        assert [e.channel for e in layer.exemplars] == layer.channels
+        assert all(len(e.top) == 3 for e in layer.exemplars)
+        assert layer.baseline_exemplars is not None
+        assert [e.ids for e in layer.exemplars] == [e.ids for e in layer.baseline_exemplars]
+        assert layer.exemplar_notes == []
 
 
 def test_perturbed_layer_drift_is_localized_and_fails_a_tight_limit(drift_run: tuple[int, Path]) -> None:
@@ -164,6 +170,61 @@ def test_perturbed_layer_drift_is_localized_and_fails_a_tight_limit(drift_run: t
     assert drift["/conv3/Conv"]["changed_channels"] >= 1
     failed = {r.split("'")[1] for r in data["reasons"]}
     assert failed == set(AFTER), data["reasons"]
+    notes = {layer["tap"]["alias"]: layer["exemplar_drift"] for layer in data["layers"]}
+    for tap in BEFORE:  # the same activations: the same exemplars
+        assert notes[tap] == [], (tap, notes[tap])
+    for layer in data["layers"]:
+        assert [e["channel"] for e in layer["exemplars"]] == layer["channels"]
+        assert all(0 < x["fraction_of_max"] <= 1 for e in layer["exemplars"] for x in e["top"][:1])
+
+
+def test_exemplars_rank_the_reference_set_as_onnxruntime_does(files: dict[str, Path]) -> None:
+    from converters.parity import ort_session
+    from converters.truncate import extract_subgraph
+    from service.energy import from_uint8
+    from service.release.exemplars import layer_exemplars, reference_set
+
+    model = load_model(files["v1"], verify=False)
+    tap = model.tap("/relu3/Relu")
+    channels = sample_channels(16, 4)
+    images = reference_set(SIZE, SIZE)
+    assert len(images) == 24 and len({i for i, _ in images}) == 24
+    ranked = layer_exemplars(model, tap, channels, (SIZE, SIZE), torch.device("cpu"), images)
+    session = ort_session(extract_subgraph(model.onnx, model.input_name, [tap.name]))
+    mean = torch.tensor(model.preprocessing.mean_rgb255)
+    maps = {i: session.run(None, {model.input_name: model.to_model_input(from_uint8(img, mean)[None])})[0][0]
+            for i, img in images}  # fmt: skip
+    for ex in ranked:
+        best = {i: float(m[ex.channel].max()) for i, m in maps.items()}
+        expected = sorted(best, key=lambda i: -best[i])[:3]
+        assert ex.ids == expected, (ex.channel, ex.ids, expected)
+        top = max(best.values())
+        for e in ex.top:
+            assert e.activation == pytest.approx(best[e.image_id], rel=1e-4, abs=1e-5)
+            assert e.fraction_of_max == pytest.approx(best[e.image_id] / top, rel=1e-4)
+            assert e.crop.dtype == np.uint8 and e.crop.shape[2] == 3 and e.crop.shape[0] >= 16
+
+
+def test_a_channel_whose_exemplars_change_gets_a_drift_note(files: dict[str, Path], tmp_path: Path) -> None:
+    """conv3's channel 5 negated: what excites it most is now what excited it least, so its top
+    exemplars change; the other sampled channels (0, 10, 15) and the layer before rank as before."""
+    torch.manual_seed(0)
+    net = SmallNet()
+    net.conv3.weight.data[5] *= -1
+    net.conv3.bias.data[5] *= -1
+    path = tmp_path / "negated.onnx"
+    path.write_bytes(export(net))
+    result = run_check(load_model(path, verify=False), load_model(files["v1"], verify=False),
+                       taps=["/relu2/Relu", "/conv3/Conv"])  # fmt: skip
+    before, conv3 = result.layers
+    assert before.exemplar_notes == []
+    assert conv3.channels == [0, 5, 10, 15]
+    assert len(conv3.exemplar_notes) == 1 and conv3.exemplar_notes[0].startswith("channel 5:"), conv3.exemplar_notes
+    from service.release.report import render_html
+
+    page = render_html(result)
+    assert "channel 5: top 3 exemplars changed" in page or "channel 5: the same top 3 reordered" in page
+    assert "top crops of the reference photographs" in page
 
 
 def test_broken_parity_exits_nonzero_naming_the_tap(files: dict[str, Path], tmp_path: Path,
