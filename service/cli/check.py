@@ -22,8 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from converters.spec import input_size
 import service.cli.args as types
+from converters.spec import input_size
 from service.cli.args import UsageError
 from service.cli.remote import add_server_argument
 from service.cli.resolve import resolve_model, server_address, token_from_env

@@ -277,24 +277,50 @@ def activation_bytes(converted: Any, tap: Any, height: int, width: int) -> int:
     return int(4 * values * max(1.0, height * width / nominal))
 
 
-def job_bytes(converted: Any, tap: Any, height: int, width: int, n_targets: int, resolved: Any) -> tuple[int, int]:
+def job_bytes(
+    converted: Any, tap: Any, height: int, width: int, n_targets: int, resolved: Any, measured: int | None = None
+) -> tuple[int, int]:
     """(estimated bytes, network rows) a job needs: its rows' activations, kept for the backward
-    pass, plus each target's image, gradient and optimizer state."""
+    pass, plus each target's image, gradient and optimizer state. ``measured``: one image's peak
+    from a dry run at this size, where the graph sizes tensors from its input's shape."""
     per_row = 1 if resolved.parameterization == "pixel" else int(resolved.copies)
     rows = n_targets * per_row
     images = n_targets * 6 * 4 * 3 * height * width
+    activations = max(activation_bytes(converted, tap, height, width), measured or 0)
     # 1.5: measured peak of a forward and backward on EfficientNet-Lite0 is ~1.3× the activations.
-    return int(1.5 * rows * activation_bytes(converted, tap, height, width)) + images, rows
+    return int(1.5 * rows * activations) + images, rows
+
+
+# (tap, height, width, cap) → one image's peak bytes from a dry run, or None where the graph's tap
+# shapes bound it; raises MemoryError when one image needs more than cap.
+Measure = Callable[[Any, int, int, int], "int | None"]
 
 
 def check_memory(
-    converted: Any, tap: Any, height: int, width: int, n_targets: int, resolved: Any, limits: JobLimits
+    converted: Any,
+    tap: Any,
+    height: int,
+    width: int,
+    n_targets: int,
+    resolved: Any,
+    limits: JobLimits,
+    measure: Measure | None = None,
 ) -> None:
     """RESOURCE_EXHAUSTED, before any work, for a request estimated over ``limits.max_job_bytes``."""
-    need, rows = job_bytes(converted, tap, height, width, n_targets, resolved)
+    gib = 1 << 30
+    try:
+        measured = measure(tap, height, width, limits.max_job_bytes) if measure is not None else None
+    except MemoryError as exc:
+        raise exhausted(
+            f"at {height}×{width} this model's graph up to tap {tap.alias!r} sizes its tensors from the input's "
+            f"shape and needs more than this server's {limits.max_job_bytes / gib:.1f} GiB per request for one "
+            "image alone (measured by a dry run): reduce the image size (options.height/width) or use an "
+            "earlier tap",
+            field="options.height",
+        ) from exc
+    need, rows = job_bytes(converted, tap, height, width, n_targets, resolved, measured)
     if need <= limits.max_job_bytes:
         return
-    gib = 1 << 30
     per_target = max(1, need // n_targets)
     fit = limits.max_job_bytes // per_target
     fewer = f"at most {fit} targets at this size" if fit >= 1 else "one target does not fit at this size"
@@ -315,8 +341,10 @@ def build_job(
     device: torch.device,
     limits: JobLimits,
     parity: Callable[[str], float | None] | None = None,
+    measure: Measure | None = None,
 ) -> Job:
-    """Validate ``request`` (InvertRequest, MaximizeRequest or CaricatureRequest) into a Job."""
+    """Validate ``request`` (InvertRequest, MaximizeRequest or CaricatureRequest) into a Job.
+    ``measure``: the dry run for graphs whose memory their tap shapes do not bound (check_memory)."""
     tap = find_tap(converted, request.tap)
     options = request.options
     params = params_from_message(request.params, task)
@@ -348,7 +376,7 @@ def build_job(
     height, width = _size(options, converted, sizes[0] if task in ("invert", "caricature") else None, limits)
     resolved = params.resolved(task, height, width, tap.stride)  # type: ignore[arg-type]
     n_targets = len(request.images) if task in ("invert", "caricature") else len(request.targets)
-    check_memory(converted, tap, height, width, n_targets, resolved, limits)
+    check_memory(converted, tap, height, width, n_targets, resolved, limits, measure)
     if resolved.steps + int(resolved.refine_steps or 0) > limits.max_steps:
         raise exhausted(
             f"{resolved.steps} + {resolved.refine_steps} steps is more than this server's limit of {limits.max_steps}",

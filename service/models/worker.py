@@ -159,28 +159,25 @@ def warm_up() -> None:
     forkserver.ensure_running()
 
 
-def vet_model(path: str, preprocessing: dict | None, limits: WorkerLimits | None = None) -> dict[str, Any]:
-    """Parse, check and convert the model at ``path`` in a limited child; return what it learned.
-
-    Raises VetError when the model is refused or a limit was hit.
-    """
-    limits = limits or WorkerLimits()
+def _run_child(target: Any, args: tuple, wall_seconds: float, doing: str, process: str) -> dict[str, Any]:
+    """Run ``target(sender, *args)`` in a child forked from the fork server and return the JSON answer
+    it sends. Raises VetError("resources") when it takes longer than ``wall_seconds`` or dies."""
     ctx = _get_context()
     receiver, sender = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(sender, path, preprocessing, limits), daemon=True)
+    proc = ctx.Process(target=target, args=(sender, *args), daemon=True)
     start = time.monotonic()
     proc.start()
     sender.close()
     try:
-        if not receiver.poll(limits.wall_seconds):
-            raise VetError("resources", f"converting the model took longer than {limits.wall_seconds:.0f} s")
+        if not receiver.poll(wall_seconds):
+            raise VetError("resources", f"{doing} took longer than {wall_seconds:.0f} s")
         try:
             raw = receiver.recv_bytes(MAX_ANSWER_BYTES)
         except EOFError:
             proc.join(5)
             raise VetError(
                 "resources",
-                f"the conversion process died (exit code {proc.exitcode}) after "
+                f"the {process} process died (exit code {proc.exitcode}) after "
                 f"{time.monotonic() - start:.1f} s: the model needs more memory or CPU time than "
                 "this server allows, or it crashed the converter",
             ) from None
@@ -189,7 +186,78 @@ def vet_model(path: str, preprocessing: dict | None, limits: WorkerLimits | None
         if proc.is_alive():
             proc.kill()
         proc.join(5)
-    answer = json.loads(raw)
+    return json.loads(raw)
+
+
+def vet_model(path: str, preprocessing: dict | None, limits: WorkerLimits | None = None) -> dict[str, Any]:
+    """Parse, check and convert the model at ``path`` in a limited child; return what it learned.
+
+    Raises VetError when the model is refused or a limit was hit.
+    """
+    limits = limits or WorkerLimits()
+    answer = _run_child(
+        _child, (path, preprocessing, limits), limits.wall_seconds, "converting the model", "conversion"
+    )
     if not answer.get("ok"):
         raise VetError(answer.get("kind", "invalid"), answer.get("error", "the model was refused"))
     return answer
+
+
+# What an onnxruntime session and its thread add to the child's address space before the graph runs.
+DRY_RUN_HEADROOM = 768 << 20
+
+
+def _dry_child(
+    conn: multiprocessing.connection.Connection,
+    model_bytes: bytes,
+    feeds: dict[str, Any],
+    output: str,
+    cap: int,
+    limits: WorkerLimits,
+) -> None:
+    address_space = _vm_size() + cap + DRY_RUN_HEADROOM
+    resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    try:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        # No arena and no planned buffers: what the graph asks for is what is mapped, and freed.
+        options.enable_cpu_mem_arena = False
+        options.enable_mem_pattern = False
+        options.log_severity_level = 3
+        session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        before = _vm_size("VmRSS")
+        try:  # the peak from here on (Linux ≥ 4.0); without it the peak so far, which is only larger
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+        session.run([output], feeds)
+        answer: dict[str, Any] = {"ok": True, "peak": max(0, _vm_size("VmHWM") - before)}
+    except Exception as exc:
+        if _out_of_memory(exc, address_space, cap):
+            answer = {"ok": False, "kind": "resources", "error": "over the cap"}
+        else:
+            answer = {"ok": False, "kind": "invalid", "error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
+    conn.send_bytes(json.dumps(answer).encode())
+    conn.close()
+
+
+def dry_run(
+    model_bytes: bytes, feeds: dict[str, Any], output: str, cap: int, limits: WorkerLimits | None = None
+) -> int:
+    """Run the ONNX graph ``model_bytes`` once on ``feeds`` (numpy arrays) up to ``output`` in a child
+    whose address space may grow by ``cap`` bytes (plus a session's headroom), and return the peak
+    resident memory the run added. Raises VetError("resources") when the run needs more than ``cap``
+    and VetError("invalid") when onnxruntime cannot run the graph on these inputs."""
+    limits = limits or WorkerLimits()
+    wall = min(limits.wall_seconds, 120.0)
+    answer = _run_child(
+        _dry_child, (model_bytes, feeds, output, cap, limits), wall, "a dry run of the model", "dry-run"
+    )
+    if not answer.get("ok"):
+        raise VetError(answer.get("kind", "invalid"), answer.get("error", "the dry run failed"))
+    return int(answer["peak"])

@@ -33,6 +33,7 @@ from service.jobs.errors import ServiceError, exhausted, invalid
 from service.jobs.job import JobHandle, JobStats, build_job
 from service.jobs.quotas import StorageQuotas
 from service.jobs.scheduler import Scheduler
+from service.models.dryrun import DryRuns
 from service.models.store import ConvertedCache, ModelNotFound, ModelRecord, ModelStore, latest_ids
 from service.models.worker import load_requested, vet_model
 from service.rpc.auth import (
@@ -160,6 +161,7 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
         self.streams = StreamSlots(config.stream_threads, config.tenant_streams)  # counted by StreamGate
         self._vet_slots = threading.Semaphore(1)  # one conversion child at a time: each can use GBs
         self._check_slots = threading.Semaphore(1)  # one release check at a time (CheckRelease)
+        self.dry_runs = DryRuns(config.worker_limits)  # memory of graphs that size tensors from shapes
         # How recent jobs ended (stats only: a handle would keep the job's tensors alive).
         self.recent_jobs: deque[FinishedJob] = deque(maxlen=64)
         self.jobs_finished = 0
@@ -360,6 +362,7 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
                 self.device,
                 limits,
                 parity=lambda tap: self._tap_parity(record.id, converted, tap),
+                measure=lambda tap, h, w, cap: self.dry_runs.peak(record.id, converted, tap, h, w, cap),
             )
         except ServiceError as exc:
             if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and limits != self.config.job_limits:

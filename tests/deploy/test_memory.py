@@ -209,3 +209,28 @@ def test_an_allocation_that_fails_is_resource_exhausted_and_its_memory_returned(
         after = _settle(pid)
         assert after <= 1.1 * before, f"RSS {before / MIB:.0f} → {after / MIB:.0f} MiB"
         assert client.maximize(model.id, "scaled", [0], height=64, width=64, **FAST).wait().results
+
+
+def test_a_graph_that_sizes_tensors_from_its_input_is_measured_at_the_requested_size(
+    server: _servers.ServerProcess,
+) -> None:
+    """The taps' shapes at 1024² say a few MiB; the graph's H×H×H ones take 4 GiB. A dry run at the
+    requested size in a child sees it, so the request is refused before the server allocates."""
+    pid = server.proc.pid
+    with PreimageClient(server.address, timeout=300) as client:
+        model = client.upload(cubic_shape_net(), name="cubic").model
+        client.maximize(model.id, "scaled", [0], height=64, width=64, **FAST).wait()
+        before = rss(pid)
+        for task in ("maximize", "invert"):
+            with pytest.raises(grpc.RpcError) as err:
+                if task == "maximize":
+                    client.maximize(model.id, "scaled", [0], height=1024, width=1024, **FAST).wait()
+                else:
+                    client.invert(model.id, "scaled", [zeros_png(64)], height=1024, width=1024, **FAST).wait()
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+            message = err.value.details()
+            assert "dry run" in message and "reduce the image size" in message, message
+            assert error_details(err.value).reason == "TOO_LARGE"
+        assert _settle(pid) - before < 50 * MIB
+        # 256² needs 64 MiB for the cube: measured, within the budget, and it runs
+        assert client.maximize(model.id, "scaled", [0], height=256, width=256, **FAST).wait().results
