@@ -365,12 +365,15 @@ def exemplar_events(
     images: Iterator[pb.ExemplarsImage],
     alive: Callable[[], bool],
     clock: Callable[[], float] = time.monotonic,
+    compute: Callable[..., Any] | None = None,
 ) -> Iterator[pb.ExemplarsResponse]:
     """Progress events while ``images`` are ranked batch by batch, then one result per target.
 
     Each image is decoded (within the per-image limits) and resized as it arrives; a batch runs
     once it is full. ``alive`` is checked before each batch: a cancelled or expired call stops
-    within one batch."""
+    within one batch. ``compute(fn, *args)`` runs each batch's network pass and the results where
+    the server's torch work runs (default: here)."""
+    compute = compute or (lambda fn, *args: fn(*args))
     start = last = clock()
     batch: list[tuple[str, np.ndarray]] = []
     index = 0
@@ -381,7 +384,7 @@ def exemplar_events(
             raise ServiceError(
                 grpc.StatusCode.CANCELLED, "the call ended before the ranking finished", reason="CANCELLED"
             )
-        run.run_batch(batch)
+        compute(run.run_batch, batch)
         batch.clear()
         now = clock()
         if now - last >= PROGRESS_SECONDS:
@@ -400,7 +403,7 @@ def exemplar_events(
     if run.seen == 0:
         raise invalid("the stream sent no images after the header", field="image")
     yield _progress(run, clock() - start)
-    for result in run.results():
+    for result in compute(lambda: list(run.results())):
         yield pb.ExemplarsResponse(result=result)
 
 

@@ -342,9 +342,12 @@ def build_job(
     limits: JobLimits,
     parity: Callable[[str], float | None] | None = None,
     measure: Measure | None = None,
+    compute: Callable[[Callable[[], Job]], Job] | None = None,
 ) -> Job:
     """Validate ``request`` (InvertRequest, MaximizeRequest or CaricatureRequest) into a Job.
-    ``measure``: the dry run for graphs whose memory their tap shapes do not bound (check_memory)."""
+    ``measure``: the dry run for graphs whose memory their tap shapes do not bound (check_memory).
+    ``compute``: runs the part that computes (targets, statistics, the amplitude) where the
+    server's torch work runs; the validation before it stays on the caller's thread."""
     tap = find_tap(converted, request.tap)
     options = request.options
     params = params_from_message(request.params, task)
@@ -393,109 +396,113 @@ def build_job(
             f"channel_max must be a finite number > 0 (0 or unset: measured), got {request.channel_max}",
             field="channel_max",
         )
-    magnitude = _client_amplitude(request.params, params, height, width, converted.preprocessing.channels, limits)
-    mean = converted.preprocessing.mean_rgb255
-    mean_t = torch.tensor(mean, dtype=torch.float32)
-    phi = converted.representation(tap).to(device)
-    seed0 = options.seed if options.HasField("seed") else 0
+    # From here on the work is torch's: on the compute owner's thread (Scheduler.call).
+    def materialize() -> Job:
+        magnitude = _client_amplitude(request.params, params, height, width, converted.preprocessing.channels, limits)
+        mean = converted.preprocessing.mean_rgb255
+        mean_t = torch.tensor(mean, dtype=torch.float32)
+        phi = converted.representation(tap).to(device)
+        seed0 = options.seed if options.HasField("seed") else 0
 
-    problems: list[Problem] = []
-    descriptions: list[str] = []
-    if task in ("invert", "caricature"):
-        # One image at a time: each is decoded, resized and run alone, so a request holds one
-        # decoded image and one image's activations at most, whatever its number of images.
-        starts_list, phi0_list = [], []
-        for i, img in enumerate(request.images):
-            start_i = from_uint8(resize(decode_image(img.data, i, limits), height, width), mean_t)
-            starts_list.append(start_i)
-            phi0_list.append(_run_phi(phi, start_i[None].to(device), tap.alias).cpu()[0])
-        starts, phi0 = torch.stack(starts_list), torch.stack(phi0_list)
-        if not torch.isfinite(phi0).all():
-            raise invalid(f"the model's tap {tap.alias!r} is not finite (NaN/Inf) on the given image(s)")
-        mask = _mask(request.mask, phi0.shape[1:]) if task == "invert" else None
-        for i in range(len(starts_list)):
-            try:
-                obj = Objective.invert(phi0[i], mask) if task == "invert" else Objective.caricature(phi0[i])
-            except ValueError as exc:
-                raise invalid(f"images[{i}]: {exc}", field=f"images[{i}]") from exc
-            start = starts[i] if task == "caricature" else None
-            problems.append(Problem(obj, params, seed=_seed(seed0, i), start=start))
-            descriptions.append(f"image {i}")
-    else:
-        shape = tuple(_run_phi(phi, torch.zeros(1, 3, height, width, device=device), tap.alias).shape[1:])
-        # The paper's 1/(ρ²·M_k): ρ never exceeds the image; M_k is the client's, or measured per
-        # channel on the reference photographs (cached per model, tap and size).
-        rf = effective_receptive_field(tap.receptive_field_yx, height, width)
-        given = request.channel_max if request.HasField("channel_max") and request.channel_max > 0 else None
-        stats = None if given is not None else channel_max_stats(phi, f"{model_id}:{tap.name}", height, width, mean)
+        problems: list[Problem] = []
+        descriptions: list[str] = []
+        if task in ("invert", "caricature"):
+            # One image at a time: each is decoded, resized and run alone, so a request holds one
+            # decoded image and one image's activations at most, whatever its number of images.
+            starts_list, phi0_list = [], []
+            for i, img in enumerate(request.images):
+                start_i = from_uint8(resize(decode_image(img.data, i, limits), height, width), mean_t)
+                starts_list.append(start_i)
+                phi0_list.append(_run_phi(phi, start_i[None].to(device), tap.alias).cpu()[0])
+            starts, phi0 = torch.stack(starts_list), torch.stack(phi0_list)
+            if not torch.isfinite(phi0).all():
+                raise invalid(f"the model's tap {tap.alias!r} is not finite (NaN/Inf) on the given image(s)")
+            mask = _mask(request.mask, phi0.shape[1:]) if task == "invert" else None
+            for i in range(len(starts_list)):
+                try:
+                    obj = Objective.invert(phi0[i], mask) if task == "invert" else Objective.caricature(phi0[i])
+                except ValueError as exc:
+                    raise invalid(f"images[{i}]: {exc}", field=f"images[{i}]") from exc
+                start = starts[i] if task == "caricature" else None
+                problems.append(Problem(obj, params, seed=_seed(seed0, i), start=start))
+                descriptions.append(f"image {i}")
+        else:
+            shape = tuple(_run_phi(phi, torch.zeros(1, 3, height, width, device=device), tap.alias).shape[1:])
+            # The paper's 1/(ρ²·M_k): ρ never exceeds the image; M_k is the client's, or measured per
+            # channel on the reference photographs (cached per model, tap and size).
+            rf = effective_receptive_field(tap.receptive_field_yx, height, width)
+            given = request.channel_max if request.HasField("channel_max") and request.channel_max > 0 else None
+            stats = None if given is not None else channel_max_stats(phi, f"{model_id}:{tap.name}", height, width, mean)
 
-        def m_k(channel: int | None = None) -> float:
-            if given is not None:
-                return float(given)
-            assert stats is not None
-            if channel is None:  # a direction: the layer's largest channel statistic
-                return float(stats.max())
-            return float(stats[channel]) if 0 <= channel < stats.numel() else 1.0
+            def m_k(channel: int | None = None) -> float:
+                if given is not None:
+                    return float(given)
+                assert stats is not None
+                if channel is None:  # a direction: the layer's largest channel statistic
+                    return float(stats.max())
+                return float(stats[channel]) if 0 <= channel < stats.numel() else 1.0
 
-        for i, target in enumerate(request.targets):
-            kind = target.WhichOneof("kind")
-            try:
-                if kind == "channel":
-                    w = channel_weights(
-                        shape, target.channel.channel, receptive_field=rf, channel_max=m_k(target.channel.channel),
-                        spatial=params.spatial,
-                    )  # fmt: skip
-                    desc = f"channel {target.channel.channel}"
-                elif kind == "neuron":
-                    n = target.neuron
-                    w = neuron_weights(shape, n.channel, (n.y, n.x), receptive_field=rf, channel_max=m_k(n.channel))
-                    desc = f"neuron {n.channel} at ({n.y}, {n.x})"
-                elif kind == "direction":
-                    d = torch.tensor(list(target.direction.weights), dtype=torch.float32)
-                    if d.numel() == math.prod(shape):
-                        d = d.view(shape)
-                    w = direction_weights(shape, d, receptive_field=rf, scale=m_k())
-                    desc = f"direction ({d.numel()} weights)"
-                else:
-                    raise ValueError("set one of channel, neuron or direction")
-            except ValueError as exc:
-                raise invalid(
-                    f"targets[{i}] on tap {tap.alias!r} (shape {list(shape)}): {exc}", field=f"targets[{i}]"
-                ) from exc
-            # Repeats of one target form a group that the diversity term keeps apart.
-            group = next((j for j, other in enumerate(request.targets[:i]) if other == target), i)
-            problems.append(Problem(Objective.maximize(w), params, seed=_seed(seed0, i), group=group))
-            descriptions.append(desc)
+            for i, target in enumerate(request.targets):
+                kind = target.WhichOneof("kind")
+                try:
+                    if kind == "channel":
+                        w = channel_weights(
+                            shape, target.channel.channel, receptive_field=rf, channel_max=m_k(target.channel.channel),
+                            spatial=params.spatial,
+                        )  # fmt: skip
+                        desc = f"channel {target.channel.channel}"
+                    elif kind == "neuron":
+                        n = target.neuron
+                        w = neuron_weights(shape, n.channel, (n.y, n.x), receptive_field=rf, channel_max=m_k(n.channel))
+                        desc = f"neuron {n.channel} at ({n.y}, {n.x})"
+                    elif kind == "direction":
+                        d = torch.tensor(list(target.direction.weights), dtype=torch.float32)
+                        if d.numel() == math.prod(shape):
+                            d = d.view(shape)
+                        w = direction_weights(shape, d, receptive_field=rf, scale=m_k())
+                        desc = f"direction ({d.numel()} weights)"
+                    else:
+                        raise ValueError("set one of channel, neuron or direction")
+                except ValueError as exc:
+                    raise invalid(
+                        f"targets[{i}] on tap {tap.alias!r} (shape {list(shape)}): {exc}", field=f"targets[{i}]"
+                    ) from exc
+                # Repeats of one target form a group that the diversity term keeps apart.
+                group = next((j for j, other in enumerate(request.targets[:i]) if other == target), i)
+                problems.append(Problem(Objective.maximize(w), params, seed=_seed(seed0, i), group=group))
+                descriptions.append(desc)
 
-    # On each problem, not on the batch: jobs with other photographs (or none) still share a batch.
-    for problem in problems:
-        problem.magnitude = magnitude
-    report_every = options.report_every if options.HasField("report_every") else DEFAULT_REPORT_EVERY
-    return Job(
-        task=task,
-        model_id=model_id,
-        tap_name=tap.name,
-        phi=phi,
-        problems=problems,
-        descriptions=descriptions,
-        height=height,
-        width=width,
-        stride=tap.stride,
-        mean_rgb255=mean,
-        device=device,
-        report_every=report_every,
-        preview_every=options.preview_every,
-        return_tensor=options.return_tensor,
-        contact_sheet=options.contact_sheet if options.HasField("contact_sheet") else True,
-        parity=(lambda: parity(tap.name)) if parity is not None else (lambda: None),
-        seeds=[p.seed for p in problems],
-        channels=converted.preprocessing.channels,
-        magnitude=(
-            amplitude_spectrum(height, width, converted.preprocessing.channels)
-            if params.parameterization == "phase" and magnitude is None
-            else None
-        ),
-    )
+        # On each problem, not on the batch: jobs with other photographs (or none) still share a batch.
+        for problem in problems:
+            problem.magnitude = magnitude
+        report_every = options.report_every if options.HasField("report_every") else DEFAULT_REPORT_EVERY
+        return Job(
+            task=task,
+            model_id=model_id,
+            tap_name=tap.name,
+            phi=phi,
+            problems=problems,
+            descriptions=descriptions,
+            height=height,
+            width=width,
+            stride=tap.stride,
+            mean_rgb255=mean,
+            device=device,
+            report_every=report_every,
+            preview_every=options.preview_every,
+            return_tensor=options.return_tensor,
+            contact_sheet=options.contact_sheet if options.HasField("contact_sheet") else True,
+            parity=(lambda: parity(tap.name)) if parity is not None else (lambda: None),
+            seeds=[p.seed for p in problems],
+            channels=converted.preprocessing.channels,
+            magnitude=(
+                amplitude_spectrum(height, width, converted.preprocessing.channels)
+                if params.parameterization == "phase" and magnitude is None
+                else None
+            ),
+        )
+
+    return compute(materialize) if compute is not None else materialize()
 
 
 def _client_amplitude(

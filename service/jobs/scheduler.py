@@ -14,6 +14,12 @@ Pending jobs are admitted round-robin over tenants, so one team's burst does not
 
 Same contract as the one-job-per-thread runner it replaces: ``submit(job) -> JobHandle`` whose
 ``events()`` yield progress and results, ``cancel()`` stops within one step.
+
+The loop thread is also the server's one compute owner: every torch operation of the server runs
+on it (``call``), between batch steps. With OpenMP, each OS thread that runs a parallel torch
+operation keeps a team of worker threads for as long as it lives, and two live teams on one
+process made the loop's steps 1.3–1.7× slower on a 2-core CPU once an RPC thread had converted a
+model or encoded a target (bench/service_step.py). RPC threads hand the work over and wait.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,10 +117,25 @@ class Scheduler:
         self.on_step: Callable[[int], None] | None = None  # images in the batch, after each step (metrics)
         self.steps_run = 0  # batch steps, for metrics and tests
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)
+        self._calls: collections.deque[tuple[Future, Callable[[], Any]]] = collections.deque()
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self._thread.start()
 
     # -- the RPC side ---------------------------------------------------------------------------
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` on the loop thread, between batch steps; its result or its exception.
+
+        Called on the loop thread itself (a call inside a call), it runs at once."""
+        if threading.current_thread() is self._thread:
+            return fn(*args, **kwargs)
+        future: Future = Future()
+        with self._cond:
+            if self._stopped:
+                raise unavailable("the server is shutting down")
+            self._calls.append((future, lambda: fn(*args, **kwargs)))
+            self._cond.notify()
+        return future.result()
+
     def submit(
         self, job: Job, tenant: str = "", max_running: int | None = None, max_queued: int | None = None
     ) -> JobHandle:
@@ -123,7 +145,7 @@ class Scheduler:
         admitted at once (the rest wait their turn); a job that would have to wait beyond
         ``max_queued`` is refused, naming the quota.
         """
-        parity = job.parity()  # onnxruntime work: done here, on the RPC thread, not in the loop
+        parity = self.call(job.parity)  # before the job is queued: a failure refuses nothing else
         with self._cond:
             if self._closed is not None:
                 raise unavailable(self._closed)
@@ -201,7 +223,11 @@ class Scheduler:
             self._cond.notify()
         self._thread.join(timeout=10)
         with self._cond:
+            calls = list(self._calls)
+            self._calls.clear()
             states = [s for q in self._pending.values() for s in q] + [s for b in self._batches for s in b.jobs]
+        for future, _ in calls:
+            future.set_exception(unavailable("the server is shutting down"))
             self._pending.clear()
             self._batches.clear()
         for state in states:
@@ -283,19 +309,34 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stopped and not self._batches and not self._pending:
+                while not self._stopped and not self._batches and not self._pending and not self._calls:
                     self._cond.wait()
                 if self._stopped:
                     return
+                # One handed-over call per round: running jobs keep stepping between conversions.
+                call = self._calls.popleft() if self._calls else None
+            if call is not None:
+                self._run_call(*call)
+            with self._cond:
                 self._admit()
                 batches = list(self._batches)
-                if not batches:  # everything pending is waiting for room; nothing can run
-                    self._cond.wait(timeout=0.05)
+                if not batches:
+                    if call is None and not self._calls:  # everything pending waits for room
+                        self._cond.wait(timeout=0.05)
                     continue
             for batch in batches:
                 self._step(batch)
             with self._cond:
                 self._batches = [b for b in self._batches if len(b.minimizer) or b.jobs]
+
+    @staticmethod
+    def _run_call(future: Future, fn: Callable[[], Any]) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # the caller's to handle, on its own thread
+            future.set_exception(exc)
 
     def _step(self, batch: _Batch) -> None:
         mini = batch.minimizer

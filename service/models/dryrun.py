@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -43,8 +44,9 @@ def reads_shapes(onnx_model: Any, tap_name: str) -> bool:
 class DryRuns:
     """Peak memory of one image's forward up to a tap, measured in a child; cached."""
 
-    def __init__(self, limits: WorkerLimits, capacity: int = 1024):
+    def __init__(self, limits: WorkerLimits, capacity: int = 1024, compute: Callable[..., Any] | None = None):
         self.limits = limits
+        self.compute = compute or (lambda fn, *args: fn(*args))  # where the feed's torch op runs
         self.capacity = capacity
         self._peaks: OrderedDict[tuple, tuple[int | None, int]] = OrderedDict()  # key → (peak or None, cap)
         self._shaped: dict[tuple[str, str], bool] = {}
@@ -88,7 +90,7 @@ class DryRuns:
 
         sub = extract_subgraph(converted.onnx, converted.input_name, [tap.name])
         # The mean colour (0 in the energy's units): an ordinary image, not one a shape trick keys on.
-        image = np.asarray(converted.to_model_input(torch.zeros(1, 3, height, width)))
+        image = self.compute(lambda: np.asarray(converted.to_model_input(torch.zeros(1, 3, height, width))))
         try:
             return dry_run(sub.SerializeToString(), {converted.input_name: image}, tap.name, cap, self.limits)
         except VetError as exc:

@@ -150,7 +150,10 @@ def start_server(address: str, config: ServerConfig, progress: Callable[[str], N
     # The conversion fork server starts on the first upload (or a bundled model not yet stored);
     # short-lived embedded servers (the CLI's local commands) never pay for it. serve() warms it.
     if config.seed_bundled:
-        seed_bundled(store, config.worker_limits, progress)
+        # On a thread that ends: a first run exports the bundled models with torch before the
+        # compute owner exists, and an OpenMP team lives as long as its thread (jobs/scheduler.py).
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="seed") as once:
+            once.submit(seed_bundled, store, config.worker_limits, progress).result()
     servicer = PreimageServicer(config, store)
     credentials = server_credentials(config.auth)
     gate = StreamGate(servicer.auth, servicer.streams)

@@ -41,9 +41,10 @@ def exemplars_stream(
     converted = servicer.cache.get(record)
     # The tenant's quota tightens the server's limits, as for the visualizations.
     limits = principal.quota.job_limits(servicer.config.job_limits)
-    run = start_run(header, converted, servicer.device, limits, labels=list(record.labels))
+    compute = servicer.scheduler.call  # the server's torch work runs on one thread (Scheduler.call)
+    run = compute(start_run, header, converted, servicer.device, limits, labels=list(record.labels))
     fields["targets"] = len(run.targets)
     try:
-        yield from exemplar_events(run, _images(requests), alive=context.is_active)
+        yield from exemplar_events(run, _images(requests), alive=context.is_active, compute=compute)
     finally:  # in the log line however the call ends: how far a cancelled one got
         fields["images"] = run.seen

@@ -147,8 +147,9 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
         self.store = store
         register_private_dir(store.root)  # no message a client gets names the store's files
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # Conversions run on the scheduler's loop thread, the server's one compute owner.
         self.cache = ConvertedCache(
-            lambda r: _load_converted(store, r),
+            lambda r: self.scheduler.call(_load_converted, store, r),
             capacity=config.converted_cache_size,
             max_bytes=config.converted_cache_bytes,
         )
@@ -161,7 +162,8 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
         self.streams = StreamSlots(config.stream_threads, config.tenant_streams)  # counted by StreamGate
         self._vet_slots = threading.Semaphore(1)  # one conversion child at a time: each can use GBs
         self._check_slots = threading.Semaphore(1)  # one release check at a time (CheckRelease)
-        self.dry_runs = DryRuns(config.worker_limits)  # memory of graphs that size tensors from shapes
+        # The memory of graphs that size tensors from their input's shape (their feed made by the owner).
+        self.dry_runs = DryRuns(config.worker_limits, compute=self.scheduler.call)
         # How recent jobs ended (stats only: a handle would keep the job's tensors alive).
         self.recent_jobs: deque[FinishedJob] = deque(maxlen=64)
         self.jobs_finished = 0
@@ -363,6 +365,7 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
                 limits,
                 parity=lambda tap: self._tap_parity(record.id, converted, tap),
                 measure=lambda tap, h, w, cap: self.dry_runs.peak(record.id, converted, tap, h, w, cap),
+                compute=self.scheduler.call,
             )
         except ServiceError as exc:
             if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and limits != self.config.job_limits:
