@@ -65,6 +65,13 @@ def _near_cap(limit: int, extra: int) -> bool:
 _ALLOC_FAILURES = ("alloc failed", "bad_alloc", "cannot allocate memory", "out of memory")
 
 
+def _limit_child(address_space: int, cpu_seconds: int) -> None:
+    """Caps for a child that runs a client's graph: address space, CPU time, no core dump."""
+    resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
 def _out_of_memory(exc: BaseException, limit: int, extra: int) -> bool:
     text = str(exc).lower()
     return isinstance(exc, MemoryError) or any(s in text for s in _ALLOC_FAILURES) or _near_cap(limit, extra)
@@ -75,9 +82,7 @@ def _child(
 ) -> None:
     # Limits first, before touching the untrusted bytes.
     address_space = _vm_size() + limits.extra_address_space
-    resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
-    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    _limit_child(address_space, limits.cpu_seconds)
     try:
         import torch
 
@@ -216,9 +221,7 @@ def _dry_child(
     limits: WorkerLimits,
 ) -> None:
     address_space = _vm_size() + cap + DRY_RUN_HEADROOM
-    resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
-    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    _limit_child(address_space, limits.cpu_seconds)
     try:
         import onnxruntime as ort
 

@@ -126,6 +126,19 @@ def roomy_server(tmp_path: Path) -> Iterator[_servers.ServerProcess]:
         proc.close()
 
 
+def _cube_at_1024(client: PreimageClient, model_id: str) -> list[grpc.RpcError]:
+    """A Maximize and an Invert of cubic_shape_net at 1024², each of which must fail: their errors."""
+    errors = []
+    for task in ("maximize", "invert"):
+        with pytest.raises(grpc.RpcError) as err:
+            if task == "maximize":
+                client.maximize(model_id, "scaled", [0], height=1024, width=1024, **FAST).wait()
+            else:
+                client.invert(model_id, "scaled", [zeros_png(64)], height=1024, width=1024, **FAST).wait()
+        errors.append(err.value)
+    return errors
+
+
 def _settle(pid: int) -> int:
     """RSS once a failed job's memory had time to be returned (the server trims 0.5 s after)."""
     time.sleep(1.5)
@@ -197,15 +210,10 @@ def test_an_allocation_that_fails_is_resource_exhausted_and_its_memory_returned(
         # The server may not grow its address space by more than 1 GiB from here (4 GiB are asked).
         _, hard = resource.prlimit(pid, resource.RLIMIT_AS)
         resource.prlimit(pid, resource.RLIMIT_AS, (vm_size(pid) + 1024 * MIB, hard))
-        for task in ("maximize", "invert"):
-            with pytest.raises(grpc.RpcError) as err:
-                if task == "maximize":
-                    client.maximize(model.id, "scaled", [0], height=1024, width=1024, **FAST).wait()
-                else:
-                    client.invert(model.id, "scaled", [zeros_png(64)], height=1024, width=1024, **FAST).wait()
-            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
-            assert "out of memory" in err.value.details()
-            assert error_details(err.value).reason == "OUT_OF_MEMORY"
+        for err in _cube_at_1024(client, model.id):
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+            assert "out of memory" in err.details()
+            assert error_details(err).reason == "OUT_OF_MEMORY"
         after = _settle(pid)
         assert after <= 1.1 * before, f"RSS {before / MIB:.0f} → {after / MIB:.0f} MiB"
         assert client.maximize(model.id, "scaled", [0], height=64, width=64, **FAST).wait().results
@@ -221,16 +229,11 @@ def test_a_graph_that_sizes_tensors_from_its_input_is_measured_at_the_requested_
         model = client.upload(cubic_shape_net(), name="cubic").model
         client.maximize(model.id, "scaled", [0], height=64, width=64, **FAST).wait()
         before = rss(pid)
-        for task in ("maximize", "invert"):
-            with pytest.raises(grpc.RpcError) as err:
-                if task == "maximize":
-                    client.maximize(model.id, "scaled", [0], height=1024, width=1024, **FAST).wait()
-                else:
-                    client.invert(model.id, "scaled", [zeros_png(64)], height=1024, width=1024, **FAST).wait()
-            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
-            message = err.value.details()
+        for err in _cube_at_1024(client, model.id):
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+            message = err.details()
             assert "dry run" in message and "reduce the image size" in message, message
-            assert error_details(err.value).reason == "TOO_LARGE"
+            assert error_details(err).reason == "TOO_LARGE"
         assert _settle(pid) - before < 50 * MIB
         # 256² needs 64 MiB for the cube: measured, within the budget, and it runs
         assert client.maximize(model.id, "scaled", [0], height=256, width=256, **FAST).wait().results
