@@ -111,21 +111,22 @@ def test_model_bytes(clients: dict[str, PreimageClient]) -> None:
 
     # ...and while streaming when the size is not declared: it stops at the tenant's whole cap.
     sent: list[int] = []
-
-    stream = NET * 64  # far more than the cap, so that "stopped early" has room to show
+    # 256 MiB, made lazily: far more than the cap and than any HTTP/2 flow-control window, so the
+    # bound below is decided by the server hanging up and not by how fast either side runs (a
+    # 5 MiB stream under a CPU-heavy neighbour was 1.9 MiB sent before the refusal arrived).
+    piece = (NET * (65536 // len(NET) + 1))[:65536]
+    pieces = 4096
 
     def undeclared() -> Iterator[pb.UploadModelRequest]:
         yield pb.UploadModelRequest(metadata=pb.UploadModelMetadata(name="sneaky"))
-        for i in range(0, len(stream), 4096):
-            sent.append(i)
-            yield pb.UploadModelRequest(chunk=stream[i : i + 4096])
+        for _ in range(pieces):
+            sent.append(len(piece))
+            yield pb.UploadModelRequest(chunk=piece)
         yield pb.UploadModelRequest(finish=pb.UploadModelFinish(sha256="0" * 64))
 
-    exhausted(lambda: thin.stub.UploadModel(undeclared(), timeout=30), "max_model_bytes")
-    # The server hung up near the cap. The client had queued more by then (gRPC's flow-control
-    # window): 70 chunks, 3.3× the model, once under load, so the bound leaves room for that.
-    print(f"client sent {len(sent) * 4096} bytes of a {len(stream)}-byte stream (model {len(NET)} bytes)")
-    assert len(sent) * 4096 < 16 * len(NET)
+    exhausted(lambda: thin.stub.UploadModel(undeclared(), timeout=60), "max_model_bytes")
+    print(f"client sent {sum(sent)} bytes of a {len(piece) * pieces}-byte stream (model {len(NET)} bytes)")
+    assert sum(sent) < len(piece) * pieces // 4
     assert thin.upload(NET, name="fits").already_existed  # idempotent even at the quota
     assert [m.name for m in thin.models()] == ["fits"]
 
