@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from bench.judge import Judge
-from bench.naturalness_metrics import contrast, spectrum_slope
+from bench.naturalness_metrics import contrast, saturation, spectrum_slope
 from converters.bundled import bundled_model_path
 from converters.model import load_model
 from service.energy import Objective, Problem, channel_weights, from_uint8, minimize
@@ -125,6 +125,7 @@ def main() -> None:
             "judge_labels": judged,
             "slope": float(np.mean([spectrum_slope(im) for im in reread])),
             "contrast": float(np.mean([contrast(im) for im in reread])),
+            "saturation": float(np.mean([saturation(im) for im in reread])),
             "mid_slope": float(np.mean([spectrum_slope(im) for im in mid])),
             "mid_seconds_per_image": mid_alone,
             "classes": len(classes),
@@ -135,11 +136,11 @@ def main() -> None:
             row["time_ratio_to_paper"] = row["seconds_per_image"] / table["paper"]["seconds_per_image"]
             row["mid_time_ratio_to_paper"] = row["mid_seconds_per_image"] / table["paper"]["mid_seconds_per_image"]
     (out / "naturalness.json").write_text(json.dumps(table, indent=1))
-    print("| preset | own top-1 | Lite1 top-1 | slope | contrast | mid-layer slope | s/image (logits, mid) | × paper |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| preset | own top-1 | Lite1 top-1 | slope | contrast | saturation | mid-layer slope | s/image (logits, mid) | × paper |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, r in table.items():
         print(f"| {name} | {r['own_top1']}/{r['classes']} | {r['judge_top1']}/{r['classes']} | {r['slope']:.2f} | "
-              f"{r['contrast']:.1f} | {r['mid_slope']:.2f} | {r['seconds_per_image']:.1f}, "
+              f"{r['contrast']:.1f} | {r['saturation']:.1f} | {r['mid_slope']:.2f} | {r['seconds_per_image']:.1f}, "
               f"{r['mid_seconds_per_image']:.1f} | {r.get('time_ratio_to_paper', float('nan')):.2f}, "
               f"{r.get('mid_time_ratio_to_paper', float('nan')):.2f} |")  # fmt: skip
 

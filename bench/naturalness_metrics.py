@@ -1,8 +1,10 @@
-"""How natural does an image look, measured without a person: two image statistics.
+"""How natural does an image look, measured without a person: three image statistics.
 
 SPEC.md ("Measuring how natural an image is") names them: the **spectrum slope**, the log-log
 slope of the radially averaged power spectrum of the grey image (photographs −2.7…−3.1, white
 noise 0), and the **contrast**, the std of the RGB values on the 0–255 scale (photographs 33–80).
+A third, the **saturation** (the mean per-pixel RGB max − min), shows washed-out colour, which
+the contrast (dominated by luminance) does not.
 Visualizations of modern networks made with the paper's pixel-space priors come out flatter
 (too much high-frequency energy, slope around −1.2) and greyer (contrast around 25); these two
 numbers make that visible in a benchmark table.
@@ -103,3 +105,13 @@ def contrast(image_uint8: np.ndarray) -> float:
     if arr.ndim == 3 and arr.shape[2] == 4:
         arr = arr[..., :3]
     return float(arr.astype(np.float64).std())
+
+
+def saturation(image_uint8: np.ndarray) -> float:
+    """Mean colourfulness: the per-pixel max − min of R, G and B on the 0–255 scale (0 for a grey
+    image; the colour photographs in scikit-image give 41–107)."""
+    arr = np.asarray(image_uint8)
+    if arr.ndim != 3 or arr.shape[2] < 3:
+        return 0.0
+    rgb = arr[..., :3].astype(np.float64)
+    return float((rgb.max(axis=2) - rgb.min(axis=2)).mean())

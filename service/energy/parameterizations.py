@@ -10,7 +10,8 @@ textures; later work changed *what is optimized* (SPEC.md "Beyond the paper"):
   covariance; a sigmoid bounds the result.
 - ``phase`` (MACO): the amplitude spectrum is fixed to the mean amplitude of natural images and
   only the phase is optimized; phase and image are standardized before the colour map and the
-  sigmoid. The image's power spectrum is then that of photographs by construction.
+  sigmoid (chroma at twice the luminance's gain, the sigmoid centred on photographs' mean
+  colour). The image's power spectrum is then that of photographs by construction.
 
 Each works for 1, 3 or N channels (colour decorrelation only applies to 3) and any size. Images
 come out in [0, 1]; ``to_energy`` maps them to the mean-subtracted 0–255 space the rest of the
@@ -39,6 +40,17 @@ _UNIFORM_PHASE_STD = math.pi / math.sqrt(3)
 # sigmoid; at std 1 the sigmoid leaves a contrast of about 38 on the 0–255 scale, at the low end
 # of photographs (33–80), and images look hazy. 1.6 gives about 50, their middle (bench/naturalness.py).
 PHASE_CONTRAST = 1.6
+
+# Colour images split that gain: the two chroma channels of the decorrelated space get 2×
+# the luminance's. With one gain for all three the images were washed out (mean saturation, the
+# RGB max − min per pixel, 33 on the bundled model against 41–107 for the colour photographs in
+# scikit-image), and classes that a colour carries (goldfish orange, flamingo pink, strawberry red)
+# had none; at 1.28 / 2.56 it is about 55 and the contrast stays near 46 (docs/energy.md).
+PHASE_COLOUR_GAIN = (1.28, 2.56, 2.56)
+
+# The mean colour of photographs (ImageNet's, 0–255). A phase-only image has no DC term, so
+# without it every image averages to mid-grey, which is bluer than photographs' average.
+PHOTO_MEAN_RGB = (124.0, 116.0, 104.0)
 
 # Keeps the inverse sigmoid finite for saturated pixels of a start image.
 _LOGIT_EPS = 1e-3
@@ -122,7 +134,11 @@ class PhaseImage:
         magnitude = self.magnitude.to(variable.device)
         spectrum = torch.polar(magnitude, phase)
         z = _standardize(torch.fft.irfft2(spectrum, s=(self.height, self.width)))
-        return torch.sigmoid(PHASE_CONTRAST * _recorrelate(z))
+        if z.shape[0] != 3:
+            return torch.sigmoid(PHASE_CONTRAST * z)
+        gain = torch.tensor(PHASE_COLOUR_GAIN, device=z.device, dtype=z.dtype).view(3, 1, 1)
+        mean = torch.tensor(PHOTO_MEAN_RGB, device=z.device, dtype=z.dtype).view(3, 1, 1) / 255.0
+        return torch.sigmoid(_recorrelate(gain * z) + torch.log(mean / (1 - mean)))
 
 
 def mean_amplitude(images: torch.Tensor, channels: int = 3) -> torch.Tensor:

@@ -11,7 +11,7 @@ import pytest
 import skimage.data
 from PIL import Image, ImageFilter
 
-from bench.naturalness_metrics import contrast, spectrum_slope
+from bench.naturalness_metrics import contrast, saturation, spectrum_slope
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera")
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,6 +62,15 @@ def test_constant_image_has_no_slope_and_no_contrast() -> None:
 @pytest.mark.parametrize("name", PHOTOS)
 def test_photo_contrast(name: str) -> None:
     assert 30 <= contrast(_photo(name)) <= 90
+
+
+@pytest.mark.parametrize("name", ["astronaut", "chelsea", "coffee", "rocket"])
+def test_colour_photographs_are_saturated_and_grey_is_not(name: str) -> None:
+    photo = _photo(name)
+    assert 35 <= saturation(photo) <= 115
+    grey = np.asarray(Image.fromarray(photo).convert("L").convert("RGB"))
+    assert saturation(grey) == 0.0
+    assert saturation(np.asarray(Image.fromarray(photo).convert("L"))) == 0.0
 
 
 def test_judge_is_not_imported_by_the_service() -> None:

@@ -206,6 +206,11 @@ def test_the_service_amplitude_falls_like_photographs_and_gives_their_contrast(
         PhaseImage(magnitude, height, width).init(torch.Generator().manual_seed(3))
     )
     assert 33 < float(image.std()) * 255 < 80
+    # ...and their colourfulness (per-pixel RGB max − min: 41–107 for the colour photographs in
+    # scikit-image; 33 when chroma had the luminance's gain).
+    if channels == 3:
+        colourfulness = float((image.max(dim=0).values - image.min(dim=0).values).mean()) * 255
+        assert 41 < colourfulness < 107
 
 
 def test_the_rate_falls_to_lr_end_scale_over_the_first_stage() -> None:
