@@ -136,7 +136,8 @@ def main() -> None:
             row["time_ratio_to_paper"] = row["seconds_per_image"] / table["paper"]["seconds_per_image"]
             row["mid_time_ratio_to_paper"] = row["mid_seconds_per_image"] / table["paper"]["mid_seconds_per_image"]
     (out / "naturalness.json").write_text(json.dumps(table, indent=1))
-    print("| preset | own top-1 | Lite1 top-1 | slope | contrast | saturation | mid-layer slope | s/image (logits, mid) | × paper |")
+    print("| preset | own top-1 | Lite1 top-1 | slope | contrast | saturation | mid-layer slope "
+          "| s/image (logits, mid) | × paper |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in table.items():
         print(f"| {name} | {r['own_top1']}/{r['classes']} | {r['judge_top1']}/{r['classes']} | {r['slope']:.2f} | "
