@@ -11,6 +11,8 @@ contact sheet per preset.
 
     python -m bench.naturalness [--size 224] [--classes 1,130,...] [--out bench/results/naturalness]
     python -m bench.naturalness --quick     # 4 classes, 2 channels: a smoke run
+    python -m bench.naturalness --figure docs/figures/maximize_presets.png --presets paper,natural,lucent
+        # only composes the contact sheets already in --out into one labelled figure
 
 Needs the bench extra: pip install -e '.[bench]'.
 """
@@ -91,7 +93,11 @@ def main() -> None:
     parser.add_argument("--presets", default="paper,natural,lucent")
     parser.add_argument("--out", default="bench/results/naturalness")
     parser.add_argument("--quick", action="store_true", help="4 classes and 2 channels")
+    parser.add_argument("--figure", help="compose the sheets in --out into this PNG and exit")
     args = parser.parse_args()
+    if args.figure:
+        figure(Path(args.out), args.presets.split(",")).save(args.figure)
+        return
     classes = tuple(int(c) for c in args.classes.split(","))
     channels = MID_CHANNELS
     if args.quick:
@@ -144,6 +150,25 @@ def main() -> None:
               f"{r['contrast']:.1f} | {r['saturation']:.1f} | {r['mid_slope']:.2f} | {r['seconds_per_image']:.1f}, "
               f"{r['mid_seconds_per_image']:.1f} | {r.get('time_ratio_to_paper', float('nan')):.2f}, "
               f"{r.get('mid_time_ratio_to_paper', float('nan')):.2f} |")  # fmt: skip
+
+
+def figure(out: Path, names: list[str], tile: int = 112, label: int = 150) -> Image.Image:
+    """The contact sheets of ``names`` (classes, then channels, per preset) in one labelled PNG."""
+    from PIL import ImageDraw
+
+    rows = []
+    for name in names:
+        for kind in ("classes", "channels"):
+            sheet_image = Image.open(out / f"{name}-{kind}.png").convert("RGB")
+            count = sheet_image.width // sheet_image.height
+            rows.append((f"{name} {kind}", sheet_image.resize((tile * count, tile), Image.Resampling.BICUBIC)))
+    width = label + max(r.width for _, r in rows)
+    canvas = Image.new("RGB", (width, (tile + 4) * len(rows)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (text, row) in enumerate(rows):
+        canvas.paste(row, (label, i * (tile + 4)))
+        draw.text((6, i * (tile + 4) + tile // 2 - 6), text, fill="black")
+    return canvas
 
 
 def _save(image: np.ndarray, path: Path) -> Path:
