@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -343,11 +344,13 @@ def build_job(
     parity: Callable[[str], float | None] | None = None,
     measure: Measure | None = None,
     compute: Callable[[Callable[[], Job]], Job] | None = None,
+    stats_dir: Path | None = None,
 ) -> Job:
     """Validate ``request`` (InvertRequest, MaximizeRequest or CaricatureRequest) into a Job.
     ``measure``: the dry run for graphs whose memory their tap shapes do not bound (check_memory).
     ``compute``: runs the part that computes (targets, statistics, the amplitude) where the
-    server's torch work runs; the validation before it stays on the caller's thread."""
+    server's torch work runs; the validation before it stays on the caller's thread.
+    ``stats_dir``: where the channel statistics of this model are kept between processes."""
     tap = find_tap(converted, request.tap)
     options = request.options
     params = params_from_message(request.params, task)
@@ -432,7 +435,9 @@ def build_job(
             # channel on the reference photographs (cached per model, tap and size).
             rf = effective_receptive_field(tap.receptive_field_yx, height, width)
             given = request.channel_max if request.HasField("channel_max") and request.channel_max > 0 else None
-            stats = None if given is not None else channel_max_stats(phi, f"{model_id}:{tap.name}", height, width, mean)
+            stats = None if given is not None else channel_max_stats(
+                phi, f"{model_id}:{tap.name}", height, width, mean, cache_dir=stats_dir
+            )
 
             def m_k(channel: int | None = None) -> float:
                 if given is not None:

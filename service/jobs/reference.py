@@ -2,14 +2,22 @@
 
 The paper normalizes the maximization loss by M_k, channel k's largest activation on natural
 images. We measure it on the real photographs that scikit-image ships (no download), resized
-and centre-cropped to the job's size, once per (model, tap, size), and cache it.
+and centre-cropped to the job's size, once per (model, tap, size), and cache it: in memory, and
+when the caller gives a directory (the store's, next to the model) on disk too, so that restarts
+and the other replicas on the store reuse it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import math
+import os
+import tempfile
 import threading
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -82,16 +90,59 @@ _stats: dict[tuple, torch.Tensor] = {}
 
 
 def channel_max(
-    phi: torch.nn.Module, key: str, height: int, width: int, mean_rgb255: tuple[float, float, float]
+    phi: torch.nn.Module,
+    key: str,
+    height: int,
+    width: int,
+    mean_rgb255: tuple[float, float, float],
+    cache_dir: Path | None = None,
 ) -> torch.Tensor:
-    """M_k for every channel of ``phi``'s output at this size; cached under ``key`` (model id + tap)."""
+    """M_k for every channel of ``phi``'s output at this size; cached under ``key`` (model id + tap),
+    and in ``cache_dir`` when given (a file per key, size, mean, device type and photograph set)."""
+    device = next((t.device for t in list(phi.parameters()) + list(phi.buffers())), torch.device("cpu"))
     cache_key = (key, height, width, tuple(mean_rgb255))
     with _stats_lock:
-        if cache_key not in _stats:
-            device = next((t.device for t in list(phi.parameters()) + list(phi.buffers())), torch.device("cpu"))
+        if cache_key in _stats:
+            return _stats[cache_key]
+        # The device type is in the name: a GPU's sums differ from a CPU's in the last bits, and a
+        # job must give the same bytes whichever replica measured its statistics.
+        ident = repr((key, height, width, tuple(map(float, mean_rgb255)), device.type, REFERENCE_PHOTOS))
+        path = None if cache_dir is None else Path(cache_dir) / f"{hashlib.sha256(ident.encode()).hexdigest()[:32]}.npy"
+        stats = _read_stats(path) if path is not None else None
+        if stats is None:
             images = reference_batch(height, width, mean_rgb255).to(device)
-            _stats[cache_key] = channel_statistics(phi, images).cpu()
-        return _stats[cache_key]
+            stats = channel_statistics(phi, images).cpu()
+            if path is not None:
+                _write_stats(path, stats)
+        _stats[cache_key] = stats
+        return stats
+
+
+def _read_stats(path: Path) -> torch.Tensor | None:
+    """The statistics stored at ``path``, or None when absent or unreadable (then measured again)."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    if arr.dtype != np.float32 or arr.ndim != 1 or arr.size == 0 or not np.isfinite(arr).all():
+        return None
+    return torch.from_numpy(arr.copy())
+
+
+def _write_stats(path: Path, stats: torch.Tensor) -> None:
+    """Written to a temporary name and renamed, so a reader sees the whole file or none; a store
+    that cannot be written (read-only, full) only costs the next process a measurement."""
+    buffer = io.BytesIO()
+    np.save(buffer, stats.numpy().astype(np.float32), allow_pickle=False)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(buffer.getvalue())
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError, UnboundLocalError):
+            os.unlink(tmp)
 
 
 def effective_receptive_field(receptive_field: int | tuple[int, int] | None, height: int, width: int) -> int:

@@ -4,6 +4,8 @@ Layout under the store root::
 
     blobs/<sha256>.onnx   the model bytes, exactly as uploaded
     meta/<sha256>.json    a ModelRecord; a model exists (is listed) iff this file exists
+    stats/<sha256>/       what was measured on the model and can be reused: the channel
+                          statistics M_k per tap and size (service.jobs.reference)
     staging/<replica>/    uploads being received, one folder per server process
     staging/<replica>.lock   held (flock) while that process lives
     .lock                 held (flock) while the store is changed
@@ -219,7 +221,8 @@ class ModelStore:
         self.blobs = self.root / "blobs"
         self.meta = self.root / "meta"
         self.staging_root = self.root / "staging"
-        for d in (self.blobs, self.meta, self.staging_root):
+        self.stats = self.root / "stats"
+        for d in (self.blobs, self.meta, self.staging_root, self.stats):
             d.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._lock_depth = 0
@@ -305,6 +308,9 @@ class ModelStore:
             if blob.stem not in listed:
                 with contextlib.suppress(OSError):
                     blob.unlink()
+        for measured in self.stats.iterdir():
+            if measured.name not in listed:
+                shutil.rmtree(measured, ignore_errors=True)
 
     # -- writing --------------------------------------------------------------------------------
     def stage(self) -> StagedUpload:
@@ -312,6 +318,10 @@ class ModelStore:
 
     def blob_path(self, model_id: str) -> Path:
         return self.blobs / f"{model_id}.onnx"
+
+    def stats_dir(self, model_id: str) -> Path:
+        """Where measurements of the model are kept (created by their writer)."""
+        return self.stats / model_id
 
     def _meta_path(self, model_id: str) -> Path:
         return self.meta / f"{model_id}.json"
@@ -364,6 +374,7 @@ class ModelStore:
             _fsync_dir(self.meta)
             with contextlib.suppress(FileNotFoundError):
                 self.blob_path(record.id).unlink()
+            shutil.rmtree(self.stats_dir(record.id), ignore_errors=True)
             return record
 
     # -- reading --------------------------------------------------------------------------------

@@ -366,6 +366,7 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
                 parity=lambda tap: self._tap_parity(record.id, converted, tap),
                 measure=lambda tap, h, w, cap: self.dry_runs.peak(record.id, converted, tap, h, w, cap),
                 compute=self.scheduler.call,
+                stats_dir=self.store.stats_dir(record.id),
             )
         except ServiceError as exc:
             if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and limits != self.config.job_limits:
