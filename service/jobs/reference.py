@@ -134,6 +134,7 @@ def _write_stats(path: Path, stats: torch.Tensor) -> None:
     that cannot be written (read-only, full) only costs the next process a measurement."""
     buffer = io.BytesIO()
     np.save(buffer, stats.numpy().astype(np.float32), allow_pickle=False)
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
@@ -141,8 +142,9 @@ def _write_stats(path: Path, stats: torch.Tensor) -> None:
             f.write(buffer.getvalue())
         os.replace(tmp, path)
     except OSError:
-        with contextlib.suppress(OSError, UnboundLocalError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def effective_receptive_field(receptive_field: int | tuple[int, int] | None, height: int, width: int) -> int:
