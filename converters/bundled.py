@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from converters.shallow.export import SHALLOW_MODELS, export_all
+from converters.spec import IMAGENET_MEAN, IMAGENET_STD
 
 # (repeats, kernel, stride, expand ratio, in channels, out channels) per stage: EfficientNet-B0,
 # which Lite0 keeps unscaled (width and depth coefficients 1.0).
@@ -39,8 +40,6 @@ _STAGES = (
 )
 _BN_EPS = 1e-3
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 INPUT_SIZE = 224
 MODEL_NAME = "efficientnet_lite0"
 # Bump when the export changes (architecture, opset, metadata) so caches are rebuilt.
