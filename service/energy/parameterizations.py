@@ -118,6 +118,9 @@ class PhaseImage:
             )
         self.magnitude = magnitude.float()
         self.channels, self.height, self.width = magnitude.shape[0], height, width
+        mean = torch.tensor(PHOTO_MEAN_RGB).view(3, 1, 1) / 255.0
+        self.colour_gain = torch.tensor(PHASE_COLOUR_GAIN).view(3, 1, 1)
+        self.colour_centre = torch.log(mean / (1 - mean))  # the sigmoid's input at the mean colour
 
     def init(self, generator: torch.Generator, start: torch.Tensor | None = None) -> torch.Tensor:
         """The variable: phases uniform in [−π, π), or the phase of ``start`` (C×H×W, [0, 1])."""
@@ -136,9 +139,8 @@ class PhaseImage:
         z = _standardize(torch.fft.irfft2(spectrum, s=(self.height, self.width)))
         if z.shape[0] != 3:
             return torch.sigmoid(PHASE_CONTRAST * z)
-        gain = torch.tensor(PHASE_COLOUR_GAIN, device=z.device, dtype=z.dtype).view(3, 1, 1)
-        mean = torch.tensor(PHOTO_MEAN_RGB, device=z.device, dtype=z.dtype).view(3, 1, 1) / 255.0
-        return torch.sigmoid(_recorrelate(gain * z) + torch.log(mean / (1 - mean)))
+        gain, centre = self.colour_gain.to(z.device, z.dtype), self.colour_centre.to(z.device, z.dtype)
+        return torch.sigmoid(_recorrelate(gain * z) + centre)
 
 
 def mean_amplitude(images: torch.Tensor, channels: int = 3) -> torch.Tensor:

@@ -207,7 +207,7 @@ def test_the_service_amplitude_falls_like_photographs_and_gives_their_contrast(
     )
     assert 33 < float(image.std()) * 255 < 80
     # ...and their colourfulness (per-pixel RGB max − min: 41–107 for the colour photographs in
-    # scikit-image; 33 when chroma had the luminance's gain).
+    # scikit-image; 34 when chroma had the luminance's gain).
     if channels == 3:
         colourfulness = float((image.max(dim=0).values - image.min(dim=0).values).mean()) * 255
         assert 41 < colourfulness < 107
