@@ -386,6 +386,7 @@ def _energy_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("height", "width", "seed", "report_every"):
         out[name] = getattr(args, name, None)
     out["return_tensor"] = getattr(args, "tensor", False) or None
+    out["report_stages"] = True  # shown on a terminal (conversion, statistics) before the bar starts
     if out.get("amplitude_images"):  # files stay paths, photo names become their pixels
         out["amplitude_images"] = [resolve_image(spec) for spec in out["amplitude_images"]]
     return {k: v for k, v in out.items() if v is not None}
@@ -394,16 +395,11 @@ def _energy_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _visualize(client: Any, args: argparse.Namespace) -> int:
     # getattr: main.py's parsers do not define every optional flag defined here.
     as_json, save_tensor = getattr(args, "json", False), getattr(args, "tensor", False)
-    embedded = getattr(args, "embedded", False)
     kwargs = _energy_kwargs(args)
     model = client.get(args.model)
-    if embedded:
-        say(f"converting {model.name} to torch (first use in this process)")
     if args.command == "maximize":
         targets = maximize_targets(args)
         channel_max = getattr(args, "channel_max", None)
-        if embedded and channel_max is None:
-            say(f"measuring the channel statistics of {args.tap} on reference photographs")
         run = client.maximize(model.id, args.tap, targets, channel_max=channel_max, **kwargs)
     elif args.command == "invert":
         run = client.invert(model.id, args.tap, args.images, mask_center=getattr(args, "mask_center", 0) or 0, **kwargs)
@@ -411,7 +407,10 @@ def _visualize(client: Any, args: argparse.Namespace) -> int:
         run = client.caricature(model.id, args.tap, args.images, **kwargs)
     bar = None
     for event in run:
-        if isinstance(event, pb.ProgressEvent) and event.target_index == 0:
+        if isinstance(event, pb.ProgressEvent) and event.stage:  # the server's work before the first step
+            if sys.stderr.isatty() and not as_json:  # for a person, like the bar; a log gets one line per error
+                say(event.message)
+        elif isinstance(event, pb.ProgressEvent) and event.target_index == 0:
             if bar is None:
                 bar = _bar(event.total_steps, args.command, disable=as_json)
             bar.total = event.total_steps  # the last event's total is the steps actually run

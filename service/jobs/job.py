@@ -347,10 +347,30 @@ def build_job(
     stats_dir: Path | None = None,
 ) -> Job:
     """Validate ``request`` (InvertRequest, MaximizeRequest or CaricatureRequest) into a Job.
-    ``measure``: the dry run for graphs whose memory their tap shapes do not bound (check_memory).
     ``compute``: runs the part that computes (targets, statistics, the amplitude) where the
-    server's torch work runs; the validation before it stays on the caller's thread.
-    ``stats_dir``: where the channel statistics of this model are kept between processes."""
+    server's torch work runs; the validation before it stays on the caller's thread. The other
+    arguments are ``prepare_job``'s."""
+    materialize = prepare_job(task, request, converted, model_id, device, limits, parity, measure, stats_dir)
+    return compute(materialize) if compute is not None else materialize()
+
+
+def prepare_job(
+    task: str,
+    request: Any,
+    converted: Any,
+    model_id: str,
+    device: torch.device,
+    limits: JobLimits,
+    parity: Callable[[str], float | None] | None = None,
+    measure: Measure | None = None,
+    stats_dir: Path | None = None,
+    on_stage: Callable[[str, str], None] | None = None,
+) -> Callable[[], Job]:
+    """Validate ``request`` on the caller's thread; returns the torch part that makes the Job, to run
+    where the server's torch work runs.
+    ``measure``: the dry run for graphs whose memory their tap shapes do not bound (check_memory).
+    ``stats_dir``: where the channel statistics of this model are kept between processes.
+    ``on_stage(stage, message)``: told when the channel statistics are measured (ProgressEvent.stage)."""
     tap = find_tap(converted, request.tap)
     options = request.options
     params = params_from_message(request.params, task)
@@ -435,8 +455,10 @@ def build_job(
             # channel on the reference photographs (cached per model, tap and size).
             rf = effective_receptive_field(tap.receptive_field_yx, height, width)
             given = request.channel_max if request.HasField("channel_max") and request.channel_max > 0 else None
+            what = f"measuring the channel statistics of {tap.alias} at {height}×{width} on the reference photographs"
+            announce = None if on_stage is None else lambda: on_stage("statistics", what)
             stats = None if given is not None else channel_max_stats(
-                phi, f"{model_id}:{tap.name}", height, width, mean, cache_dir=stats_dir
+                phi, f"{model_id}:{tap.name}", height, width, mean, cache_dir=stats_dir, on_measure=announce
             )
 
             def m_k(channel: int | None = None) -> float:
@@ -507,7 +529,7 @@ def build_job(
             ),
         )
 
-    return compute(materialize) if compute is not None else materialize()
+    return materialize
 
 
 def _client_amplitude(

@@ -16,7 +16,7 @@ import math
 import os
 import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -96,9 +96,11 @@ def channel_max(
     width: int,
     mean_rgb255: tuple[float, float, float],
     cache_dir: Path | None = None,
+    on_measure: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """M_k for every channel of ``phi``'s output at this size; cached under ``key`` (model id + tap),
-    and in ``cache_dir`` when given (a file per key, size, mean, device type and photograph set)."""
+    and in ``cache_dir`` when given (a file per key, size, mean, device type and photograph set).
+    ``on_measure`` is called when neither cache has them, just before they are measured."""
     device = next((t.device for t in list(phi.parameters()) + list(phi.buffers())), torch.device("cpu"))
     cache_key = (key, height, width, tuple(mean_rgb255))
     with _stats_lock:
@@ -110,6 +112,8 @@ def channel_max(
         path = None if cache_dir is None else Path(cache_dir) / f"{hashlib.sha256(ident.encode()).hexdigest()[:32]}.npy"
         stats = _read_stats(path) if path is not None else None
         if stats is None:
+            if on_measure is not None:
+                on_measure()
             images = reference_batch(height, width, mean_rgb255).to(device)
             stats = channel_statistics(phi, images).cpu()
             if path is not None:

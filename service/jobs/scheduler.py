@@ -128,13 +128,18 @@ class Scheduler:
         Called on the loop thread itself (a call inside a call), it runs at once."""
         if threading.current_thread() is self._thread:
             return fn(*args, **kwargs)
+        return self.call_soon(fn, *args, **kwargs).result()
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+        """``call`` without waiting: the future of ``fn(*args, **kwargs)`` on the loop thread, so the
+        caller can report on the work (stage events) while it runs."""
         future: Future = Future()
         with self._cond:
             if self._stopped:
                 raise unavailable("the server is shutting down")
             self._calls.append((future, lambda: fn(*args, **kwargs)))
             self._cond.notify()
-        return future.result()
+        return future
 
     def submit(
         self, job: Job, tenant: str = "", max_running: int | None = None, max_queued: int | None = None

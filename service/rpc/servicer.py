@@ -14,6 +14,7 @@ calls: it seeds the store with the bundled models and blocks until SIGINT/SIGTER
 from __future__ import annotations
 
 import logging
+import queue
 import string
 import threading
 import time
@@ -30,7 +31,7 @@ from service.api.preimage.v1 import preimage_pb2 as pb
 from service.api.preimage.v1 import preimage_pb2_grpc as pb_grpc
 from service.jobs.batch_invariance import row_quantum
 from service.jobs.errors import ServiceError, exhausted, invalid
-from service.jobs.job import JobHandle, JobStats, build_job
+from service.jobs.job import JobHandle, JobStats, prepare_job
 from service.jobs.quotas import StorageQuotas
 from service.jobs.scheduler import Scheduler
 from service.models.dryrun import DryRuns
@@ -353,10 +354,17 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
             self.statistics.record(record.id, task, code, int(fields.get("steps", 0)), time.monotonic() - start)
 
     def _run_job(self, task, request, context, fields, response_cls, principal: Principal, record: ModelRecord):
+        report_stages = request.options.report_stages
+        if report_stages and record.id not in self.cache:
+            message = f"converting model {record.name} ({record.id[:12]}) to torch: the first call on it in this server"
+            yield response_cls(progress=pb.ProgressEvent(stage="converting", message=message))
         converted = self.cache.get(record)
         limits = principal.quota.job_limits(self.config.job_limits)
+        # The torch part runs on the compute owner; what it reports on the way (the channel
+        # statistics) reaches the client while it runs, not after. None marks its end.
+        stages: queue.SimpleQueue[pb.ProgressEvent | None] = queue.SimpleQueue()
         try:
-            job = build_job(
+            materialize = prepare_job(
                 task,
                 request,
                 converted,
@@ -365,9 +373,16 @@ class PreimageServicer(pb_grpc.PreimageServiceServicer):
                 limits,
                 parity=lambda tap: self._tap_parity(record.id, converted, tap),
                 measure=lambda tap, h, w, cap: self.dry_runs.peak(record.id, converted, tap, h, w, cap),
-                compute=self.scheduler.call,
                 stats_dir=self.store.stats_dir(record.id),
+                on_stage=(lambda stage, message: stages.put(pb.ProgressEvent(stage=stage, message=message)))
+                if report_stages
+                else None,
             )
+            future = self.scheduler.call_soon(materialize)
+            future.add_done_callback(lambda _: stages.put(None))
+            while (event := stages.get()) is not None:
+                yield response_cls(progress=event)
+            job = future.result()
         except ServiceError as exc:
             if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and limits != self.config.job_limits:
                 # The limit hit may be the tenant's quota rather than the server's: name them.

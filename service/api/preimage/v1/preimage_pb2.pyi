@@ -1285,6 +1285,7 @@ class RunOptions(_message.Message):
     PREVIEW_EVERY_FIELD_NUMBER: _builtins.int
     RETURN_TENSOR_FIELD_NUMBER: _builtins.int
     CONTACT_SHEET_FIELD_NUMBER: _builtins.int
+    REPORT_STAGES_FIELD_NUMBER: _builtins.int
     height: _builtins.int
     """Output image height in pixels. Default: the model's fixed input height, else 224
     (for Invert/Caricature: the first image's height when the model is dynamic).
@@ -1303,6 +1304,11 @@ class RunOptions(_message.Message):
     """Also return each result as a float tensor (energy space, 3xHxW). Default false."""
     contact_sheet: _builtins.bool
     """Also return a contact sheet PNG of all results when there is more than one. Default true."""
+    report_stages: _builtins.bool
+    """Also send a ProgressEvent with `stage` set when the server converts the model or measures
+    channel statistics before the first step (see ProgressEvent.stage). Default false, so a
+    client that reads every progress event as a step sees only steps.
+    """
     def __init__(
         self,
         *,
@@ -1313,10 +1319,11 @@ class RunOptions(_message.Message):
         preview_every: _builtins.int | None = ...,
         return_tensor: _builtins.bool = ...,
         contact_sheet: _builtins.bool | None = ...,
+        report_stages: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_contact_sheet", b"_contact_sheet", "_height", b"_height", "_preview_every", b"_preview_every", "_report_every", b"_report_every", "_seed", b"_seed", "_width", b"_width", "contact_sheet", b"contact_sheet", "height", b"height", "preview_every", b"preview_every", "report_every", b"report_every", "seed", b"seed", "width", b"width"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_contact_sheet", b"_contact_sheet", "_height", b"_height", "_preview_every", b"_preview_every", "_report_every", b"_report_every", "_seed", b"_seed", "_width", b"_width", "contact_sheet", b"contact_sheet", "height", b"height", "preview_every", b"preview_every", "report_every", b"report_every", "return_tensor", b"return_tensor", "seed", b"seed", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_contact_sheet", b"_contact_sheet", "_height", b"_height", "_preview_every", b"_preview_every", "_report_every", b"_report_every", "_seed", b"_seed", "_width", b"_width", "contact_sheet", b"contact_sheet", "height", b"height", "preview_every", b"preview_every", "report_every", b"report_every", "report_stages", b"report_stages", "return_tensor", b"return_tensor", "seed", b"seed", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__contact_sheet: _TypeAlias = _typing.Literal["contact_sheet"]  # noqa: Y015
     _WhichOneofArgType__contact_sheet: _TypeAlias = _typing.Literal["_contact_sheet", b"_contact_sheet"]  # noqa: Y015
@@ -1450,6 +1457,8 @@ class ProgressEvent(_message.Message):
     TOTAL_STEPS_FIELD_NUMBER: _builtins.int
     TERMS_FIELD_NUMBER: _builtins.int
     PREVIEW_PNG_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
     target_index: _builtins.int
     """Index of the target (image or maximization target) in the request."""
     step: _builtins.int
@@ -1458,6 +1467,16 @@ class ProgressEvent(_message.Message):
     """Total steps of this target (both stages)."""
     preview_png: _builtins.bytes
     """The current image as PNG, when RunOptions.preview_every asks for it; empty otherwise."""
+    stage: _builtins.str
+    """Empty on step events. With RunOptions.report_stages, set on the events sent before the first
+    step (step 0, no terms), when the server does more than wait: "converting" (the first call on a model since the server
+    started converts its ONNX graph to torch: seconds, once per model and process) or
+    "statistics" (a Maximize on a tap and size seen for the first time measures the channel
+    statistics M_k on the reference photographs; they are kept in the store, so a restarted
+    server or another replica reads them instead). At most one of each per call, as it begins.
+    """
+    message: _builtins.str
+    """The stage for a person, e.g. "converting model resnet18 (1a2b3c4d5e6f) to torch: ..."."""
     @_builtins.property
     def terms(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Energy terms at this step: "energy", "loss", "alpha_norm", "tv"."""
@@ -1470,10 +1489,12 @@ class ProgressEvent(_message.Message):
         total_steps: _builtins.int = ...,
         terms: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         preview_png: _builtins.bytes = ...,
+        stage: _builtins.str = ...,
+        message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["preview_png", b"preview_png", "step", b"step", "target_index", b"target_index", "terms", b"terms", "total_steps", b"total_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "preview_png", b"preview_png", "stage", b"stage", "step", b"step", "target_index", b"target_index", "terms", b"terms", "total_steps", b"total_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
