@@ -12,7 +12,9 @@ suite goes on):
   seconds per reference inversion, and how many steps each needs to reach the reference's error;
 - ``invert_table.py`` (224 px, nine taps from the stem to the logits): seconds per inversion;
 - ``batch_invariance.py`` (a conv tap and the classifier's Gemm): which batch sizes change a row's
-  arithmetic with deterministic cuDNN, and whether padding to 4 rows (the CPU's fix) makes it exact.
+  arithmetic with deterministic cuDNN, and whether padding to 4 rows (the CPU's fix) makes it exact;
+- ``service_step.py`` (224 px, batch 1 and 8, the three RPCs, through a real `preimage serve` on the
+  device): per-step time over the bare forward and backward of the same graph.
 
 It prints each script's output as it comes, then a summary (Markdown) that bench/RESULTS.md takes as
 is; with ``--out DIR`` (default: $OUT when set) it also writes ``DIR/gpu_suite.log`` and
@@ -124,6 +126,15 @@ def summarize_batch_invariance(out: str, argv: list[str]) -> list[str]:
     ]
 
 
+def summarize_service_step(out: str, argv: list[str]) -> list[str]:
+    pattern = r"^(\w+)\s+(\d+)px batch (\d+) \((\d+) rows\): step\s+([\d.]+) ms, floor\s+([\d.]+) ms, ratio ([\d.]+)$"
+    return [
+        f"| service_step | {m[1]}, {m[2]} px, batch {m[3]} ({m[4]} rows) | ratio {m[7]} | {m[5]} ms per step | "
+        f"floor {m[6]} ms |"
+        for m in re.finditer(pattern, out, re.M)
+    ]
+
+
 def benches(device: str, smoke: bool) -> list[Bench]:
     d = ["--device", device]
     if smoke:  # seconds on a CPU: only checks that every script and parser runs
@@ -135,6 +146,8 @@ def benches(device: str, smoke: bool) -> list[Bench]:
             Bench("invert_table", ["--size", "32", "--steps", "1", *d], 300, summarize_invert_table),
             Bench("batch_invariance", ["--size", "32", "--max-batch", "5", "--taps", "/_fc/Gemm", *d], 120,
                   summarize_batch_invariance),
+            Bench("service_step", [*"--sizes 64 --batches 1 --tasks maximize --steps 2,4".split(), *d], 240,
+                  summarize_service_step),
         ]  # fmt: skip
     return [
         *(
@@ -148,6 +161,8 @@ def benches(device: str, smoke: bool) -> list[Bench]:
               summarize_steps_to_error),
         Bench("invert_table", ["--size", "224", *d], 75, summarize_invert_table),
         Bench("batch_invariance", ["--size", "96", "--max-batch", "8", *d], 60, summarize_batch_invariance),
+        # through a real `preimage serve` on the device: per-step time over the bare floor
+        Bench("service_step", [*"--sizes 224 --batches 1,8 --steps 10,40".split(), *d], 150, summarize_service_step),
     ]  # fmt: skip
 
 

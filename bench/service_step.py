@@ -1,7 +1,7 @@
 """Per-step time through the service over the floor: what a user of `preimage serve` gets.
 
     python bench/service_step.py [--sizes 128,224] [--batches 1,8] [--tasks invert,maximize,caricature]
-                                 [--steps 4,12] [--preset paper] [--threads N] [--json FILE]
+                                 [--steps 4,12] [--preset paper] [--threads N] [--device D] [--json FILE]
 
 One real `preimage serve` process (the bundled EfficientNet-Lite0 uploaded to it) and the gRPC
 client. A request's wall time is start-up (conversion, statistics, the first step's allocations)
@@ -15,6 +15,8 @@ torch work on its main thread: one OpenMP team, as the service should have. It i
 the service's calls (the lower of the two), in one run, and the ratio per row is service step / floor.
 
 Maximize uses the logits (class 1); Invert and Caricature the mid-layer tap below, on chelsea.
+``--device`` (default: cuda when there is one) is passed to `preimage serve --device` and the
+floor runs there too, synchronized before each clock read.
 """
 
 from __future__ import annotations
@@ -45,9 +47,11 @@ import json, sys, time, torch
 from converters.bundled import bundled_model_path
 from converters.model import load_model
 tap_name, size, rows, reps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+device = torch.device(sys.argv[5])
+sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 model = load_model(bundled_model_path())
-phi = model.representation(model.tap(tap_name))
-x = torch.randn(rows, 3, size, size).mul(50)
+phi = model.representation(model.tap(tap_name)).to(device)
+x = torch.randn(rows, 3, size, size, device=device).mul(50)
 def once():
     xi = x.detach().requires_grad_(True)
     torch.autograd.grad(phi(xi).float().sum(), xi)
@@ -55,7 +59,7 @@ for _ in range(5):
     once()
 times = []
 for _ in range(reps):
-    t = time.perf_counter(); once(); times.append(time.perf_counter() - t)
+    sync(); t = time.perf_counter(); once(); sync(); times.append(time.perf_counter() - t)
 times.sort()
 print(json.dumps({"floor": times[len(times) // 4], "threads": torch.get_num_threads()}))
 """
@@ -71,10 +75,10 @@ def photo_png(size: int) -> bytes:
     return buf.getvalue()
 
 
-def floor_seconds(tap: str, size: int, rows: int, threads: int, reps: int = 20) -> float:
+def floor_seconds(tap: str, size: int, rows: int, threads: int, device: str = "cpu", reps: int = 20) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
-        [sys.executable, "-c", FLOOR, tap, str(size), str(rows), str(reps)],
+        [sys.executable, "-c", FLOOR, tap, str(size), str(rows), str(reps), device],
         capture_output=True, text=True, env=env, cwd=ROOT, check=True,
     )  # fmt: skip
     return float(json.loads(out.stdout.strip().splitlines()[-1])["floor"])
@@ -110,14 +114,19 @@ def main() -> None:
     parser.add_argument("--steps", default="5,25", help="the two step counts of the slope")
     parser.add_argument("--preset", default="paper")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     n1, n2 = (int(s) for s in args.steps.split(","))
     rows_out = []
     with tempfile.TemporaryDirectory() as tmp:
         from converters.bundled import bundled_model_path
 
-        server = start(Path(tmp) / "store", env={"OMP_NUM_THREADS": str(args.threads)})
+        server = start(Path(tmp) / "store", "--device", args.device, env={"OMP_NUM_THREADS": str(args.threads)})
         try:
             with PreimageClient(server.address, timeout=3600) as client:
                 model = client.upload(bundled_model_path().read_bytes(), name="lite0").model.id
@@ -125,19 +134,20 @@ def main() -> None:
                     for size in (int(s) for s in args.sizes.split(",")):
                         for batch in (int(b) for b in args.batches.split(",")):
                             rows = batch * views_per_target(task, args.preset)
-                            floors = [floor_seconds(TAPS[task], size, rows, args.threads)]
+                            floors = [floor_seconds(TAPS[task], size, rows, args.threads, args.device)]
                             call_seconds(client, model, task, size, batch, 1, args.preset)  # warm: caches
                             t = {n1: [], n2: []}
                             for _ in range(2):
                                 for n in (n1, n2):
                                     t[n].append(call_seconds(client, model, task, size, batch, n, args.preset))
                             step = (min(t[n2]) - min(t[n1])) / (n2 - n1)
-                            floors.append(floor_seconds(TAPS[task], size, rows, args.threads))
+                            floors.append(floor_seconds(TAPS[task], size, rows, args.threads, args.device))
                             floor = min(floors)
                             row = {
                                 "task": task, "tap": TAPS[task], "size": size, "batch": batch, "rows": rows,
-                                "preset": args.preset, "step_ms": 1000 * step, "floor_ms": 1000 * floor,
-                                "ratio": step / floor, "calls_s": {str(k): v for k, v in t.items()},
+                                "preset": args.preset, "device": args.device,
+                                "step_ms": 1000 * step, "floor_ms": 1000 * floor, "ratio": step / floor,
+                                "calls_s": {str(k): v for k, v in t.items()},
                             }  # fmt: skip
                             rows_out.append(row)
                             print(
