@@ -217,20 +217,26 @@ def _no_tf32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def ort_session(onnx_model, providers: list[str] | None = None, as_written: bool = False):
-    """An onnxruntime session on one thread. ``as_written``: no graph optimization at all, for quantized
-    graphs, where onnxruntime would fuse DequantizeLinear → Conv → QuantizeLinear into its integer
-    kernels, which round differently and, without VNNI, saturate int16 partial sums (measured on a QDQ
-    resnet18: 39 % of a layer's elements one to three steps off; as written, none)."""
+def ort_session(
+    onnx_model, providers: list[str] | None = None, as_written: bool = False, threads: int = 1, fast: bool = False
+):
+    """An onnxruntime session on ``threads`` threads. ``as_written``: no graph optimization at all, for
+    quantized graphs, where onnxruntime would fuse DequantizeLinear → Conv → QuantizeLinear into its
+    integer kernels, which round differently and, without VNNI, saturate int16 partial sums (measured on
+    a QDQ resnet18: 39 % of a layer's elements one to three steps off; as written, none). ``fast``: all
+    of onnxruntime's fusions, for passes that only read activations and do not judge the converter."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     # Keep onnxruntime close to the graph as written: its fusions change rounding, not semantics,
     # but the judge should run the model that we converted.
-    opts.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_DISABLE_ALL if as_written else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    )
-    opts.intra_op_num_threads = 1
+    level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if fast else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL if as_written else level
+    opts.intra_op_num_threads = threads
+    if threads > 1:
+        # Idle pool threads sleep instead of spinning, so they do not take the cores from torch's
+        # threads, which run the steps between two passes.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return ort.InferenceSession(
         onnx_model.SerializeToString(), sess_options=opts, providers=providers or ["CPUExecutionProvider"]

@@ -17,6 +17,7 @@ import torch
 
 from converters.taps import TapInfo
 from service.jobs.exemplars import MAX_CROP, MIN_CROP, ExemplarsRun, Target
+from service.jobs.forward import tap_forward
 from service.jobs.limits import JobLimits
 from service.jobs.reference import REFERENCE_PHOTOS, center_crop_resize, photo
 
@@ -78,7 +79,7 @@ def layer_exemplars(
         batch_size=len(images),
         height=h,
         width=w,
-        phi=model.representation(tap.name).to(device),
+        forward=tap_forward(model, tap, device),
         device=device,
         limits=JobLimits(),
     )
