@@ -1,7 +1,7 @@
 """Forward-only passes to a tap, for work that reads activations and takes no gradient (exemplars).
 
 On a CPU server the truncated ONNX graph runs in onnxruntime: the same graph the converter checked
-parity against, and 1.5–3× faster there than the converted torch graph on the bundled model's
+parity against, and 6–8× faster there than the converted torch graph on the bundled model's
 depthwise convolutions (bench/exemplars.py). On a GPU, and for models without an ONNX graph (HOG,
 DSIFT), the torch representation runs on the server's device. Either way the pass runs on the
 thread that calls it, which in the server is the compute owner (Scheduler.call).
