@@ -74,7 +74,7 @@ def run(model, name: str, tap: str, units: tuple[int, ...], size: int) -> tuple[
         )
         for i, k in enumerate(units)
     ]
-    magnitude = amplitude_spectrum(size, size, 3) if params.parameterization == "phase" else None
+    magnitude = amplitude_spectrum(*params.canvas_size(size, size), 3) if params.parameterization == "phase" else None
     start = time.perf_counter()
     results = minimize(phi, problems, height=size, width=size, stride=info.stride, mean_rgb255=mean,
                        magnitude=magnitude, report_every=0)  # fmt: skip

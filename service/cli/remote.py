@@ -71,6 +71,7 @@ _ENERGY_HELP = {
     "crop_start": "random crop side at the first step, fraction of the image",
     "crop_end": "random crop side at the last step",
     "crop_spread": "std of the crop centre, fraction of the side",
+    "canvas": "side of the optimized image as a multiple of the output (fourier/phase; default 1)",
     "noise": "std of the noise added to each view, 0-1 units",
     "anchor": "weight of the pull back to the start image (caricature)",
     "diversity": "weight of the diversity penalty among repeats of one target",

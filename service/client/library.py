@@ -98,6 +98,23 @@ def encode_image(image: ImageLike) -> bytes:
     return buf.getvalue()
 
 
+def exemplar_image(image: ImageLike, image_id: str = "") -> pb.ExemplarsImage:
+    """One image of an Exemplars stream: a uint8 array (H×W, H×W×1, ×3 or ×4) goes as its pixels,
+    which neither side then encodes or decodes; bytes and paths go as they are."""
+    if isinstance(image, (bytes, str, Path)):
+        return pb.ExemplarsImage(data=encode_image(image), id=image_id)
+    import numpy as np
+
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3):
+        raise ValueError(f"an image array must be H×W or H×W×C uint8, got {array.dtype} of shape {array.shape}")
+    if array.ndim == 2:
+        array = array[:, :, None]
+    h, w, c = array.shape
+    pixels = pb.RawPixels(height=h, width=w, channels=c, data=np.ascontiguousarray(array).tobytes())
+    return pb.ExemplarsImage(pixels=pixels, id=image_id)
+
+
 def target(spec: int | tuple[int, int, int] | Sequence[float] | pb.MaximizeTarget) -> pb.MaximizeTarget:
     """A maximization target: an int is a channel (or class), (c, y, x) a neuron, floats a direction."""
     if isinstance(spec, pb.MaximizeTarget):
@@ -393,7 +410,7 @@ class PreimageClient:
                 image_id, image = item if isinstance(item, tuple) else (None, item)
                 if image_id is None:
                     image_id = Path(image).name if isinstance(image, (str, Path)) else str(i)
-                yield pb.ExemplarsRequest(image=pb.ExemplarsImage(data=encode_image(image), id=str(image_id)))
+                yield pb.ExemplarsRequest(image=exemplar_image(image, str(image_id)))
 
         results: list[pb.ExemplarsResult] = []
         call = self.stub.Exemplars(messages(), timeout=self._timeout(timeout), metadata=routing_metadata(model))

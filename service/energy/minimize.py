@@ -576,7 +576,7 @@ class Minimizer:
 
     def _natural_result(self, row: NaturalRow) -> Result:
         with torch.no_grad():
-            x = row.image().detach()
+            x = row.output_image().detach()
         return self._measure(row, x, row.target, row.mask, row.weights, row.is_inv)
 
     def _measure(
@@ -625,7 +625,7 @@ class Minimizer:
         for natural in self._natural:
             if natural.handle == handle:
                 with torch.no_grad():
-                    return to_uint8(natural.image(), self.mean_rgb255)
+                    return to_uint8(natural.output_image(), self.mean_rgb255)
         index = next(i for i, row in enumerate(self._rows) if row.handle == handle)
         lo = self.pad // 2
         return to_uint8(self._state["x"][index, :, lo : lo + self.height, lo : lo + self.width], self.mean_rgb255)

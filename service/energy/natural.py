@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from service.energy.objectives import batched_loss
 from service.energy.parameterizations import from_energy, make_parameterization, to_energy
@@ -65,8 +66,10 @@ class NaturalRow:
         self.generator = torch.Generator().manual_seed(seed)  # init and view geometry
         # The view noise is drawn on the device.
         self.noise_generator = torch.Generator(device=device).manual_seed((seed + 1) % 2**64)
+        # The optimized image (the canvas) may be larger than what the network sees.
+        self.canvas = params.canvas_size(height, width)
         self.parameterization = make_parameterization(
-            params.parameterization, channels=channels, height=height, width=width,
+            params.parameterization, channels=channels, height=self.canvas[0], width=self.canvas[1],
             decay=params.fourier_decay, magnitude=problem.magnitude if problem.magnitude is not None else magnitude,
         )  # fmt: skip
         start01 = None
@@ -75,6 +78,9 @@ class NaturalRow:
             if tuple(start.shape) != (3, height, width):
                 raise ValueError(f"start image must be 3×{height}×{width}, got {tuple(start.shape)}")
             start01 = from_energy(start, mean_rgb255, channels)
+            if self.canvas != (height, width):
+                start01 = F.interpolate(start01[None], size=self.canvas, mode="bicubic", align_corners=False)[0]
+                start01 = start01.clamp(0, 1)
         self.variable = self.parameterization.init(self.generator, start01).to(device).requires_grad_(True)
         self.optimizer = make_optimizer(params, self.variable)
         # The anchor pulls towards the start image as the parameterization renders it (not the
@@ -98,15 +104,28 @@ class NaturalRow:
         return records_at(step, self.total, self.record_every)
 
     def image(self) -> torch.Tensor:
-        """The current image in energy space (3×H×W), differentiable in the variable."""
+        """The current canvas in energy space (3×canvas), differentiable in the variable."""
         return to_energy(self.parameterization.image(self.variable), self.mean)
 
+    def output_image(self) -> torch.Tensor:
+        """The current image at the output size (3×H×W): the canvas, resampled when larger."""
+        return self._to_output(self.image()[None])[0]
+
     def views(self, x: torch.Tensor) -> torch.Tensor:
-        """This step's views of ``x`` (copies×3×H×W); the second stage sees the image as it is."""
+        """This step's views of the canvas ``x`` at the network's size (copies×3×H×W); the second
+        stage sees the image as it is."""
         if self.in_refine():
-            return x[None]
+            return self._to_output(x[None])
         progress = self.step / max(self.params.steps - 1, 1)
-        return views(x, self.view_settings, self.generator, self.noise_generator, progress)
+        return views(x, self.view_settings, self.generator, self.noise_generator, progress, (self.height, self.width))
+
+    def _to_output(self, batch: torch.Tensor) -> torch.Tensor:
+        if tuple(batch.shape[-2:]) == (self.height, self.width):
+            return batch
+        # Antialiased, so the network cannot be driven by detail finer than its own pixels (which
+        # a plain bilinear resample would alias into it).
+        size = (self.height, self.width)
+        return F.interpolate(batch, size=size, mode="bilinear", antialias=True, align_corners=False)
 
     def step_optimizer(self) -> None:
         """One optimizer step at this step's rate: over the first stage the rate falls linearly
@@ -147,7 +166,7 @@ class NaturalRow:
                 r_tv = total_variation(batch, float(p.beta), float(p.tv_norm))[0]
             weighted.append(p.lambda_tv * r_tv)
         if self.anchor_image is not None:
-            anchor = (x - self.anchor_image).pow(2).sum() / (self.height * self.width * float(p.b_norm) ** 2)
+            anchor = (x - self.anchor_image).pow(2).sum() / (x.shape[-2] * x.shape[-1] * float(p.b_norm) ** 2)
             weighted.append(p.anchor * anchor)
         total = sum(weighted) if weighted else None
         differentiable = total if isinstance(total, torch.Tensor) and total.requires_grad else None

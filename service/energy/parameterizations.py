@@ -171,6 +171,18 @@ def mean_amplitude(images: torch.Tensor, channels: int = 3) -> torch.Tensor:
     return torch.sqrt(amplitude * _radial_mean(amplitude, w))
 
 
+def resample_amplitude(magnitude: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """An amplitude spectrum (C × h × w//2+1) carried to an image of ``height`` × ``width``, read at
+    the same frequencies in cycles per pixel. The phase image standardizes what it renders, so only
+    the spectrum's shape matters, and photographs' spectra are nearly scale-invariant: this stands in
+    for the spectrum measured at that size when a caller has only the output's."""
+    if tuple(magnitude.shape[1:]) == (height, width // 2 + 1):
+        return magnitude
+    centred = torch.fft.fftshift(magnitude.float(), dim=1)[None]
+    out = torch.nn.functional.interpolate(centred, size=(height, width // 2 + 1), mode="bilinear", align_corners=True)
+    return torch.fft.ifftshift(out[0], dim=1).clamp_min(0)
+
+
 def _radial_mean(amplitude: torch.Tensor, width: int) -> torch.Tensor:
     """Each rfft2 bin (C × H × width//2+1) replaced by the mean over the bins at the same radial
     frequency, per channel."""
@@ -220,5 +232,7 @@ def make_parameterization(
             raise ValueError("the phase parameterization needs an amplitude spectrum (mean_amplitude of photographs)")
         if magnitude.shape[0] != channels:
             raise ValueError(f"the amplitude spectrum has {magnitude.shape[0]} channels, the image {channels}")
+        if magnitude.dim() == 3:
+            magnitude = resample_amplitude(magnitude, height, width)
         return PhaseImage(magnitude, height, width)
     raise ValueError(f"unknown parameterization {name!r}; choose from pixel, fourier, phase")

@@ -64,6 +64,10 @@ class EnergyParams:
     crop_start: float = 1.0  # random crop side (fraction of the image) at the first step …
     crop_end: float = 1.0  # … and at the last (MACO's shrinking box)
     crop_spread: float = 0.15  # std of the crop centre, fraction of the image side
+    # Side of the optimized image as a multiple of the network's input (fourier/phase). Views are
+    # cut from it (crop fractions are of the canvas) and resampled to the input size, and the result
+    # is the canvas resampled back to it: at 2 a view at crop 0.5 sees the canvas at its own scale.
+    canvas: float = 1.0
     noise: float = 0.0  # std of additive noise on each view, 0–1 units
     anchor: float = 0.0  # weight of ‖x − x0‖²/(H·W·B²), the pull back to the start image (caricature)
     diversity: float = 0.0  # weight of the Gram-similarity penalty among the images of one target
@@ -152,6 +156,8 @@ class EnergyParams:
             raise ValueError(f"crop_start and crop_end must be in [0.02, 1] (got {self.crop_start}, {self.crop_end})")
         if not 0 <= self.crop_spread <= 1:
             raise ValueError(f"crop_spread must be in [0, 1] (got {self.crop_spread})")
+        if not 1 <= self.canvas <= 4:
+            raise ValueError(f"canvas must be in [1, 4] (got {self.canvas}); 1 optimizes the image at the output size")
         if not 0 <= self.noise <= 1:
             raise ValueError(f"noise must be in [0, 1] (got {self.noise})")
         if not 0 <= self.fourier_decay <= 4:
@@ -164,11 +170,17 @@ class EnergyParams:
             raise ValueError("anchor and diversity must be ≥ 0")
         if not natural and (self.anchor > 0 or self.diversity > 0):
             raise ValueError("anchor and diversity need the fourier or phase parameterization")
+        if not natural and self.canvas != 1:
+            raise ValueError("canvas needs the fourier or phase parameterization")
         if not natural and (self.copies > 1 or not self.views().identity):
             raise ValueError(
                 "views (copies, translate, scale, rotate, crop, noise) need the fourier or phase "
                 "parameterization; pixels are shifted by jitter (T)"
             )
+
+    def canvas_size(self, height: int, width: int) -> tuple[int, int]:
+        """The optimized image's height and width for an output of ``height`` × ``width``."""
+        return max(round(height * self.canvas), height), max(round(width * self.canvas), width)
 
     def views(self) -> ViewSettings:
         """The view settings of a parameterized image."""

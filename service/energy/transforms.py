@@ -55,8 +55,7 @@ def affine_matrices(
     n = settings.copies
     u = torch.rand((n, 5), generator=generator, dtype=torch.float64)
     z = torch.randn((n, 2), generator=generator, dtype=torch.float64)
-    box = settings.crop_start + (settings.crop_end - settings.crop_start) * min(max(progress, 0.0), 1.0)
-    box = min(max(box, 0.02), 1.0)
+    box = crop_side(settings, progress)
     # Crop: the centre stays where the whole box is inside the image.
     room = (1.0 - box) / 2
     cy = (z[:, 0] * settings.crop_spread).clamp(-room, room) * 2  # normalized coordinates, [-1, 1]
@@ -75,22 +74,39 @@ def affine_matrices(
     return theta.float()
 
 
+def crop_side(settings: ViewSettings, progress: float) -> float:
+    """The crop's side, as a fraction of the image, at ``progress`` (0 at the first step, 1 at the last)."""
+    box = settings.crop_start + (settings.crop_end - settings.crop_start) * min(max(progress, 0.0), 1.0)
+    return min(max(box, 0.02), 1.0)
+
+
 def views(
     x: torch.Tensor,
     settings: ViewSettings,
     generator: torch.Generator,
     noise_generator: torch.Generator | None,
     progress: float,
+    out_size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """``copies`` random views (copies×C×H×W) of one energy-space image x (C×H×W), differentiable."""
+    """``copies`` random views (copies×C×h×w) of one energy-space image x (C×H×W), differentiable.
+
+    ``out_size`` (h, w), default (H, W): a view of a larger image (a canvas) is resampled to it."""
     c, h, w = x.shape
-    if settings.identity:
+    oh, ow = out_size or (h, w)
+    if settings.identity and (oh, ow) == (h, w):
         return x[None].expand(settings.copies, c, h, w)
     theta = affine_matrices(settings, generator, h, w, progress).to(x.device)
-    grid = F.affine_grid(theta, [settings.copies, c, h, w], align_corners=False)
+    # Bilinear sampling reads 2×2 pixels per output pixel: where a view spans k source pixels per
+    # output pixel, it would alias the rest. Averaging k×k blocks first bounds k to 1.5 (normalized
+    # coordinates make the geometry the same at both sizes), for a fraction of what an antialiased
+    # resample of every view costs.
+    k = max(1, round(crop_side(settings, progress) * max(h / oh, w / ow) / settings.scale_min))
+    source = F.interpolate(x[None], size=(-(-h // k), -(-w // k)), mode="area")[0] if k > 1 else x
+    grid = F.affine_grid(theta, [settings.copies, c, oh, ow], align_corners=False)
     out = F.grid_sample(
-        x[None].expand(settings.copies, c, h, w), grid, mode="bilinear", padding_mode="zeros", align_corners=False
-    )
+        source[None].expand(settings.copies, *source.shape), grid, mode="bilinear", padding_mode="zeros",
+        align_corners=False,
+    )  # fmt: skip
     if settings.noise > 0:
         sigma = settings.noise * 255.0
         gaussian = torch.randn(out.shape, generator=noise_generator, device=out.device, dtype=out.dtype)

@@ -392,7 +392,7 @@ def exemplar_events(
             yield _progress(run, now - start)
 
     for msg in images:
-        image = decode_image(msg.data, index, run.limits, name="images")
+        image = image_of(msg, index, run.limits)
         batch.append((msg.id or str(index), resize(image, run.height, run.width)))
         del image  # only the model-size copy stays until its batch runs
         index += 1
@@ -405,6 +405,37 @@ def exemplar_events(
     yield _progress(run, clock() - start)
     for result in compute(lambda: list(run.results())):
         yield pb.ExemplarsResponse(result=result)
+
+
+def image_of(msg: pb.ExemplarsImage, index: int, limits: JobLimits) -> np.ndarray:
+    """One streamed image as H×W×3 uint8: decoded from ``data``, or taken from ``pixels``; errors
+    name ``images[index]``."""
+    field_name = f"images[{index}]"
+    if not msg.HasField("pixels"):
+        return decode_image(msg.data, index, limits, name="images")
+    if msg.data:
+        raise invalid(f"{field_name} sets both data and pixels: send one", field=field_name)
+    px = msg.pixels
+    h, w, c = int(px.height), int(px.width), int(px.channels)
+    if h < 1 or w < 1 or c not in (1, 3, 4):
+        raise invalid(
+            f"{field_name}.pixels is {h}×{w}×{c}: height and width must be ≥ 1, channels 1, 3 or 4",
+            field=f"{field_name}.pixels",
+        )
+    if h * w > limits.max_input_pixels:
+        raise exhausted(
+            f"{field_name} is {w}×{h} pixels; this server takes at most {limits.max_input_pixels} pixels",
+            field=f"{field_name}.pixels",
+        )
+    if len(px.data) != h * w * c:
+        raise invalid(
+            f"{field_name}.pixels.data is {len(px.data)} bytes; {h}×{w}×{c} needs {h * w * c}",
+            field=f"{field_name}.pixels.data",
+        )
+    array = np.frombuffer(px.data, dtype=np.uint8).reshape(h, w, c)
+    if c == 1:
+        return np.repeat(array, 3, axis=2)
+    return np.ascontiguousarray(array[:, :, :3]) if c == 4 else array
 
 
 def _progress(run: ExemplarsRun, seconds: float) -> pb.ExemplarsResponse:

@@ -18,8 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.jobs.errors import invalid, out_of_memory
-
 # onnxruntime sessions kept per model, least recently used dropped first: each holds the weights
 # its truncated graph needs, so a client sweeping taps cannot pile them up.
 SESSIONS_PER_MODEL = 4
@@ -51,35 +49,24 @@ def _session(converted: Any, tap_name: str) -> Any:
     return session
 
 
-def uses_onnxruntime(converted: Any, device: torch.device) -> bool:
-    """Whether ``tap_forward`` runs onnxruntime for this model on this device."""
-    if device.type != "cpu" or getattr(converted, "onnx", None) is None:
-        return False
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def tap_forward(converted: Any, tap: Any, device: torch.device) -> Forward:
     """Energy-space images (B×C×H×W on ``device``) → the tap's tensor (float32, on the CPU), without
     gradients. Errors are the request's: INVALID_ARGUMENT when the graph cannot run at this size,
     RESOURCE_EXHAUSTED when it runs out of memory."""
-    if uses_onnxruntime(converted, device):
-        try:
-            session = _session(converted, tap.name)
-        except Exception:  # a graph onnxruntime will not load here still runs in torch
-            session = None
-        if session is not None:
-            return _onnxruntime_forward(converted, tap, session)
     from service.jobs.job import _run_phi
 
+    if device.type == "cpu" and getattr(converted, "onnx", None) is not None:
+        try:
+            return _onnxruntime_forward(converted, tap, _session(converted, tap.name))
+        except Exception:  # a graph onnxruntime will not load here still runs in torch
+            pass
     phi = converted.representation(tap.name).to(device)
     return lambda x: _run_phi(phi, x, tap.alias).cpu()
 
 
 def _onnxruntime_forward(converted: Any, tap: Any, session: Any) -> Forward:
+    from service.jobs.job import forward_error
+
     step = converted.batch  # a fixed-batch graph runs in chunks of its batch size
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -92,14 +79,8 @@ def _onnxruntime_forward(converted: Any, tap: Any, session: Any) -> Forward:
             parts = [
                 session.run([tap.name], {converted.input_name: inp[i : i + size]})[0] for i in range(0, len(inp), size)
             ]
-        except MemoryError as exc:
-            raise out_of_memory(f"running the model up to tap {tap.alias!r}", str(exc)) from exc
-        except Exception as exc:
-            h, w = x.shape[-2:]
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            if "alloc" in first.lower():
-                raise out_of_memory(f"running the model at {h}×{w} up to tap {tap.alias!r}", "") from exc
-            raise invalid(f"the model cannot run at {h}×{w} up to tap {tap.alias!r}: {first}") from exc
+        except Exception as exc:  # onnxruntime's errors are plain Exceptions
+            raise forward_error(exc, x, tap.alias) from exc
         out = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return torch.from_numpy(out[:n]).float()
 

@@ -50,7 +50,7 @@ _ENUMS = {name: {v: k for k, v in values.items()} for name, values in ENERGY_ENU
 _FLOAT_PARAMS = (
     "loss_weight", "alpha", "lambda_alpha", "beta", "lambda_tv", "b_norm", "tv_norm", "bound",
     "refine_lr_scale", "lr_end_scale", "learning_rate", "momentum", "decay", "fourier_decay", "translate", "scale_min",
-    "scale_max", "rotate", "crop_start", "crop_end", "crop_spread", "noise", "anchor", "diversity",
+    "scale_max", "rotate", "crop_start", "crop_end", "crop_spread", "noise", "anchor", "diversity", "canvas",
 )  # fmt: skip
 _INT_PARAMS = ("jitter", "steps", "refine_steps", "copies")
 # EnergyParams.amplitude_images: each photograph gives 10 crops at the output size, all held at
@@ -286,7 +286,9 @@ def job_bytes(
     from a dry run at this size, where the graph sizes tensors from its input's shape."""
     per_row = 1 if resolved.parameterization == "pixel" else int(resolved.copies)
     rows = n_targets * per_row
-    images = n_targets * 6 * 4 * 3 * height * width
+    canvas_h, canvas_w = resolved.canvas_size(height, width)
+    # Each target's canvas, gradient and optimizer state, and its views at the canvas size.
+    images = n_targets * (6 + per_row) * 4 * 3 * canvas_h * canvas_w
     activations = max(activation_bytes(converted, tap, height, width), measured or 0)
     # 1.5: measured peak of a forward and backward on EfficientNet-Lite0 is ~1.3× the activations.
     return int(1.5 * rows * activations) + images, rows
@@ -421,7 +423,11 @@ def prepare_job(
         )
     # From here on the work is torch's: on the compute owner's thread (Scheduler.call).
     def materialize() -> Job:
-        magnitude = _client_amplitude(request.params, params, height, width, converted.preprocessing.channels, limits)
+        # Spectra are of the optimized image, which may be a canvas larger than the output.
+        canvas_h, canvas_w = params.canvas_size(height, width)
+        magnitude = _client_amplitude(
+            request.params, params, canvas_h, canvas_w, converted.preprocessing.channels, limits
+        )
         mean = converted.preprocessing.mean_rgb255
         mean_t = torch.tensor(mean, dtype=torch.float32)
         phi = converted.representation(tap).to(device)
@@ -523,7 +529,7 @@ def prepare_job(
             seeds=[p.seed for p in problems],
             channels=converted.preprocessing.channels,
             magnitude=(
-                amplitude_spectrum(height, width, converted.preprocessing.channels)
+                amplitude_spectrum(canvas_h, canvas_w, converted.preprocessing.channels)
                 if params.parameterization == "phase" and magnitude is None
                 else None
             ),
@@ -535,8 +541,8 @@ def prepare_job(
 def _client_amplitude(
     msg: pb.EnergyParams, params: EnergyParams, height: int, width: int, channels: int, limits: JobLimits
 ) -> torch.Tensor | None:
-    """The mean amplitude spectrum of the request's ``params.amplitude_images`` at the output size
-    (None when there are none), with the crops of the server's own photographs."""
+    """The mean amplitude spectrum of the request's ``params.amplitude_images`` at ``height`` ×
+    ``width`` (the canvas; None when there are none), with the crops of the server's own photographs."""
     field = "params.amplitude_images"
     if not msg.amplitude_images:
         return None
@@ -570,13 +576,19 @@ def _run_phi(phi: torch.nn.Module, x: torch.Tensor, alias: str) -> torch.Tensor:
         with torch.no_grad():
             return phi(x).float()
     except (RuntimeError, MemoryError) as exc:
-        h, w = x.shape[-2:]
-        if is_allocation_failure(exc):
-            # A MemoryError's own words are ours or numpy's (sizes), never a path: keep them.
-            detail = str(exc) if isinstance(exc, MemoryError) else ""
-            raise out_of_memory(f"running the model at {h}×{w} up to tap {alias!r}", detail) from exc
-        first = str(exc).strip().splitlines()[0][:300]
-        raise invalid(f"the model cannot run at {h}×{w} up to tap {alias!r} (try a larger size): {first}") from exc
+        raise forward_error(exc, x, alias) from exc
+
+
+def forward_error(exc: Exception, x: torch.Tensor, alias: str) -> ServiceError:
+    """The request's error for a forward pass at ``x``'s size that raised ``exc`` (torch's, numpy's or
+    onnxruntime's): RESOURCE_EXHAUSTED for a failed allocation, else INVALID_ARGUMENT."""
+    h, w = x.shape[-2:]
+    if is_allocation_failure(exc):
+        # A MemoryError's own words are ours or numpy's (sizes), never a path: keep them.
+        detail = str(exc) if isinstance(exc, MemoryError) else ""
+        return out_of_memory(f"running the model at {h}×{w} up to tap {alias!r}", detail)
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    return invalid(f"the model cannot run at {h}×{w} up to tap {alias!r} (try a larger size): {first}")
 
 
 def _mask(msg: pb.FeatureMask, feature_shape: Sequence[int]) -> torch.Tensor | None:

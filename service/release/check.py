@@ -188,7 +188,8 @@ def render_layer(
         labels.append(("invert", name, s))
     channels_in = model.preprocessing.channels
     results = minimize(phi, problems, height=h, width=w, stride=tap.stride, mean_rgb255=mean, device=device,
-                       should_stop=should_stop, channels=channels_in, magnitude=amplitude_spectrum(h, w, channels_in))
+                       should_stop=should_stop, channels=channels_in,
+                       magnitude=amplitude_spectrum(*natural.canvas_size(h, w), channels_in))
     if any(r.stopped for r in results):
         raise CheckCancelled()
     return [

@@ -12,7 +12,14 @@ import torch
 from service.energy import EnergyParams, Minimizer, Objective, Problem, channel_weights, minimize
 from service.energy.minimize import batch_signature, network_rows
 from service.energy.natural import diversity_penalty, gram
-from service.energy.parameterizations import FourierImage, PhaseImage, from_energy, mean_amplitude, to_energy
+from service.energy.parameterizations import (
+    FourierImage,
+    PhaseImage,
+    from_energy,
+    mean_amplitude,
+    resample_amplitude,
+    to_energy,
+)
 from service.energy.presets import preset_params
 from service.energy.transforms import ViewSettings, views
 from service.jobs.reference import REFERENCE_PHOTOS, amplitude_spectrum, center_crop_resize, photo
@@ -111,6 +118,54 @@ def test_a_crop_of_half_the_side_zooms_in_twice() -> None:
     assert span == pytest.approx(1.0, abs=0.05)
 
 
+def test_a_view_of_half_a_canvas_twice_the_output_is_the_canvas_at_its_own_scale() -> None:
+    x = torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    settings = ViewSettings(copies=2, crop_start=0.5, crop_end=0.5, crop_spread=0.0)
+    out = views(x, settings, torch.Generator(), None, 0, out_size=(32, 32))
+    assert out.shape == (2, 3, 32, 32)
+    assert torch.allclose(out[0], x[:, 16:48, 16:48], atol=1e-5)  # pixel for pixel, no resampling
+
+
+def test_a_view_that_shrinks_a_canvas_averages_its_pixels_rather_than_aliasing_them() -> None:
+    # White noise seen whole at a quarter of its side: bilinear sampling alone would read 2 of each
+    # 4×4 block (std ≈ 0.7); averaging the blocks leaves std ≈ 1/4.
+    x = torch.randn(3, 128, 128, generator=torch.Generator().manual_seed(0))
+    out = views(x, ViewSettings(copies=1, crop_start=1.0, crop_end=1.0, crop_spread=0.0), torch.Generator(), None, 0,
+                out_size=(32, 32))  # fmt: skip
+    assert out.shape == (1, 3, 32, 32) and float(out.std()) < 0.35
+
+
+def test_a_canvas_is_optimized_at_its_size_and_returned_at_the_output_size() -> None:
+    net = _net()
+    shape = net(torch.zeros(1, 3, 32, 32))[0].shape
+    w = channel_weights(shape, 1, spatial="mean")
+    photos = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    params = preset_params("natural", "maximize", steps=20, canvas=2.0)
+    canvas = Problem(Objective.maximize(w), params, seed=0)
+    paper = Problem(Objective.maximize(w), preset_params("paper", "maximize", steps=20), seed=1)
+    # A canvas changes nothing the network sees, so its jobs batch with every other.
+    assert batch_signature([canvas], 32, 32, 4) == batch_signature([paper], 32, 32, 4)
+    # The spectrum given at the output size is carried to the canvas.
+    mini = Minimizer(net, height=32, width=32, stride=4, mean_rgb255=MEAN, magnitude=mean_amplitude(photos))
+    handles = [mini.add(canvas), mini.add(paper)]
+    row = next(r for r in mini.rows if r.handle == handles[0])
+    assert row.canvas == (64, 64) and row.parameterization.height == 64
+    finished = {}
+    while mini.rows:
+        finished.update(dict(mini.step()))
+    result = finished[handles[0]]
+    assert result.image_uint8.shape == (32, 32, 3) and finished[handles[1]].image_uint8.shape == (32, 32, 3)
+    assert result.history["loss"][-1] < result.history["loss"][0]
+
+
+def test_a_spectrum_carried_to_another_size_matches_the_one_measured_there() -> None:
+    measured, carried = amplitude_spectrum(96, 96, 3), resample_amplitude(amplitude_spectrum(48, 48, 3), 96, 96)
+    assert carried.shape == measured.shape
+    band = slice(1, None)  # the zero frequency is removed in both
+    a, b = measured[:, band].log().flatten(), carried[:, band].log().flatten()
+    assert float(torch.corrcoef(torch.stack([a, b]))[0, 1]) > 0.9
+
+
 @pytest.mark.parametrize("parameterization", ["fourier", "phase"])
 def test_natural_maximization_raises_the_unit(parameterization: str) -> None:
     net = _net()
@@ -176,6 +231,8 @@ def test_diversity_pushes_repeats_of_one_target_apart() -> None:
         ({"parameterization": "cubist"}, "parameterization"),
         ({"spatial": "corner"}, "spatial"),
         ({"lr_end_scale": 0.5}, "lr_end_scale needs"),
+        ({"parameterization": "phase", "optimizer": "nadam", "canvas": 0.9}, "canvas must"),
+        ({"canvas": 2.0}, "canvas needs"),
         ({"parameterization": "phase", "optimizer": "nadam", "lr_end_scale": 0.0}, "lr_end_scale must"),
         ({"parameterization": "phase", "optimizer": "nadam", "lr_end_scale": 1.5}, "lr_end_scale must"),
     ],

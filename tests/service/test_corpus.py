@@ -218,6 +218,25 @@ def exemplars(images: list[bytes], targets: list | None = None, tap: str = "relu
     return lambda c, m: c.exemplars(m["tiny"], tap, images, [0] if targets is None else targets, **kw)
 
 
+def raw_exemplars(*images: pb.ExemplarsImage) -> Callable:
+    """An Exemplars stream of these image messages, as a client other than ours may send them."""
+
+    def call(c: PreimageClient, m: dict[str, str]) -> Any:
+        header = pb.ExemplarsHeader(
+            model=m["tiny"], tap="relu2", targets=[pb.MaximizeTarget(channel=pb.ChannelTarget())]
+        )
+        requests = [pb.ExemplarsRequest(header=header), *(pb.ExemplarsRequest(image=i) for i in images)]
+        return list(c.stub.Exemplars(iter(requests), timeout=60))
+
+    return call
+
+
+def pixels(h: int, w: int, c: int, data: bytes | None = None) -> pb.ExemplarsImage:
+    return pb.ExemplarsImage(
+        pixels=pb.RawPixels(height=h, width=w, channels=c, data=bytes(h * w * c) if data is None else data)
+    )
+
+
 def cancelled_exemplars(c: PreimageClient, m: dict[str, str]) -> Any:
     """An Exemplars stream the client cancels while its images flow."""
     header = pb.ExemplarsHeader(model=m["tiny"], tap="relu2", targets=[pb.MaximizeTarget(channel=pb.ChannelTarget())])
@@ -393,6 +412,18 @@ def corpus() -> list[Case]:
         Case("exemplars: top_k uint32 max", exemplars([png_bytes(photo())], top_k=U32), INVALID, "top_k"),
         Case("exemplars: crop_size 1", exemplars([png_bytes(photo())], crop_size=1), INVALID, "crop_size"),
         Case("exemplars: no images", exemplars([]), INVALID, "no images"),
+        Case("exemplars: arrays as pixels", exemplars([np.asarray(photo()), np.asarray(photo("L"))]), OK),
+        Case("exemplars: RGBA pixels", raw_exemplars(pixels(20, 30, 4)), OK),
+        Case("exemplars: pixels short of bytes", raw_exemplars(pixels(20, 30, 3, b"\0" * 100)), INVALID, "needs 1800"),
+        Case("exemplars: pixels of 2 channels", raw_exemplars(pixels(20, 30, 2)), INVALID, "channels 1, 3 or 4"),
+        Case("exemplars: pixels 0 high", raw_exemplars(pixels(0, 30, 3)), INVALID, "height and width"),
+        Case("exemplars: pixels uint32 max wide", raw_exemplars(pixels(U32, U32, 3, b"")), EXHAUSTED, "pixels"),
+        Case(
+            "exemplars: data and pixels",
+            raw_exemplars(pb.ExemplarsImage(data=png_bytes(photo()), pixels=pixels(2, 2, 3).pixels)),
+            INVALID,
+            "both",
+        ),  # fmt: skip
         Case("exemplars: cancelled stream", cancelled_exemplars, grpc.StatusCode.CANCELLED),
         # -- a model that produces NaN in the minimizer ------------------------------------------------
         Case("NaN gradient in the minimizer", maximize([0], model="nan", steps=3), INVALID, "non-finite"),

@@ -244,6 +244,24 @@ def error_details_reason(code: grpc.StatusCode, details: str) -> bool:
     return "unknown tap" in details and "no-such-tap" in details
 
 
+def test_arrays_go_as_pixels_and_rank_exactly_as_their_pngs(
+    client: PreimageClient, images: list[tuple[str, bytes]]
+) -> None:
+    from service.client.library import exemplar_image
+
+    arrays = [(name, np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))) for name, data in images]
+    sent = exemplar_image(arrays[0][1], "x")
+    assert sent.HasField("pixels") and not sent.data and sent.pixels.channels == 3
+    tap = mid_tap(client)
+    as_png = client.exemplars(MODEL, tap.name, images, [0, 5], top_k=4)
+    as_pixels = client.exemplars(MODEL, tap.name, arrays, [0, 5], top_k=4)
+    for a, b in zip(as_png, as_pixels, strict=True):
+        assert [(e.image_id, e.activation, e.y, e.x) for e in a.top] == [
+            (e.image_id, e.activation, e.y, e.x) for e in b.top
+        ]
+        assert [e.crop_png for e in a.top] == [e.crop_png for e in b.top]
+
+
 def test_client_takes_paths_and_cli_writes_a_sheet(
     server: object, client: PreimageClient, images: list[tuple[str, bytes]], tmp_path: Path, capsys
 ) -> None:

@@ -72,6 +72,9 @@ def test_resolved_params_round_trip(task: str, preset: int) -> None:
         (pb.EnergyParams(optimizer=pb.OPTIMIZER_PAPER), "optimizer"),  # natural maximize: no paper rule
         (pb.EnergyParams(optimizer=pb.OPTIMIZER_NADAM, preset=pb.PRESET_PAPER), "nadam"),
         (pb.EnergyParams(fourier_decay=9), "fourier_decay"),
+        (pb.EnergyParams(canvas=0.5), "canvas must"),
+        (pb.EnergyParams(canvas=8), "canvas must"),
+        (pb.EnergyParams(canvas=2, preset=pb.PRESET_PAPER), "canvas needs"),
     ],
 )
 def test_bad_params_are_invalid_argument(params: pb.EnergyParams, hint: str) -> None:

@@ -1025,6 +1025,7 @@ class EnergyParams(_message.Message):
     SPATIAL_FIELD_NUMBER: _builtins.int
     AMPLITUDE_IMAGES_FIELD_NUMBER: _builtins.int
     LR_END_SCALE_FIELD_NUMBER: _builtins.int
+    CANVAS_FIELD_NUMBER: _builtins.int
     loss_weight: _builtins.float
     """C, the weight of the loss term. Default for pixels: 300 for inversion, 3e4 for maximization,
     100 for caricature; 1 for the fourier and phase parameterizations (no other prior by default).
@@ -1104,6 +1105,15 @@ class EnergyParams(_message.Message):
     stage (fourier and phase only): the views keep the image moving, and a falling rate lets its
     details settle. Default 1 (a constant rate; paper), 0.1 for natural Maximize.
     """
+    canvas: _builtins.float
+    """Side of the optimized image as a multiple of the output size, in [1, 4] (fourier and phase
+    only). Views are cut from this larger canvas (crop_start and crop_end are fractions of it) and
+    resampled, antialiased, to the size the network sees; the result is the canvas resampled to
+    the output size. At 2 with crops of 0.5 the network sees the canvas at its own scale, which
+    gives fewer, larger and sharper objects than zooming into an image of the output size.
+    amplitude_images are cropped at the canvas size. Default 1 (both presets; docs/energy.md
+    gives the figures of natural Maximize at 2).
+    """
     @_builtins.property
     def amplitude_images(self) -> _containers.RepeatedCompositeFieldContainer[Global___Image]:
         """Photographs whose mean amplitude spectrum the phase parameterization imposes, instead of the
@@ -1152,10 +1162,11 @@ class EnergyParams(_message.Message):
         spatial: Global___Spatial.ValueType = ...,
         amplitude_images: _abc.Iterable[Global___Image] | None = ...,
         lr_end_scale: _builtins.float | None = ...,
+        canvas: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_anchor", b"_anchor", "_b_norm", b"_b_norm", "_beta", b"_beta", "_bound", b"_bound", "_copies", b"_copies", "_crop_end", b"_crop_end", "_crop_spread", b"_crop_spread", "_crop_start", b"_crop_start", "_decay", b"_decay", "_diversity", b"_diversity", "_fourier_decay", b"_fourier_decay", "_jitter", b"_jitter", "_lambda_alpha", b"_lambda_alpha", "_lambda_tv", b"_lambda_tv", "_learning_rate", b"_learning_rate", "_loss_weight", b"_loss_weight", "_lr_end_scale", b"_lr_end_scale", "_momentum", b"_momentum", "_noise", b"_noise", "_refine_lr_scale", b"_refine_lr_scale", "_refine_steps", b"_refine_steps", "_rotate", b"_rotate", "_scale_max", b"_scale_max", "_scale_min", b"_scale_min", "_steps", b"_steps", "_translate", b"_translate", "_tv_norm", b"_tv_norm", "alpha", b"alpha", "anchor", b"anchor", "b_norm", b"b_norm", "beta", b"beta", "bound", b"bound", "copies", b"copies", "crop_end", b"crop_end", "crop_spread", b"crop_spread", "crop_start", b"crop_start", "decay", b"decay", "diversity", b"diversity", "fourier_decay", b"fourier_decay", "jitter", b"jitter", "lambda_alpha", b"lambda_alpha", "lambda_tv", b"lambda_tv", "learning_rate", b"learning_rate", "loss_weight", b"loss_weight", "lr_end_scale", b"lr_end_scale", "momentum", b"momentum", "noise", b"noise", "refine_lr_scale", b"refine_lr_scale", "refine_steps", b"refine_steps", "rotate", b"rotate", "scale_max", b"scale_max", "scale_min", b"scale_min", "steps", b"steps", "translate", b"translate", "tv_norm", b"tv_norm"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_anchor", b"_anchor", "_b_norm", b"_b_norm", "_beta", b"_beta", "_bound", b"_bound", "_canvas", b"_canvas", "_copies", b"_copies", "_crop_end", b"_crop_end", "_crop_spread", b"_crop_spread", "_crop_start", b"_crop_start", "_decay", b"_decay", "_diversity", b"_diversity", "_fourier_decay", b"_fourier_decay", "_jitter", b"_jitter", "_lambda_alpha", b"_lambda_alpha", "_lambda_tv", b"_lambda_tv", "_learning_rate", b"_learning_rate", "_loss_weight", b"_loss_weight", "_lr_end_scale", b"_lr_end_scale", "_momentum", b"_momentum", "_noise", b"_noise", "_refine_lr_scale", b"_refine_lr_scale", "_refine_steps", b"_refine_steps", "_rotate", b"_rotate", "_scale_max", b"_scale_max", "_scale_min", b"_scale_min", "_steps", b"_steps", "_translate", b"_translate", "_tv_norm", b"_tv_norm", "alpha", b"alpha", "anchor", b"anchor", "b_norm", b"b_norm", "beta", b"beta", "bound", b"bound", "canvas", b"canvas", "copies", b"copies", "crop_end", b"crop_end", "crop_spread", b"crop_spread", "crop_start", b"crop_start", "decay", b"decay", "diversity", b"diversity", "fourier_decay", b"fourier_decay", "jitter", b"jitter", "lambda_alpha", b"lambda_alpha", "lambda_tv", b"lambda_tv", "learning_rate", b"learning_rate", "loss_weight", b"loss_weight", "lr_end_scale", b"lr_end_scale", "momentum", b"momentum", "noise", b"noise", "refine_lr_scale", b"refine_lr_scale", "refine_steps", b"refine_steps", "rotate", b"rotate", "scale_max", b"scale_max", "scale_min", b"scale_min", "steps", b"steps", "translate", b"translate", "tv_norm", b"tv_norm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_anchor", b"_anchor", "_b_norm", b"_b_norm", "_beta", b"_beta", "_bound", b"_bound", "_copies", b"_copies", "_crop_end", b"_crop_end", "_crop_spread", b"_crop_spread", "_crop_start", b"_crop_start", "_decay", b"_decay", "_diversity", b"_diversity", "_fourier_decay", b"_fourier_decay", "_jitter", b"_jitter", "_lambda_alpha", b"_lambda_alpha", "_lambda_tv", b"_lambda_tv", "_learning_rate", b"_learning_rate", "_loss_weight", b"_loss_weight", "_lr_end_scale", b"_lr_end_scale", "_momentum", b"_momentum", "_noise", b"_noise", "_refine_lr_scale", b"_refine_lr_scale", "_refine_steps", b"_refine_steps", "_rotate", b"_rotate", "_scale_max", b"_scale_max", "_scale_min", b"_scale_min", "_steps", b"_steps", "_translate", b"_translate", "_tv_norm", b"_tv_norm", "alpha", b"alpha", "amplitude_images", b"amplitude_images", "anchor", b"anchor", "b_norm", b"b_norm", "beta", b"beta", "bound", b"bound", "copies", b"copies", "crop_end", b"crop_end", "crop_spread", b"crop_spread", "crop_start", b"crop_start", "decay", b"decay", "diversity", b"diversity", "fourier_decay", b"fourier_decay", "jitter", b"jitter", "lambda_alpha", b"lambda_alpha", "lambda_tv", b"lambda_tv", "learning_rate", b"learning_rate", "loss_weight", b"loss_weight", "lr_end_scale", b"lr_end_scale", "momentum", b"momentum", "noise", b"noise", "optimizer", b"optimizer", "parameterization", b"parameterization", "preset", b"preset", "refine_lr_scale", b"refine_lr_scale", "refine_steps", b"refine_steps", "rotate", b"rotate", "scale_max", b"scale_max", "scale_min", b"scale_min", "spatial", b"spatial", "steps", b"steps", "translate", b"translate", "tv_norm", b"tv_norm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_anchor", b"_anchor", "_b_norm", b"_b_norm", "_beta", b"_beta", "_bound", b"_bound", "_canvas", b"_canvas", "_copies", b"_copies", "_crop_end", b"_crop_end", "_crop_spread", b"_crop_spread", "_crop_start", b"_crop_start", "_decay", b"_decay", "_diversity", b"_diversity", "_fourier_decay", b"_fourier_decay", "_jitter", b"_jitter", "_lambda_alpha", b"_lambda_alpha", "_lambda_tv", b"_lambda_tv", "_learning_rate", b"_learning_rate", "_loss_weight", b"_loss_weight", "_lr_end_scale", b"_lr_end_scale", "_momentum", b"_momentum", "_noise", b"_noise", "_refine_lr_scale", b"_refine_lr_scale", "_refine_steps", b"_refine_steps", "_rotate", b"_rotate", "_scale_max", b"_scale_max", "_scale_min", b"_scale_min", "_steps", b"_steps", "_translate", b"_translate", "_tv_norm", b"_tv_norm", "alpha", b"alpha", "amplitude_images", b"amplitude_images", "anchor", b"anchor", "b_norm", b"b_norm", "beta", b"beta", "bound", b"bound", "canvas", b"canvas", "copies", b"copies", "crop_end", b"crop_end", "crop_spread", b"crop_spread", "crop_start", b"crop_start", "decay", b"decay", "diversity", b"diversity", "fourier_decay", b"fourier_decay", "jitter", b"jitter", "lambda_alpha", b"lambda_alpha", "lambda_tv", b"lambda_tv", "learning_rate", b"learning_rate", "loss_weight", b"loss_weight", "lr_end_scale", b"lr_end_scale", "momentum", b"momentum", "noise", b"noise", "optimizer", b"optimizer", "parameterization", b"parameterization", "preset", b"preset", "refine_lr_scale", b"refine_lr_scale", "refine_steps", b"refine_steps", "rotate", b"rotate", "scale_max", b"scale_max", "scale_min", b"scale_min", "spatial", b"spatial", "steps", b"steps", "translate", b"translate", "tv_norm", b"tv_norm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__alpha: _TypeAlias = _typing.Literal["alpha"]  # noqa: Y015
     _WhichOneofArgType__alpha: _TypeAlias = _typing.Literal["_alpha", b"_alpha"]  # noqa: Y015
@@ -1167,6 +1178,8 @@ class EnergyParams(_message.Message):
     _WhichOneofArgType__beta: _TypeAlias = _typing.Literal["_beta", b"_beta"]  # noqa: Y015
     _WhichOneofReturnType__bound: _TypeAlias = _typing.Literal["bound"]  # noqa: Y015
     _WhichOneofArgType__bound: _TypeAlias = _typing.Literal["_bound", b"_bound"]  # noqa: Y015
+    _WhichOneofReturnType__canvas: _TypeAlias = _typing.Literal["canvas"]  # noqa: Y015
+    _WhichOneofArgType__canvas: _TypeAlias = _typing.Literal["_canvas", b"_canvas"]  # noqa: Y015
     _WhichOneofReturnType__copies: _TypeAlias = _typing.Literal["copies"]  # noqa: Y015
     _WhichOneofArgType__copies: _TypeAlias = _typing.Literal["_copies", b"_copies"]  # noqa: Y015
     _WhichOneofReturnType__crop_end: _TypeAlias = _typing.Literal["crop_end"]  # noqa: Y015
@@ -1223,6 +1236,8 @@ class EnergyParams(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__beta) -> _WhichOneofReturnType__beta | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__bound) -> _WhichOneofReturnType__bound | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__canvas) -> _WhichOneofReturnType__canvas | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__copies) -> _WhichOneofReturnType__copies | None: ...
     @_typing.overload
@@ -2727,29 +2742,74 @@ Global___ExemplarsHeader: _TypeAlias = ExemplarsHeader  # noqa: Y015
 
 @_typing.final
 class ExemplarsImage(_message.Message):
-    """ExemplarsImage is one image of the set."""
+    """ExemplarsImage is one image of the set: encoded (data) or already decoded (pixels), not both."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     DATA_FIELD_NUMBER: _builtins.int
     ID_FIELD_NUMBER: _builtins.int
+    PIXELS_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     """The encoded image (PNG, JPEG, ...), within the server's per-image limits."""
     id: _builtins.str
     """The client's id for it (e.g. a file name), echoed in results; empty: its index in the stream."""
+    @_builtins.property
+    def pixels(self) -> Global___RawPixels:
+        """The image as decoded pixels, for a client that holds arrays (a data loader's batches): no
+        encoding on the client and no decoding on the server, which on a CPU server costs as much
+        as a third of the forward pass per image. Within the server's decoded-pixel limit.
+        """
+
     def __init__(
         self,
         *,
         data: _builtins.bytes = ...,
         id: _builtins.str = ...,
+        pixels: Global___RawPixels | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pixels", b"pixels"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "id", b"id", "pixels", b"pixels"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExemplarsImage: _TypeAlias = ExemplarsImage  # noqa: Y015
+
+@_typing.final
+class RawPixels(_message.Message):
+    """RawPixels is an 8-bit image: rows top to bottom, each row's pixels left to right, each pixel's
+    channels in order (1: grey, 3: RGB, 4: RGBA, whose alpha is dropped).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    CHANNELS_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    height: _builtins.int
+    """Rows."""
+    width: _builtins.int
+    """Columns."""
+    channels: _builtins.int
+    """Samples per pixel: 1, 3 or 4."""
+    data: _builtins.bytes
+    """height * width * channels bytes."""
+    def __init__(
+        self,
+        *,
+        height: _builtins.int = ...,
+        width: _builtins.int = ...,
+        channels: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "data", b"data", "height", b"height", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RawPixels: _TypeAlias = RawPixels  # noqa: Y015
 
 @_typing.final
 class ExemplarsRequest(_message.Message):
