@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,28 +123,33 @@ def parse_targets(msgs: Iterable[pb.MaximizeTarget], shape: tuple[int, ...], lim
     return out
 
 
-def _read(target: Target, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _weights(target: Target) -> np.ndarray:
+    assert target.weights is not None
+    return target.weights.numpy().astype(np.float32, copy=False)
+
+
+def _read(target: Target, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(activation, y, x) per image of a batch ``a`` (B×C×H×W or B×C)."""
     b = a.shape[0]
-    zeros = torch.zeros(b, dtype=torch.long)
-    if a.dim() == 2:
-        v = a[:, target.channel] if target.weights is None else a @ target.weights
+    zeros = np.zeros(b, dtype=np.int64)
+    if a.ndim == 2:
+        v = a[:, target.channel] if target.weights is None else a @ _weights(target)
         return v, zeros, zeros
     if target.kind == "neuron":
         return a[:, target.channel, target.y, target.x], zeros + target.y, zeros + target.x
-    m = a[:, target.channel] if target.weights is None else torch.einsum("bchw,c->bhw", a, target.weights)
+    m = _target_map(target, a)
     flat = m.reshape(b, -1)
-    v, idx = flat.max(dim=1)
+    idx = flat.argmax(axis=1)
     w = m.shape[-1]
-    return v, idx // w, idx % w
+    return flat[np.arange(b), idx], idx // w, idx % w
 
 
-def _target_map(target: Target, a: torch.Tensor) -> torch.Tensor:
+def _target_map(target: Target, a: np.ndarray) -> np.ndarray:
     """The target's map (B×H×W) of a spatial batch ``a``: its channel's, or the direction's
     weighted sum (a neuron's is its channel's map: where else the channel fires)."""
     if target.weights is None:
         return a[:, target.channel]
-    return torch.einsum("bchw,c->bhw", a, target.weights)
+    return np.einsum("bchw,c->bhw", a, _weights(target))
 
 
 def heat_map(image: np.ndarray, location_map: np.ndarray, set_max: float) -> np.ndarray:
@@ -162,14 +168,15 @@ def heat_map(image: np.ndarray, location_map: np.ndarray, set_max: float) -> np.
     return (0.5 * image.astype(np.float32) + 0.5 * colour).round().astype(np.uint8)
 
 
-def _read_channels(targets: list[Target], a: torch.Tensor) -> dict[int, tuple[torch.Tensor, ...]]:
+def _read_channels(targets: list[Target], a: np.ndarray) -> dict[int, tuple[np.ndarray, ...]]:
     """``_read`` for every channel target of a spatial map at once (one max over the map for all
     of them, not one per target): target index → (activation, y, x) per image."""
     idx = [t for t, target in enumerate(targets) if target.kind == "channel"]
-    if a.dim() != 4 or not idx:
+    if a.ndim != 4 or not idx:
         return {}
-    m = a[:, [targets[t].channel for t in idx]].flatten(2)  # B × T × (H·W)
-    v, arg = m.max(dim=2)
+    m = a[:, [targets[t].channel for t in idx]].reshape(a.shape[0], len(idx), -1)  # B × T × (H·W)
+    arg = m.argmax(axis=2)
+    v = np.take_along_axis(m, arg[:, :, None], axis=2)[:, :, 0]
     w = a.shape[-1]
     return {t: (v[:, j], arg[:, j] // w, arg[:, j] % w) for j, t in enumerate(idx)}
 
@@ -220,18 +227,29 @@ class ExemplarsRun:
         self.mean = torch.tensor(self.converted.preprocessing.mean_rgb255, dtype=torch.float32)
 
     def run_batch(self, images: list[tuple[str, np.ndarray]]) -> None:
+        """One batch: its forward pass, then its ranking."""
+        self.rank(images, self.activations(images))
+
+    def activations(self, images: list[tuple[str, np.ndarray]]) -> torch.Tensor:
+        """The tap's tensor for one batch (float32, on the CPU): the part that runs on the compute
+        owner (torch or onnxruntime)."""
         # One uint8 stack, then one conversion: per-image from_uint8 and a float stack measured
         # 15 % of a batch's time on the bundled model (2-core CPU).
         pixels = torch.from_numpy(np.stack([img for _, img in images])).to(self.device)
         x = pixels.permute(0, 3, 1, 2).float() - self.mean.to(self.device).view(1, 3, 1, 1)
-        a = self.forward(x)
-        map_hw = tuple(a.shape[2:4]) if a.dim() == 4 else (1, 1)
+        return self.forward(x)
+
+    def rank(self, images: list[tuple[str, np.ndarray]], activations: torch.Tensor) -> None:
+        """Fold one batch's activations into the heaps, batches in stream order. Numpy and Pillow
+        only (no torch), so it can run on the RPC's thread beside the next batch's forward pass."""
+        a = activations.numpy()
+        map_hw = tuple(a.shape[2:4]) if a.ndim == 4 else (1, 1)
         read = _read_channels(self.targets, a)
         # Class names only where the output has one label per entry (a 1-D output of a labelled model).
-        classes = a.dim() == 2 and len(self.labels) == a.shape[1]
+        classes = a.ndim == 2 and len(self.labels) == a.shape[1]
         for t, target in enumerate(self.targets):
             values, ys, xs = read[t] if t in read else _read(target, a)
-            maps = _target_map(target, a) if self.heat_maps and a.dim() == 4 else None
+            maps = _target_map(target, a) if self.heat_maps and a.ndim == 4 else None
             for i, (image_id, img) in enumerate(images):
                 v, y, xx, seq = float(values[i]), int(ys[i]), int(xs[i]), self.seen + i
                 self.maxima[t] = max(self.maxima[t], v)
@@ -242,10 +260,10 @@ class ExemplarsRun:
                         crop = center_crop_resize(img[top : top + bh, left : left + bw], self.crop_size, self.crop_size)
                         entry = _Entry(key, -seq, v, image_id, y, xx, crop, box)
                         if maps is not None:
-                            entry.image, entry.location_map = img, maps[i].numpy().copy()
+                            entry.image, entry.location_map = img, maps[i].copy()
                         if classes:
-                            scores, order = torch.topk(a[i], min(TOP_CLASSES, a.shape[1]))
-                            entry.classes = [(int(c), float(s)) for c, s in zip(order, scores, strict=True)]
+                            order = np.argsort(-a[i], kind="stable")[:TOP_CLASSES]
+                            entry.classes = [(int(c), float(a[i, c])) for c in order]
                         heap.push(entry)
         self.seen += len(images)
 
@@ -365,31 +383,43 @@ def exemplar_events(
     images: Iterator[pb.ExemplarsImage],
     alive: Callable[[], bool],
     clock: Callable[[], float] = time.monotonic,
-    compute: Callable[..., Any] | None = None,
+    submit: Callable[..., Future] | None = None,
 ) -> Iterator[pb.ExemplarsResponse]:
     """Progress events while ``images`` are ranked batch by batch, then one result per target.
 
     Each image is decoded (within the per-image limits) and resized as it arrives; a batch runs
     once it is full. ``alive`` is checked before each batch: a cancelled or expired call stops
-    within one batch. ``compute(fn, *args)`` runs each batch's network pass and the results where
-    the server's torch work runs (default: here)."""
-    compute = compute or (lambda fn, *args: fn(*args))
+    within one batch. ``submit(fn, *args)`` starts each batch's forward pass where the server's
+    torch work runs and returns its future (default: runs it here). One batch is in flight while
+    this thread ranks the one before and reads the next images: the compute owner then runs
+    forward passes back to back instead of waiting on the ranking and the stream."""
+    submit = submit or _run_now
     start = last = clock()
     batch: list[tuple[str, np.ndarray]] = []
+    in_flight: tuple[list[tuple[str, np.ndarray]], Future] | None = None
     index = 0
 
-    def flush() -> Iterator[pb.ExemplarsResponse]:
-        nonlocal last
-        if not alive():
-            raise ServiceError(
-                grpc.StatusCode.CANCELLED, "the call ended before the ranking finished", reason="CANCELLED"
-            )
-        compute(run.run_batch, batch)
-        batch.clear()
+    def rank_in_flight() -> Iterator[pb.ExemplarsResponse]:
+        nonlocal in_flight, last
+        if in_flight is None:
+            return
+        done, future = in_flight
+        in_flight = None
+        run.rank(done, future.result())
         now = clock()
         if now - last >= PROGRESS_SECONDS:
             last = now
             yield _progress(run, now - start)
+
+    def flush() -> Iterator[pb.ExemplarsResponse]:
+        nonlocal in_flight, batch
+        if not alive():
+            raise ServiceError(
+                grpc.StatusCode.CANCELLED, "the call ended before the ranking finished", reason="CANCELLED"
+            )
+        future = submit(run.activations, batch)
+        yield from rank_in_flight()
+        in_flight, batch = (batch, future), []
 
     for msg in images:
         image = image_of(msg, index, run.limits)
@@ -400,11 +430,21 @@ def exemplar_events(
             yield from flush()
     if batch:
         yield from flush()
+    yield from rank_in_flight()
     if run.seen == 0:
         raise invalid("the stream sent no images after the header", field="image")
     yield _progress(run, clock() - start)
-    for result in compute(lambda: list(run.results())):
+    for result in submit(lambda: list(run.results())).result():
         yield pb.ExemplarsResponse(result=result)
+
+
+def _run_now(fn: Callable[..., Any], *args: Any) -> Future:
+    future: Future = Future()
+    try:
+        future.set_result(fn(*args))
+    except BaseException as exc:  # the caller's .result() raises it
+        future.set_exception(exc)
+    return future
 
 
 def image_of(msg: pb.ExemplarsImage, index: int, limits: JobLimits) -> np.ndarray:

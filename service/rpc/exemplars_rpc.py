@@ -45,6 +45,6 @@ def exemplars_stream(
     run = compute(start_run, header, converted, servicer.device, limits, labels=list(record.labels))
     fields["targets"] = len(run.targets)
     try:
-        yield from exemplar_events(run, _images(requests), alive=context.is_active, compute=compute)
+        yield from exemplar_events(run, _images(requests), alive=context.is_active, submit=servicer.scheduler.call_soon)
     finally:  # in the log line however the call ends: how far a cancelled one got
         fields["images"] = run.seen

@@ -61,7 +61,7 @@ def test_conversion_targets_statistics_parity_and_exemplars_run_on_the_loop_thre
         (service.jobs.job, "_run_phi", "target forward"),
         (service.jobs.job, "channel_max_stats", "channel statistics"),
         (converters.parity, "check_parity", "parity"),
-        (service.jobs.exemplars.ExemplarsRun, "run_batch", "exemplars"),
+        (service.jobs.exemplars.ExemplarsRun, "activations", "exemplars"),
     ):
         monkeypatch.setattr(module, attr, _recording(threads, name, getattr(module, attr)))
     running = start_server("127.0.0.1:0", ServerConfig(store_dir=tmp_path, seed_bundled=False))
