@@ -9,6 +9,7 @@ full images of one batch are all that is ever held.
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
@@ -313,9 +314,10 @@ def fit_batch(
     """The largest batch up to ``batch`` whose estimate fits ``limits.max_job_bytes``: every
     activation up to the tap for each image (a forward pass frees most as it goes, so this is an
     upper bound), the batch's images, and the kept crops (with heat maps, also each kept entry's
-    model-input image, counted as if no two entries shared one). RESOURCE_EXHAUSTED when one image
-    does not fit."""
-    per_image = activation_bytes(converted, tap, height, width) + 4 * 3 * height * width * 2
+    model-input image, counted as if no two entries shared one), and the batch being ranked while
+    the next one runs (its tap output and images). RESOURCE_EXHAUSTED when one image does not fit."""
+    ranked = 4 * math.prod(d or 1 for d in tap.shape) + 3 * height * width
+    per_image = activation_bytes(converted, tap, height, width) + 4 * 3 * height * width * 2 + ranked
     crops = n_targets * kept * (crop * crop * 3 + (height * width * 3 if heat_maps else 0))
     room = limits.max_job_bytes - crops
     fit = min(batch, room // per_image) if room > 0 else 0

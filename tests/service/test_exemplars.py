@@ -297,7 +297,9 @@ def test_the_batch_shrinks_to_the_memory_limit_and_one_image_over_it_is_refused(
 
     converted = server.servicer.cache.get(server.servicer.store.get(MODEL))  # type: ignore[attr-defined]
     tap = converted.tap("/_blocks.7/Add")
-    per_image = activation_bytes(converted, tap, 224, 224) + 4 * 3 * 224 * 224 * 2
+    # Its activations, its input, and the batch being ranked while the next runs (tap output, pixels).
+    ranked = 4 * int(np.prod([d or 1 for d in tap.shape])) + 3 * 224 * 224
+    per_image = activation_bytes(converted, tap, 224, 224) + 4 * 3 * 224 * 224 * 2 + ranked
     crops = 2 * 10 * 64 * 64 * 3
     assert fit_batch(16, converted, tap, 224, 224, 2, 10, 64, JobLimits()) == 16
     assert fit_batch(16, converted, tap, 224, 224, 2, 10, 64, JobLimits(max_job_bytes=crops + 3 * per_image)) == 3
