@@ -96,10 +96,10 @@ def views(
     if settings.identity and (oh, ow) == (h, w):
         return x[None].expand(settings.copies, c, h, w)
     theta = affine_matrices(settings, generator, h, w, progress).to(x.device)
-    # Bilinear sampling reads 2×2 pixels per output pixel: where a view spans k source pixels per
-    # output pixel, it would alias the rest. Averaging k×k blocks first bounds k to 1.5 (normalized
-    # coordinates make the geometry the same at both sizes), for a fraction of what an antialiased
-    # resample of every view costs.
+    # Bilinear sampling reads 2×2 pixels per output pixel: where a view spans s source pixels per
+    # output pixel, it aliases the rest. Sampling a copy averaged over k×k blocks, k the integer
+    # nearest s, keeps the span under 1.5 (normalized coordinates make the geometry the same at
+    # both sizes), for a fraction of what an antialiased resample of every view costs.
     k = max(1, round(crop_side(settings, progress) * max(h / oh, w / ow) / settings.scale_min))
     source = F.interpolate(x[None], size=(-(-h // k), -(-w // k)), mode="area")[0] if k > 1 else x
     grid = F.affine_grid(theta, [settings.copies, c, oh, ow], align_corners=False)
