@@ -105,7 +105,9 @@ def rich_status(code: grpc.StatusCode, message: str, details: Details) -> Any:
     from grpc_status import rpc_status
 
     status = status_pb2.Status(code=code.value[0], message=message)
-    info = error_details_pb2.ErrorInfo(reason=details.reason, domain=DOMAIN, metadata=details.metadata or {})
+    # Metadata echoes client text too (an unknown tap's name): bounded like a log field.
+    metadata = {k: v[:MAX_LOGGED_FIELD] for k, v in (details.metadata or {}).items()}
+    info = error_details_pb2.ErrorInfo(reason=details.reason, domain=DOMAIN, metadata=metadata)
     status.details.add().Pack(info)
     if details.field:
         violation = error_details_pb2.BadRequest.FieldViolation(
@@ -138,8 +140,36 @@ def _fail(context: grpc.ServicerContext, exc: BaseException, fields: dict[str, A
     message = scrub(message[: 2 * MAX_STATUS_MESSAGE])
     if len(message) > MAX_STATUS_MESSAGE:
         message = message[:MAX_STATUS_MESSAGE] + "… (truncated)"
+    status, message = bounded_status(code, message, details)
     fields.update(code=code.name, message=message, reason=details.reason)
-    context.abort_with_status(rich_status(code, message, details))
+    context.abort_with_status(status)
+
+
+# Bytes that the status message (grpc-message) and its rich copy (grpc-status-details-bin) may
+# take in the trailer. gRPC clients refuse trailers over their soft limit (8 KiB by default) at
+# random and over the hard one always, as "Stream removed" with RESOURCE_EXHAUSTED instead of our
+# code; the message is carried twice (plain, and in the details with a field's description), so
+# 4000 characters alone could pass 8 KiB.
+TRAILER_BUDGET = 6000
+
+
+def trailer_bytes(status: Any) -> int:
+    """What ``status`` (a grpc.Status) puts on the wire in its trailer, less gRPC's own headers:
+    the percent-encoded message and the base64 of each binary metadata value."""
+    message = sum(1 if 0x20 <= b <= 0x7E and b != 0x25 else 3 for b in status.details.encode("utf-8"))
+    binary = sum(4 * -(-len(v) // 3) for k, v in status.trailing_metadata if k.endswith("-bin"))
+    return message + binary
+
+
+def bounded_status(code: grpc.StatusCode, message: str, details: Details) -> tuple[Any, str]:
+    """``rich_status`` with the message cut until the trailer fits ``TRAILER_BUDGET``; the status
+    and the message it carries."""
+    status, full, keep = rich_status(code, message, details), message, len(message)
+    while trailer_bytes(status) > TRAILER_BUDGET and keep > 100:
+        keep = keep * 2 // 3
+        message = full[:keep] + "… (truncated)"
+        status = rich_status(code, message, details)
+    return status, message
 
 
 # Directories whose paths are the server's own business (the store): registered at start.

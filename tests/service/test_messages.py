@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 from service.client import PreimageClient
 from service.rpc.app import RunningServer, start_server
 from service.rpc.config import ServerConfig
-from service.rpc.errors import scrub
+from service.rpc.errors import TRAILER_BUDGET, Details, bounded_status, rich_status, scrub, trailer_bytes
 from tests._service_models import conv_net
 
 FAST = {"steps": 2, "refine_steps": 0, "report_every": 0}
@@ -88,3 +88,26 @@ def test_onnxruntime_messages_lose_their_cpp_sources(ir: int, opset: int, kept: 
     assert kept in clean
     for internal in (".cc:", ".h:", "onnxruntime_src", "onnxruntime::", "std::", "[ONNXRuntimeError]"):
         assert internal not in clean, clean
+
+
+@pytest.mark.parametrize("text", ["x" * 4000, "×" * 4000, "%" * 4000])
+def test_a_long_message_is_cut_until_the_trailer_fits_what_clients_accept(text: str) -> None:
+    # ASCII, two-byte UTF-8 and '%' percent-encode to 1, 6 and 3 bytes a character; the message
+    # travels twice (grpc-message, and the rich details with a field violation's description).
+    message = f"unknown tap {text!r}"
+    details = Details("UNKNOWN_TAP", "tap", metadata={"tap": text * 25})
+    assert trailer_bytes(rich_status(grpc.StatusCode.INVALID_ARGUMENT, message, details)) > 8192
+    status, sent = bounded_status(grpc.StatusCode.INVALID_ARGUMENT, message, details)
+    assert trailer_bytes(status) <= TRAILER_BUDGET < 8192
+    assert sent.startswith("unknown tap ") and sent.endswith("… (truncated)") and status.details == sent
+    short, kept = bounded_status(grpc.StatusCode.INVALID_ARGUMENT, "unknown tap 'relu9'", details)
+    assert kept == "unknown tap 'relu9'"  # nothing to cut
+
+
+def test_an_unknown_tap_of_any_length_gets_its_code(server: RunningServer) -> None:
+    with PreimageClient(f"127.0.0.1:{server.port}", timeout=60) as client:
+        model = client.upload(conv_net(seed=1), name="long-tap").model.id
+        for _ in range(5):  # the soft limit refused at random: repeat
+            with pytest.raises(grpc.RpcError) as err:
+                client.maximize(model, "×" * 100_000, [0], preset="paper", **FAST).wait()
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()[:200]
